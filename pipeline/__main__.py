@@ -1,0 +1,67 @@
+"""Command line: ``python -m pipeline stage=<index|extract|stats|report|all|train|demo> [overrides]``.
+
+Each stage reads the previous stage's files in ``outputs/<run_name>/`` and nothing else. The resolved
+configuration of every invocation is saved as ``outputs/<run_name>/config.yaml``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.cluster import open_client
+from pipeline.stages import extract, index, report, stats, summary, train
+
+log = logging.getLogger("pipeline")
+
+STAGES = {"train": train, "index": index, "extract": extract, "stats": stats, "report": report}
+SEQUENCES = {"all": ["index", "extract", "stats", "report"], "demo": ["train", "index", "extract", "stats", "report"]}
+NEEDS_CLUSTER = {"index", "extract"}
+
+
+def stages_of(stage) -> list[str]:
+    names = SEQUENCES.get(stage, [stage]) if isinstance(stage, str) else list(stage)
+    unknown = [s for s in names if s not in STAGES]
+    if unknown:
+        raise ValueError(f"stage={stage!r}: unknown stage {unknown[0]!r}; choose from {sorted(STAGES) + sorted(SEQUENCES)}")
+    return names
+
+
+def run(cfg: DictConfig) -> dict:
+    """Run the configured stage(s); returns what each stage reported."""
+    names = stages_of(cfg.stage)
+    run_dir = Path(cfg.paths.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    started = time.perf_counter()
+    results: dict = {}
+
+    def run_stages(client=None):
+        for name in names:
+            t0 = time.perf_counter()
+            results[name] = STAGES[name].run(cfg, run_dir, client=client)
+            log.info("stage %s done in %.1f s", name, time.perf_counter() - t0)
+
+    if NEEDS_CLUSTER & set(names):
+        with open_client(cfg.cluster) as client:
+            run_stages(client)
+    else:
+        run_stages()
+    results["seconds"] = time.perf_counter() - started
+    if cfg.stage in SEQUENCES or "stats" in names:
+        summary.show(run_dir, results)
+    return results
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    OmegaConf.resolve(cfg)
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

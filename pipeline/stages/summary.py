@@ -1,0 +1,44 @@
+"""The one-screen summary printed after a run: clips, failures, accuracy, pointing game, time, report path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.store import read_failures
+
+
+def show(run_dir: Path, results: dict, console: Console | None = None) -> None:
+    console = console or Console()
+    overall_path = run_dir / "stats" / "overall.parquet"
+    table = Table(title=f"Saliency Tubes run: {run_dir}", show_header=True)
+    for column in ("method", "clips", "accuracy", "mean confidence", "top-10% mass", "pointing game", "chance"):
+        table.add_column(column, justify="right" if column != "method" else "left")
+    if overall_path.is_file():
+        for row in pd.read_parquet(overall_path).itertuples():
+            pointing = getattr(row, "pointing_game", None)
+            chance = getattr(row, "pointing_chance", None)
+            table.add_row(
+                row.method, f"{row.clips:,}", _pct(row.accuracy), _pct(row.mean_pred_prob), _pct(row.top10_mass),
+                _pct(pointing), _pct(chance),
+            )
+    console.print(table)
+    failures = read_failures(run_dir)
+    if len(failures):
+        counts = failures.groupby(["stage", "error_type"]).size()
+        console.print(f"[yellow]{len(failures)} failures[/] (see {run_dir / 'failures'}): " + ", ".join(f"{s}/{e}: {n}" for (s, e), n in counts.items()))
+    else:
+        console.print("no failures")
+    if "train" in results and results["train"].get("trained"):
+        console.print(f"demo model trained: test accuracy {_pct(results['train']['test'])}")
+    console.print(f"time: {results.get('seconds', 0.0):.1f} s")
+    report = run_dir / "report" / "index.html"
+    if report.is_file():
+        console.print(f"report: [bold]{report}[/]")
+
+
+def _pct(value) -> str:
+    return "-" if value is None or pd.isna(value) else f"{100 * float(value):.1f}%"
