@@ -48,10 +48,13 @@ def clip_statistics(tubes: torch.Tensor, crop_boxes: torch.Tensor) -> dict[str, 
     centroid_t = (profile * steps).sum(1)
     centroid_y = (p3.sum((1, 3)) * rows).sum(1)
     centroid_x = (p3.sum((1, 2)) * cols).sum(1)
+    # no mass: the distribution is taken as uniform (as for the profile), so the centroid is the middle
+    centroid_y = torch.where(empty, torch.full_like(centroid_y, (h - 1) / 2), centroid_y)
+    centroid_x = torch.where(empty, torch.full_like(centroid_x, (w - 1) / 2), centroid_x)
 
-    top = max(1, math.ceil(0.1 * t * h * w))
+    top = max(1, -(-t * h * w // 10))  # ceil(N / 10) in integers: 0.1 * N in floats can round up past N / 10
     top10 = p.topk(top, dim=1).values.sum(1)
-    entropy = -(p * torch.log(p.clamp(min=1e-30))).sum(1) / math.log(t * h * w)
+    entropy = -(p * torch.log(p.clamp(min=1e-30))).sum(1) / max(math.log(t * h * w), 1e-12)  # one voxel: 0
     top10 = torch.where(empty, torch.zeros_like(top10), top10)
     entropy = torch.where(empty, torch.ones_like(entropy), entropy)
 

@@ -65,6 +65,11 @@ class UniformSampler(ClipSampler):
 
     num_clips: int = 3
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.num_clips < 1:
+            raise ValueError(f"sampler.num_clips must be >= 1, got {self.num_clips}")
+
     def starts(self, start: int, end: int) -> list[int]:
         last = max(start, end - self.span)
         return sorted({int(round(s)) for s in np.linspace(start, last, self.num_clips)})

@@ -106,6 +106,8 @@ class TubeWriter(BasePredictionWriter):
             os.fsync(handle.fileno())
         if self.failures:
             write_table_atomic(failures_table(self.failures), self.failure_path)
+        else:  # a recomputed shard must not keep the failures of an earlier attempt
+            self.failure_path.unlink(missing_ok=True)
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:

@@ -139,10 +139,10 @@ def run_shard(cfg_dict: dict, run_dir: str, shard: int, rows: pd.DataFrame, clas
 
 
 def run(cfg, run_dir: Path, client=None) -> dict:
-    index, meta = read_index(run_dir)
     if cfg.target.mode not in TARGET_MODES:
         raise ValueError(f"target.mode must be one of {TARGET_MODES}, got {cfg.target.mode!r}")
     build_explainer(cfg)  # fail on a bad model, checkpoint or layer before any task starts
+    index, meta = read_index(run_dir)
     config_hash = fingerprint(cfg)
     cfg_dict = OmegaConf.to_container(cfg, resolve=True)
     shards = {shard: rows for shard, rows in index.groupby("shard", sort=True)}

@@ -1,0 +1,51 @@
+# Saliency Tubes pipeline. `make demo` and `make test` set everything up on a fresh machine.
+# Stage targets take Hydra overrides in ARGS, e.g.  make extract ARGS="run_name=ucf dataset=ucf101 method=gradcam"
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: help install demo test test-fast index extract stats report all train clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+
+install: $(VENV)/.installed ## create .venv and install the package with its dev extras
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: install ## synthetic data + demo model (if missing), the whole pipeline, then a summary
+	$(PY) -m pipeline stage=demo $(ARGS)
+
+test: install ## the whole test suite
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install ## the test suite without the slow end-to-end tests
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+train: install ## fit the demo model (model.checkpoint) on the dataset's train split
+	$(PY) -m pipeline stage=train $(ARGS)
+
+index: install ## list, probe and shard the dataset -> index.parquet
+	$(PY) -m pipeline stage=index $(ARGS)
+
+extract: install ## compute the tubes of every shard on the Dask cluster -> tubes/
+	$(PY) -m pipeline stage=extract $(ARGS)
+
+stats: install ## per-class statistics and pointing game -> stats/
+	$(PY) -m pipeline stage=stats $(ARGS)
+
+report: install ## the offline HTML report from the Parquet files -> report/index.html
+	$(PY) -m pipeline stage=report $(ARGS)
+
+all: install ## index, extract, stats and report in one go
+	$(PY) -m pipeline stage=all $(ARGS)
+
+clean: ## delete everything under outputs/ (data, models, runs)
+	find outputs -mindepth 1 -maxdepth 1 ! -name .gitkeep -exec rm -rf {} +

@@ -1,0 +1,55 @@
+"""Shared fixtures: a small synthetic dataset on disk, a random demo-model checkpoint, and config composition."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from pipeline.datasets.synthetic import SyntheticSpec, generate
+from pipeline.models import DemoNet3D
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+SMALL_SPEC = SyntheticSpec(groups=2, clips_per_group=2, test_groups=1, min_frames=24, max_frames=30)
+
+
+def make_cfg(root: Path, overrides: list[str] = ()):
+    """The project's config with outputs under ``root`` (no Hydra run context needed)."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("config", overrides=[f"paths.root={root}", *overrides])
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """8 train and 8 test videos of the synthetic dataset (4 classes)."""
+    return generate(tmp_path_factory.mktemp("data") / "synthetic", SMALL_SPEC, progress=False)
+
+
+@pytest.fixture(scope="session")
+def random_checkpoint(tmp_path_factory) -> Path:
+    """A Lightning-style checkpoint of a randomly initialised DemoNet3D (weights under ``net.``)."""
+    torch.manual_seed(0)
+    net = DemoNet3D(num_classes=4)
+    for module in net.modules():  # non-trivial BatchNorm statistics, so eval differs from identity
+        if isinstance(module, torch.nn.BatchNorm3d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 1.5)
+    path = tmp_path_factory.mktemp("models") / "random.ckpt"
+    torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}, "epoch": 3}, path)
+    return path
+
+
+@pytest.fixture
+def pipeline_overrides(synthetic_root, random_checkpoint) -> list[str]:
+    """Overrides that point the pipeline at the small dataset and the random model."""
+    return [
+        f"dataset.root={synthetic_root}",
+        "dataset.generate_if_missing=false",
+        f"model.checkpoint={random_checkpoint}",
+        "index.clips_per_shard=3",
+        "extract.batch_size=2",
+        "cluster.n_workers=1",
+        "report.clips_per_class=1",
+    ]

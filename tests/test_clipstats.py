@@ -1,0 +1,144 @@
+import math
+
+import pytest
+import torch
+
+from pipeline.clipstats import clip_statistics
+
+T, H, W = 4, 5, 6
+BOX = [16.0, 0.0, 112.0, 96.0]
+
+
+def stats_of(tube, box=BOX):
+    return clip_statistics(tube[None], torch.tensor([box]))
+
+
+def scalar(stats, name):
+    return float(stats[name][0])
+
+
+def test_output_shapes():
+    tubes = torch.rand(3, T, H, W)
+    stats = clip_statistics(tubes, torch.tensor([BOX] * 3))
+    for name in ("mass", "peak_t", "peak_y", "peak_x", "centroid_t", "centroid_y", "centroid_x", "top10_mass", "entropy"):
+        assert stats[name].shape == (3,), name
+    for name in ("temporal_profile", "frame_peak_x", "frame_peak_y"):
+        assert stats[name].shape == (3, T), name
+
+
+def test_one_voxel_tube():
+    tube = torch.zeros(T, H, W)
+    tube[2, 3, 1] = 2.5
+    stats = stats_of(tube)
+    assert scalar(stats, "mass") == pytest.approx(2.5)
+    assert (int(stats["peak_t"][0]), scalar(stats, "peak_y"), scalar(stats, "peak_x")) == (2, 3.0, 1.0)
+    assert scalar(stats, "centroid_t") == pytest.approx(2.0)
+    assert scalar(stats, "centroid_y") == pytest.approx(3.0)
+    assert scalar(stats, "centroid_x") == pytest.approx(1.0)
+    assert scalar(stats, "top10_mass") == pytest.approx(1.0)
+    assert scalar(stats, "entropy") == pytest.approx(0.0, abs=1e-7)
+    assert stats["temporal_profile"][0].tolist() == [0.0, 0.0, 1.0, 0.0]
+    # step 2: column 1, row 3 -> source x 16 + 1.5 * 96 / 6 = 40, y 0 + 3.5 * 96 / 5 = 67.2
+    assert float(stats["frame_peak_x"][0, 2]) == pytest.approx(40.0)
+    assert float(stats["frame_peak_y"][0, 2]) == pytest.approx(67.2)
+
+
+@pytest.mark.parametrize("shape", [(4, 5, 6), (2, 3, 5), (3, 3, 3), (1, 7, 9)])
+def test_uniform_tube(shape):
+    t, h, w = shape
+    n = t * h * w
+    stats = stats_of(torch.full(shape, 0.5))
+    assert scalar(stats, "mass") == pytest.approx(0.5 * n)
+    assert scalar(stats, "entropy") == pytest.approx(1.0, abs=1e-6)
+    # the top tenth is ceil(n / 10) voxels, each holding 1 / n of the mass
+    top = (n + 9) // 10
+    assert scalar(stats, "top10_mass") == pytest.approx(top / n, rel=1e-5)
+    assert stats["temporal_profile"][0].tolist() == pytest.approx([1.0 / t] * t)
+    assert scalar(stats, "centroid_t") == pytest.approx((t - 1) / 2, abs=1e-5)
+    assert scalar(stats, "centroid_y") == pytest.approx((h - 1) / 2, abs=1e-5)
+    assert scalar(stats, "centroid_x") == pytest.approx((w - 1) / 2, abs=1e-5)
+
+
+def test_uniform_top10_when_voxels_divide_by_ten():
+    # 2 * 3 * 5 = 30 voxels: exactly 3 of them are the top tenth
+    stats = stats_of(torch.ones(2, 3, 5))
+    assert scalar(stats, "top10_mass") == pytest.approx(0.1, rel=1e-5)
+
+
+def test_all_negative_tube():
+    tube = -torch.rand(T, H, W, generator=torch.Generator().manual_seed(0)) - 0.1
+    tube[1, 2, 4] = -0.01  # the least negative voxel is still the peak
+    stats = stats_of(tube)
+    assert scalar(stats, "mass") == 0.0
+    assert stats["temporal_profile"][0].tolist() == pytest.approx([0.25] * 4)
+    assert scalar(stats, "entropy") == pytest.approx(1.0)
+    assert scalar(stats, "top10_mass") == 0.0
+    assert (int(stats["peak_t"][0]), scalar(stats, "peak_y"), scalar(stats, "peak_x")) == (1, 2.0, 4.0)
+    # with no mass the distribution counts as uniform: centroid in the middle
+    assert scalar(stats, "centroid_t") == pytest.approx(1.5)
+    assert scalar(stats, "centroid_y") == pytest.approx(2.0)
+    assert scalar(stats, "centroid_x") == pytest.approx(2.5)
+    for name in ("mass", "entropy", "top10_mass", "centroid_x", "centroid_y"):
+        assert math.isfinite(scalar(stats, name))
+
+
+def test_mixed_signs_use_positive_part():
+    tube = torch.zeros(2, 2, 2)
+    tube[0, 0, 0] = 3.0
+    tube[1, 1, 1] = 1.0
+    tube[0, 1, 0] = -10.0
+    stats = stats_of(tube, [0.0, 0.0, 2.0, 2.0])
+    assert scalar(stats, "mass") == pytest.approx(4.0)
+    assert stats["temporal_profile"][0].tolist() == pytest.approx([0.75, 0.25])
+    assert scalar(stats, "centroid_t") == pytest.approx(0.25)
+    assert scalar(stats, "centroid_y") == pytest.approx(0.25)
+    assert scalar(stats, "centroid_x") == pytest.approx(0.25)
+    # ceil(0.8) = 1 voxel in the top tenth
+    assert scalar(stats, "top10_mass") == pytest.approx(0.75)
+    expected_entropy = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25)) / math.log(8)
+    assert scalar(stats, "entropy") == pytest.approx(expected_entropy, rel=1e-5)
+    assert (int(stats["peak_t"][0]), scalar(stats, "peak_y"), scalar(stats, "peak_x")) == (0, 0.0, 0.0)
+    # box is 2x2 source pixels on a 2x2 input: pixel centres at 0.5 and 1.5
+    assert stats["frame_peak_x"][0].tolist() == pytest.approx([0.5, 1.5])
+    assert stats["frame_peak_y"][0].tolist() == pytest.approx([0.5, 1.5])
+
+
+def test_frame_peaks_through_crop_box():
+    crop = [10 * 128 / 85, 0.0, 74 * 128 / 85, 96.0]
+    tube = torch.zeros(T, H, W)
+    spots = [(0, 0), (4, 5), (2, 3), (1, 0)]  # (row, column) of each step's maximum
+    for step, (row, col) in enumerate(spots):
+        tube[step, row, col] = 1.0 + step
+    stats = stats_of(tube, crop)
+    x0, y0, x1, y1 = crop
+    for step, (row, col) in enumerate(spots):
+        assert float(stats["frame_peak_x"][0, step]) == pytest.approx(x0 + (col + 0.5) * (x1 - x0) / W, rel=1e-6)
+        assert float(stats["frame_peak_y"][0, step]) == pytest.approx(y0 + (row + 0.5) * (y1 - y0) / H, rel=1e-6)
+    # the global peak is the biggest one, at step 3
+    assert (int(stats["peak_t"][0]), scalar(stats, "peak_y"), scalar(stats, "peak_x")) == (3, 1.0, 0.0)
+
+
+def test_batch_tubes_are_independent():
+    one = torch.zeros(T, H, W)
+    one[3, 0, 5] = 1.0
+    uniform = torch.ones(T, H, W)
+    negative = -torch.ones(T, H, W)
+    boxes = torch.tensor([BOX, [0.0, 0.0, 60.0, 50.0], [5.0, 5.0, 17.0, 15.0]])
+    batch = clip_statistics(torch.stack([one, uniform, negative]), boxes)
+    for i, tube in enumerate([one, uniform, negative]):
+        alone = clip_statistics(tube[None], boxes[i : i + 1])
+        for name, value in alone.items():
+            assert torch.allclose(batch[name][i].float(), value[0].float(), atol=1e-6), name
+    # the second box is 60x50 source pixels on a 6x5 input: 10 source pixels per input pixel
+    assert batch["frame_peak_x"][1].tolist() == pytest.approx([5.0] * T)
+    assert batch["frame_peak_y"][1].tolist() == pytest.approx([5.0] * T)
+
+
+def test_accepts_half_and_double_input():
+    tube = torch.zeros(1, 2, 2, 2)
+    tube[0, 1, 0, 1] = 1.0
+    for dtype in (torch.float16, torch.float64):
+        stats = clip_statistics(tube.to(dtype), torch.tensor([[0.0, 0.0, 2.0, 2.0]], dtype=torch.float64))
+        assert stats["mass"].dtype == torch.float32
+        assert scalar(stats, "centroid_t") == pytest.approx(1.0)
+        assert scalar(stats, "centroid_x") == pytest.approx(1.0)

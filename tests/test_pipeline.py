@@ -1,0 +1,243 @@
+"""The four stages end to end on real video files, a real Dask LocalCluster and a real Lightning Trainer."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.__main__ import run
+from pipeline.models import DemoNet3D, load_checkpoint
+from pipeline.saliency import upsample
+from pipeline.stages.index import read_index
+from pipeline.store import INDEX_SCHEMA, TUBE_SCHEMA, dequantise, read_failures, read_tubes
+from pipeline.video import ResizeCrop, read_frames
+from pipeline.writer import TubeWriter
+from tests.conftest import make_cfg
+
+MEAN, STD = 0.45, 0.225
+
+
+@pytest.fixture(scope="module")
+def dataset(synthetic_root, tmp_path_factory):
+    """The small synthetic dataset plus a corrupt video listed in the test split."""
+    root = tmp_path_factory.mktemp("dataset") / "synthetic"
+    shutil.copytree(synthetic_root, root)
+    (root / "MoveUp" / "v_MoveUp_g01_c99.mp4").write_bytes(b"\x00\x00\x00\x18ftypisom" + bytes(range(256)) * 8)
+    with open(root / "testlist01.txt", "a") as handle:
+        handle.write("MoveUp/v_MoveUp_g01_c99.mp4\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def cam_run(dataset, random_checkpoint, tmp_path_factory):
+    """index -> (a video vanishes) -> extract -> stats -> report, with one Dask worker process."""
+    root = tmp_path_factory.mktemp("run")
+    overrides = _overrides(dataset, random_checkpoint) + ["run_name=cam", "store.codec=float32"]
+    run(make_cfg(root, overrides + ["stage=index"]))
+    vanished = dataset / "MoveLeft" / "v_MoveLeft_g01_c02.mp4"
+    kept = vanished.with_suffix(".keep")
+    vanished.rename(kept)
+    try:
+        run(make_cfg(root, overrides + ["stage=[extract,stats,report]"]))
+    finally:
+        kept.rename(vanished)
+    return root, root / "outputs" / "cam", overrides
+
+
+def _overrides(dataset, checkpoint) -> list[str]:
+    return [
+        f"dataset.root={dataset}", "dataset.generate_if_missing=false", f"model.checkpoint={checkpoint}",
+        "index.clips_per_shard=3", "extract.batch_size=2", "cluster.n_workers=1", "report.clips_per_class=1",
+    ]
+
+
+def _net(checkpoint) -> DemoNet3D:
+    net = DemoNet3D(num_classes=4)
+    load_checkpoint(net, checkpoint)
+    return net.eval()
+
+
+def test_index_follows_the_contract(cam_run):
+    _, run_dir, _ = cam_run
+    index, meta = read_index(run_dir)
+    assert pq.read_schema(run_dir / "index.parquet").remove_metadata().equals(INDEX_SCHEMA)
+    assert len(index) == 8 and index["clip_id"].is_unique
+    assert meta["classes"] == ["MoveRight", "MoveLeft", "MoveDown", "MoveUp"]
+    assert all(len(f) == 8 and list(f) == sorted(f) for f in index["frame_indices"])
+    assert sorted(index["shard"].unique()) == [0, 1, 2]
+    assert (index.groupby("shard").size() <= 3).all()
+    assert (index["label_name"] == index["video_id"].str.split("_").str[1]).all()
+    failures = read_failures(run_dir)
+    bad = failures[failures["stage"] == "index"]
+    assert len(bad) == 1 and "v_MoveUp_g01_c99.mp4" in bad.iloc[0]["message"]
+
+
+def test_every_clip_is_a_tube_or_a_failure(cam_run):
+    _, run_dir, _ = cam_run
+    index, _ = read_index(run_dir)
+    tubes = read_tubes(run_dir)
+    assert pq.read_schema(next((run_dir / "tubes").glob("part-*.parquet"))).remove_metadata().equals(TUBE_SCHEMA)
+    failures = read_failures(run_dir)
+    lost = failures[failures["stage"] == "extract"]
+    assert lost["clip_id"].str.startswith("v_MoveLeft_g01_c02").all() and len(lost) == 1
+    assert "v_MoveLeft_g01_c02.mp4" in lost.iloc[0]["message"]
+    assert tubes["clip_id"].is_unique
+    assert set(tubes["clip_id"]) | set(lost["clip_id"]) == set(index["clip_id"])
+    assert all(v.shape == (4, 16, 16) and v.dtype == np.float32 for v in tubes["volume"])
+    up = read_tubes(run_dir, columns=["clip_id", "volume", "input_size"], upsample=True)
+    assert all(v.shape == tuple(s) == (8, 64, 64) for v, s in zip(up["volume"], up["input_size"]))
+    assert (tubes["target"] == tubes["pred"]).all() and (tubes["target_rank"] == 0).all()
+
+
+def test_cam_tubes_equal_hand_computation(cam_run, random_checkpoint):
+    """Decode the clips independently, run the trunk by hand and weight it with the classifier row."""
+    _, run_dir, _ = cam_run
+    net = _net(random_checkpoint)
+    tubes = read_tubes(run_dir)
+    transform = ResizeCrop(64, (64, 64))
+    for row in tubes.itertuples():
+        frames = read_frames(row.source, list(row.frame_indices))
+        x = (transform(frames)[None] - MEAN) / STD
+        with torch.no_grad():
+            feats = net.features(x)[0]
+            logits = net(x)[0]
+            expected = torch.einsum("c,cthw->thw", net.fc.weight[int(logits.argmax())], feats).numpy()
+        assert row.pred == int(logits.argmax())
+        np.testing.assert_allclose(row.volume, expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(row.crop_box, transform.crop_box(96, 128))
+
+
+def test_stored_tubes_equal_in_memory_tubes(cam_run, monkeypatch):
+    """What read_tubes returns is bit for bit what predict_step had in memory (native and upsampled)."""
+    root, run_dir, overrides = cam_run
+    seen = {}
+    original = TubeWriter.write_on_batch_end
+
+    def spy(self, trainer, pl_module, prediction, *args, **kwargs):
+        decoded = dequantise(prediction["tubes"], prediction["scale"])[:, 0]
+        for position, volume, peak_t in zip(prediction["positions"].tolist(), decoded, prediction["stats"]["peak_t"].tolist()):
+            seen[self.rows.iloc[position]["clip_id"]] = (volume, peak_t)
+        return original(self, trainer, pl_module, prediction, *args, **kwargs)
+
+    monkeypatch.setattr(TubeWriter, "write_on_batch_end", spy)  # a threads-only cluster shares this process
+    run(make_cfg(root, overrides + ["run_name=mem", "store.codec=float16", "cluster.processes=false", "stage=[index,extract]"]))
+    native = read_tubes(root / "outputs" / "mem").set_index("clip_id")
+    upsampled = read_tubes(root / "outputs" / "mem", upsample=True).set_index("clip_id")
+    assert set(seen) == set(native.index) and len(seen) == 8
+    for clip_id, (volume, peak_t) in seen.items():
+        assert np.array_equal(native.loc[clip_id, "volume"], volume.numpy())
+        assert np.array_equal(upsampled.loc[clip_id, "volume"], upsample(volume, (8, 64, 64)).numpy())
+        assert upsampled.loc[clip_id, "peak_t"] == peak_t
+
+    # the float16 codec keeps every tube within 2**-11 of its peak of the lossless float32 run
+    assert (native["volume_codec"] == "float16").all()
+    for clip_id, exact in read_tubes(run_dir, columns=["clip_id", "volume"]).set_index("clip_id")["volume"].items():
+        assert np.abs(native.loc[clip_id, "volume"] - exact).max() <= np.abs(exact).max() * 2**-11 * 1.01
+
+
+def test_stats_and_report(cam_run):
+    _, run_dir, _ = cam_run
+    per_class = pd.read_parquet(run_dir / "stats" / "per_class.parquet")
+    overall = pd.read_parquet(run_dir / "stats" / "overall.parquet")
+    tubes = read_tubes(run_dir, columns=["label_name", "pred", "label", "entropy", "top10_mass", "temporal_profile"])
+    assert overall["clips"].item() == len(tubes) == per_class["clips"].sum()
+    assert overall["accuracy"].item() == pytest.approx((tubes["pred"] == tubes["label"]).mean())
+    for row in per_class.itertuples():
+        mine = tubes[tubes["label_name"] == row.label_name]
+        assert row.entropy == pytest.approx(mine["entropy"].mean(), rel=1e-5)
+        np.testing.assert_allclose(row.temporal_profile, np.stack(mine["temporal_profile"]).mean(0), rtol=1e-5)
+    # pointing game against boxes.csv, recomputed here from the stored per-frame peaks
+    steps = pd.read_parquet(run_dir / "stats" / "pointing.parquet")
+    assert len(steps) == 8 * len(tubes)
+    assert overall["pointing_game"].item() == pytest.approx(steps["hit"].mean())
+    assert 0 < overall["pointing_chance"].item() < 0.1
+    html = (run_dir / "report" / "index.html").read_text()
+    for name in ("MoveRight", "MoveLeft", "MoveDown", "MoveUp", "v_MoveUp_g01_c99"):
+        assert name in html
+    for src in pd.Series(html.split('src="')[1:]).str.split('"').str[0]:
+        assert (run_dir / "report" / src).is_file(), src
+
+
+def test_pointing_game_recomputed_from_boxes(cam_run, dataset):
+    _, run_dir, _ = cam_run
+    tubes = read_tubes(run_dir, columns=["video_id", "frame_indices", "frame_peak_x", "frame_peak_y"])
+    boxes = pd.read_csv(dataset / "boxes.csv").set_index(["video_id", "frame"])
+    hits = []
+    for row in tubes.itertuples():
+        for frame, x, y in zip(row.frame_indices, row.frame_peak_x, row.frame_peak_y):
+            b = boxes.loc[(row.video_id, int(frame))]
+            hits.append(b.x0 <= x < b.x1 and b.y0 <= y < b.y1)
+    overall = pd.read_parquet(run_dir / "stats" / "overall.parquet")
+    assert overall["pointing_game"].item() == pytest.approx(np.mean(hits))
+
+
+def test_two_workers_give_the_same_rows(cam_run):
+    root, run_dir, overrides = cam_run
+    run(make_cfg(root, overrides + ["run_name=cam2", "store.codec=float32", "cluster.n_workers=2", "stage=[index,extract]"]))
+    one = read_tubes(run_dir, columns=["clip_id", "volume", "pred", "entropy"]).set_index("clip_id").sort_index()
+    two = read_tubes(root / "outputs" / "cam2", columns=["clip_id", "volume", "pred", "entropy"]).set_index("clip_id").sort_index()
+    # cam2 was indexed with the video present, so it has the clip that cam lost
+    assert two.index.is_unique and set(one.index) < set(two.index) and len(two) == len(one) + 1
+    for clip_id in one.index:
+        # a worker's torch thread count (cores / workers) changes float summation order, nothing more
+        np.testing.assert_allclose(one.loc[clip_id, "volume"], two.loc[clip_id, "volume"], rtol=1e-5, atol=1e-6)
+        assert one.loc[clip_id, "pred"] == two.loc[clip_id, "pred"]
+
+
+def test_rerun_skips_finished_shards_and_redoes_missing_ones(cam_run):
+    root, run_dir, overrides = cam_run
+    parts = sorted((run_dir / "tubes").glob("part-*.parquet"))
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in parts}
+    parts[2].unlink()  # shard 2: not the shard whose video vanished, so its clips and batches are unchanged
+    run(make_cfg(root, overrides + ["run_name=cam", "store.codec=float32", "stage=extract"]))
+    after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted((run_dir / "tubes").glob("part-*.parquet"))}
+    assert after.keys() == before.keys()
+    for name in before:
+        if name == parts[2].name:
+            assert after[name][0] != before[name][0]
+            assert read_part_rows(after[name][1]) == read_part_rows(before[name][1])
+        else:
+            assert after[name] == before[name]
+    assert not list((run_dir / "tubes").glob(".*tmp*"))
+
+
+def read_part_rows(data: bytes):
+    import io
+
+    table = pq.read_table(io.BytesIO(data), columns=["clip_id", "volume"])
+    return sorted(zip(table.column("clip_id").to_pylist(), table.column("volume").to_pylist()))
+
+
+def test_other_config_is_refused_in_the_same_run(cam_run):
+    root, run_dir, overrides = cam_run
+    with pytest.raises(RuntimeError, match="another configuration.*new run_name"):
+        run(make_cfg(root, overrides + ["run_name=cam", "store.codec=float16", "stage=extract"]))
+
+
+def test_gradcam_topk_and_label_targets(cam_run, random_checkpoint):
+    root, _, overrides = cam_run
+    run(make_cfg(root, overrides + ["run_name=grad", "method=gradcam", "target.mode=topk", "target.k=2", "cluster.processes=false", "stage=[index,extract]"]))
+    tubes = read_tubes(root / "outputs" / "grad")
+    assert (tubes.groupby("clip_id")["target_rank"].apply(sorted) == pd.Series([[0, 1]] * 8, index=sorted(tubes["clip_id"].unique()))).all()
+    first = tubes[tubes["target_rank"] == 0]
+    assert (first["target"] == first["pred"]).all() and (tubes["method"] == "gradcam").all()
+    assert all((v >= 0).all() for v in tubes["volume"])  # Grad-CAM tubes pass through ReLU
+    second = tubes[tubes["target_rank"] == 1].set_index("clip_id")
+    assert (second["target_prob"] <= first.set_index("clip_id").loc[second.index, "target_prob"]).all()
+
+    run(make_cfg(root, overrides + ["run_name=label", "method=gradcam", "target.mode=label", "cluster.processes=false", "stage=[index,extract]"]))
+    labelled = read_tubes(root / "outputs" / "label", columns=["target", "label"])
+    assert (labelled["target"] == labelled["label"]).all()
+
+
+def test_bad_config_fails_before_work(cam_run, tmp_path):
+    root, _, overrides = cam_run
+    with pytest.raises(ValueError, match="unknown stage 'extrct'"):
+        run(make_cfg(tmp_path, overrides + ["stage=extrct"]))
+    with pytest.raises(Exception, match="model.layer='nope'"):
+        run(make_cfg(root, overrides + ["run_name=badlayer", "model.layer=nope", "stage=extract", "cluster.processes=false"]))

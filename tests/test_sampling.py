@@ -1,0 +1,118 @@
+import pytest
+
+from pipeline.sampling import CenterSampler, Clip, ClipSampler, UniformSampler
+
+
+def frames_of(clips):
+    return [c.frame_indices for c in clips]
+
+
+def test_span():
+    assert CenterSampler(4).span == 4
+    assert CenterSampler(4, frame_stride=2).span == 7
+    assert UniformSampler(1, frame_stride=5).span == 1
+
+
+# ------------------------------------------------------------------------------------------------ CenterSampler
+def test_center_stride_one():
+    # 10 frames, clip of 4: (10 - 4) // 2 = 3
+    assert CenterSampler(4)(0, 10) == [Clip([3, 4, 5, 6], 0)]
+
+
+def test_center_odd_leftover_rounds_down():
+    # 11 frames, clip of 4: (11 - 4) // 2 = 3
+    assert frames_of(CenterSampler(4)(0, 11)) == [[3, 4, 5, 6]]
+
+
+def test_center_stride_two():
+    # span 7 in 20 frames: start (20 - 7) // 2 = 6
+    assert CenterSampler(4, frame_stride=2)(0, 20) == [Clip([6, 8, 10, 12], 0)]
+
+
+def test_center_range_not_at_zero():
+    # [100, 110): span 7, start 100 + (10 - 7) // 2 = 101
+    assert CenterSampler(4, frame_stride=2)(100, 110) == [Clip([101, 103, 105, 107], 0)]
+
+
+def test_center_exact_fit():
+    assert CenterSampler(5)(20, 25) == [Clip([20, 21, 22, 23, 24], 0)]
+
+
+def test_center_padding_repeats_last_frame():
+    assert CenterSampler(5)(0, 3) == [Clip([0, 1, 2, 2, 2], 2)]
+
+
+def test_center_padding_with_stride():
+    # [10, 15) with stride 2: 10, 12, 14, (16 -> 14)
+    assert CenterSampler(4, frame_stride=2)(10, 15) == [Clip([10, 12, 14, 14], 1)]
+
+
+def test_center_single_frame_range():
+    assert CenterSampler(3, frame_stride=3)(7, 8) == [Clip([7, 7, 7], 2)]
+
+
+# ------------------------------------------------------------------------------------------------ UniformSampler
+def test_uniform_stride_one():
+    # last possible start 20 - 4 = 16; starts 0, 8, 16
+    clips = UniformSampler(4, num_clips=3)(0, 20)
+    assert clips == [Clip([0, 1, 2, 3], 0), Clip([8, 9, 10, 11], 0), Clip([16, 17, 18, 19], 0)]
+
+
+def test_uniform_stride_two_offset_range():
+    # [5, 30), span 5, last start 25; linspace(5, 25, 4) = 5, 11.67, 18.33, 25 -> 5, 12, 18, 25
+    clips = UniformSampler(3, frame_stride=2, num_clips=4)(5, 30)
+    assert frames_of(clips) == [[5, 7, 9], [12, 14, 16], [18, 20, 22], [25, 27, 29]]
+    assert all(c.padded == 0 for c in clips)
+
+
+def test_uniform_last_clip_ends_at_range_end():
+    clips = UniformSampler(4, frame_stride=3, num_clips=2)(0, 50)
+    # span 10, last start 40 -> [40, 43, 46, 49]
+    assert frames_of(clips) == [[0, 3, 6, 9], [40, 43, 46, 49]]
+
+
+def test_uniform_single_clip_starts_at_range_start():
+    assert frames_of(UniformSampler(2, num_clips=1)(3, 9)) == [[3, 4]]
+
+
+def test_uniform_short_range_collapses_to_one_padded_clip():
+    # 5 frames, clip of 8: every start is 0, duplicates dropped
+    clips = UniformSampler(8, num_clips=3)(0, 5)
+    assert clips == [Clip([0, 1, 2, 3, 4, 4, 4, 4], 3)]
+
+
+def test_uniform_duplicate_starts_dropped():
+    # [0, 6), clip of 4: last start 2; linspace(0, 2, 6) rounds to 0, 0, 1, 1, 2, 2
+    clips = UniformSampler(4, num_clips=6)(0, 6)
+    assert frames_of(clips) == [[0, 1, 2, 3], [1, 2, 3, 4], [2, 3, 4, 5]]
+    assert len({tuple(f) for f in frames_of(clips)}) == len(clips)
+
+
+def test_uniform_more_clips_than_starts():
+    # [10, 13), clip of 1: three possible starts, ten requested
+    assert frames_of(UniformSampler(1, num_clips=10)(10, 13)) == [[10], [11], [12]]
+
+
+# ------------------------------------------------------------------------------------------------ validation
+@pytest.mark.parametrize("cls", [CenterSampler, UniformSampler])
+@pytest.mark.parametrize("clip_len,stride", [(0, 1), (-2, 1), (4, 0), (4, -1)])
+def test_invalid_clip_len_or_stride(cls, clip_len, stride):
+    with pytest.raises(ValueError):
+        cls(clip_len, frame_stride=stride)
+
+
+def test_invalid_num_clips():
+    with pytest.raises(ValueError):
+        UniformSampler(4, num_clips=0)
+
+
+@pytest.mark.parametrize("cls", [CenterSampler, UniformSampler])
+@pytest.mark.parametrize("start,end", [(0, 0), (5, 5), (10, 3)])
+def test_empty_range_raises(cls, start, end):
+    with pytest.raises(ValueError):
+        cls(4)(start, end)
+
+
+def test_base_sampler_has_no_starts():
+    with pytest.raises(NotImplementedError):
+        ClipSampler(4)(0, 10)

@@ -1,0 +1,251 @@
+import av
+import numpy as np
+import pytest
+import torch
+
+from pipeline.video import ResizeCrop, VideoError, probe, read_frames, source_to_input, write_video
+
+NUM_FRAMES = 12
+HEIGHT, WIDTH = 48, 64
+
+
+def level(i):
+    """Grey level that identifies frame i (far enough apart to survive lossy coding)."""
+    return 10 + 20 * i
+
+
+def indexed_frames(n=NUM_FRAMES, height=HEIGHT, width=WIDTH):
+    frames = np.empty((n, height, width, 3), dtype=np.uint8)
+    for i in range(n):
+        frames[i] = level(i)
+    return frames
+
+
+def decode_all(path):
+    with av.open(str(path)) as container:
+        return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("videos")
+    mp4, avi, mkv = root / "clip.mp4", root / "clip.avi", root / "clip.mkv"
+    write_video(mp4, indexed_frames(), fps=25)
+    write_video(avi, indexed_frames(), fps=12.5, codec="mpeg4")
+    write_video(mkv, indexed_frames(7), fps=30)
+    return {"mp4": mp4, "avi": avi, "mkv": mkv}
+
+
+# ------------------------------------------------------------------------------------------------ probe
+def test_probe_mp4(videos):
+    info = probe(videos["mp4"])
+    assert info.num_frames == NUM_FRAMES
+    assert info.fps == pytest.approx(25.0)
+    assert (info.width, info.height) == (WIDTH, HEIGHT)
+    assert info.codec == "h264"
+
+
+def test_probe_avi_mpeg4(videos):
+    info = probe(videos["avi"])
+    assert info.num_frames == NUM_FRAMES
+    assert info.fps == pytest.approx(12.5)
+    assert (info.width, info.height) == (WIDTH, HEIGHT)
+    assert info.codec == "mpeg4"
+
+
+def test_probe_counts_packets_when_container_has_no_frame_count(videos):
+    with av.open(str(videos["mkv"])) as container:
+        stored = container.streams.video[0].frames
+    if stored > 0:
+        pytest.skip("this FFmpeg build stores a frame count in Matroska")
+    info = probe(videos["mkv"])
+    assert info.num_frames == 7
+    assert info.fps == pytest.approx(30.0)
+
+
+def test_probe_accepts_str_path(videos):
+    assert probe(str(videos["mp4"])).num_frames == NUM_FRAMES
+
+
+# ------------------------------------------------------------------------------------------------ read_frames
+@pytest.mark.parametrize("kind", ["mp4", "avi"])
+def test_decoded_frames_identify_their_index(videos, kind):
+    decoded = decode_all(videos[kind])
+    assert len(decoded) == NUM_FRAMES
+    for i, frame in enumerate(decoded):
+        assert abs(float(frame.mean()) - level(i)) < 5
+
+
+@pytest.mark.parametrize("kind", ["mp4", "avi"])
+@pytest.mark.parametrize("indices", [[0], [5], [NUM_FRAMES - 1], [0, 3, 6, 9], [9, 2, 7, 0], [4, 4, 1, 4], [11, 0, 11]])
+def test_read_frames_matches_full_decode(videos, kind, indices):
+    reference = decode_all(videos[kind])
+    got = read_frames(videos[kind], indices)
+    assert got.dtype == np.uint8
+    assert got.shape == (len(indices), HEIGHT, WIDTH, 3)
+    for row, index in zip(got, indices):
+        assert np.array_equal(row, reference[index])
+
+
+def test_read_frames_accepts_numpy_indices(videos):
+    reference = decode_all(videos["mp4"])
+    got = read_frames(videos["mp4"], np.array([8, 3], dtype=np.int32))
+    assert np.array_equal(got[0], reference[8])
+    assert np.array_equal(got[1], reference[3])
+
+
+def test_read_frames_out_of_range(videos):
+    with pytest.raises(VideoError) as err:
+        read_frames(videos["mp4"], [0, NUM_FRAMES])
+    assert str(videos["mp4"]) in str(err.value)
+
+
+def test_read_frames_negative_index(videos):
+    with pytest.raises(VideoError) as err:
+        read_frames(videos["mp4"], [2, -1])
+    assert str(videos["mp4"]) in str(err.value)
+
+
+def test_read_frames_no_indices(videos):
+    with pytest.raises(VideoError):
+        read_frames(videos["mp4"], [])
+
+
+# ------------------------------------------------------------------------------------------------ broken files
+def make_bad_file(kind, tmp_path, videos):
+    path = tmp_path / f"{kind}.mp4"
+    if kind == "missing":
+        return path
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "garbage":
+        path.write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)))
+    elif kind == "truncated":
+        data = videos["mp4"].read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+BAD_KINDS = ["missing", "empty", "garbage", "truncated"]
+
+
+@pytest.mark.parametrize("kind", BAD_KINDS)
+def test_probe_bad_file_raises_video_error(tmp_path, videos, kind):
+    path = make_bad_file(kind, tmp_path, videos)
+    with pytest.raises(VideoError) as err:
+        probe(path)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("kind", BAD_KINDS)
+def test_read_frames_bad_file_raises_video_error(tmp_path, videos, kind):
+    path = make_bad_file(kind, tmp_path, videos)
+    with pytest.raises(VideoError) as err:
+        read_frames(path, [0])
+    assert str(path) in str(err.value)
+
+
+# ------------------------------------------------------------------------------------------------ ResizeCrop
+def test_resize_crop_shape_and_range():
+    rng = np.random.default_rng(1)
+    frames = rng.integers(0, 256, size=(5, 96, 128, 3), dtype=np.uint8)
+    out = ResizeCrop(64, (64, 64))(frames)
+    assert out.shape == (3, 5, 64, 64)
+    assert out.dtype == torch.float32
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+
+
+def test_resize_crop_non_square_output():
+    frames = np.zeros((2, 120, 160, 3), dtype=np.uint8)
+    out = ResizeCrop(60, (48, 56))(frames)
+    assert out.shape == (3, 2, 48, 56)
+
+
+def test_crop_box_landscape_with_rounding():
+    # 128x96 (w x h), short side 64: scale 2/3, resized to 64 x round(85.33) = 85 columns;
+    # centre crop of 64 starts at column (85 - 64) // 2 = 10; one resized column is 128/85 source pixels.
+    box = ResizeCrop(64, (64, 64)).crop_box(96, 128)
+    assert box == pytest.approx([10 * 128 / 85, 0.0, 74 * 128 / 85, 96.0])
+    # close to the ideal centred square [16, 0, 112, 96]
+    assert box == pytest.approx([16.0, 0.0, 112.0, 96.0], abs=1.0)
+
+
+def test_crop_box_exact_scale():
+    # 128x96 halved to 64x48, centre 48x48 crop starts at resized column 8 -> source 16
+    assert ResizeCrop(48, (48, 48)).crop_box(96, 128) == pytest.approx([16.0, 0.0, 112.0, 96.0])
+    # portrait 96x128 (w x h): crop is vertical
+    assert ResizeCrop(48, (48, 48)).crop_box(128, 96) == pytest.approx([0.0, 16.0, 96.0, 112.0])
+    # 160x120 halved to 80x60, 48x48 crop at top 6, left 16 -> source [32, 12, 128, 108]
+    assert ResizeCrop(60, (48, 48)).crop_box(120, 160) == pytest.approx([32.0, 12.0, 128.0, 108.0])
+
+
+def test_resize_crop_without_resize_is_a_plain_crop():
+    rng = np.random.default_rng(2)
+    frames = rng.integers(0, 256, size=(3, 96, 128, 3), dtype=np.uint8)
+    out = ResizeCrop(96, (96, 96))(frames)
+    expected = torch.from_numpy(frames[:, :, 16:112].astype(np.float32) / 255.0).permute(3, 0, 1, 2)
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert ResizeCrop(96, (96, 96)).crop_box(96, 128) == pytest.approx([16.0, 0.0, 112.0, 96.0])
+
+
+def test_resize_crop_keeps_a_flat_grey():
+    frames = np.full((1, 96, 128, 3), 137, dtype=np.uint8)
+    out = ResizeCrop(64, (64, 64))(frames)
+    assert torch.allclose(out, torch.full_like(out, 137 / 255.0), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "short_side,size,height,width,block",
+    [
+        (60, (48, 48), 120, 160, (100, 30, 108, 38)),  # x0, y0, x1, y1 (exclusive) in source pixels
+        (64, (64, 64), 96, 128, (84, 60, 96, 72)),
+        (48, (40, 40), 128, 96, (30, 70, 42, 82)),
+    ],
+)
+def test_bright_block_lands_where_crop_box_predicts(short_side, size, height, width, block):
+    bx0, by0, bx1, by1 = block
+    frames = np.zeros((1, height, width, 3), dtype=np.uint8)
+    frames[0, by0:by1, bx0:bx1] = 255
+    transform = ResizeCrop(short_side, size)
+    box = transform.crop_box(height, width)
+    out = transform(frames)[:, 0].mean(0).numpy()  # (h, w)
+
+    # expected block in input pixels, computed by hand from the crop box
+    sx, sy = size[1] / (box[2] - box[0]), size[0] / (box[3] - box[1])
+    ex0, ex1 = (bx0 - box[0]) * sx, (bx1 - box[0]) * sx
+    ey0, ey1 = (by0 - box[1]) * sy, (by1 - box[1]) * sy
+
+    # intensity centroid (pixel centres at i + 0.5) sits at the block's centre
+    rows, cols = np.mgrid[0 : size[0], 0 : size[1]]
+    total = out.sum()
+    assert (cols + 0.5).ravel() @ out.ravel() / total == pytest.approx((ex0 + ex1) / 2, abs=0.5)
+    assert (rows + 0.5).ravel() @ out.ravel() / total == pytest.approx((ey0 + ey1) / 2, abs=0.5)
+    # the clearly bright pixels lie inside the predicted block
+    ys, xs = np.nonzero(out > 0.5)
+    assert len(xs) > 0
+    assert xs.min() >= ex0 - 1 and xs.max() + 1 <= ex1 + 1
+    assert ys.min() >= ey0 - 1 and ys.max() + 1 <= ey1 + 1
+
+
+# ------------------------------------------------------------------------------------------------ source_to_input
+def test_source_to_input_maps_crop_corners():
+    crop = [10 * 128 / 85, 0.0, 74 * 128 / 85, 96.0]
+    out = source_to_input(np.array([crop]), crop, (64, 64))
+    assert out == pytest.approx(np.array([[0.0, 0.0, 64.0, 64.0]]))
+
+
+def test_source_to_input_by_hand():
+    crop = [32.0, 12.0, 128.0, 108.0]  # 96x96 source region onto 48x48 input: half scale
+    boxes = np.array([[[32.0, 12.0, 128.0, 108.0], [100.0, 30.0, 108.0, 38.0]]])  # extra leading dim
+    out = source_to_input(boxes, crop, (48, 48))
+    assert out.shape == boxes.shape
+    assert out[0, 0] == pytest.approx([0.0, 0.0, 48.0, 48.0])
+    assert out[0, 1] == pytest.approx([34.0, 9.0, 38.0, 13.0])
+    # input untouched
+    assert boxes[0, 1, 0] == 100.0
+
+
+def test_source_to_input_non_square_input():
+    crop = [0.0, 20.0, 160.0, 100.0]  # 160x80 region onto 40 high, 80 wide
+    out = source_to_input(np.array([40.0, 60.0, 80.0, 100.0]), crop, (40, 80))
+    assert out == pytest.approx([20.0, 20.0, 40.0, 40.0])
