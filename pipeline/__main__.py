@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
 
 import hydra
@@ -17,6 +18,7 @@ from pipeline.cluster import open_client
 from pipeline.stages import extract, index, report, stats, summary, train
 
 log = logging.getLogger("pipeline")
+warnings.filterwarnings("ignore", message=r".*LeafSpec.*")  # Lightning's own use of a deprecated torch API
 
 STAGES = {"train": train, "index": index, "extract": extract, "stats": stats, "report": report}
 SEQUENCES = {"all": ["index", "extract", "stats", "report"], "demo": ["train", "index", "extract", "stats", "report"]}

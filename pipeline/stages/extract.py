@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -93,6 +94,7 @@ def run_shard(cfg_dict: dict, run_dir: str, shard: int, rows: pd.DataFrame, clas
     torch.set_num_threads(_torch_threads(cfg))
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")  # Lightning's own use of a deprecated torch API
     explainer = build_explainer(cfg)
     rows = rows.reset_index(drop=True)
     rows_hash = shard_digest(rows)

@@ -85,6 +85,11 @@ def _aggregate(prepared: dd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return table.drop(columns=profile_cols)
 
 
+def _with_pointing(table: pd.DataFrame, steps: pd.DataFrame) -> pd.DataFrame:
+    agg = steps.groupby(GROUP).agg(pointing_frames=("hit", "size"), pointing_game=("hit", "mean"), pointing_chance=("chance", "mean"))
+    return table.merge(agg.reset_index(), on=GROUP, how="left")
+
+
 def run(cfg, run_dir: Path, client=None) -> dict:
     files = tube_files(run_dir)
     if not files:
@@ -101,10 +106,8 @@ def run(cfg, run_dir: Path, client=None) -> dict:
         boxes = read_boxes(boxes_path)
         steps = tubes.map_partitions(pointing_rows, boxes, float(cfg.stats.pointing_tolerance), meta=pointing_rows(tubes._meta, boxes, 0.0)).compute()
         write_table_atomic(pa.Table.from_pandas(steps, preserve_index=False), run_dir / "stats" / "pointing.parquet")
-        for table, keys in ((per_class, GROUP), (overall, ["method"])):
-            source = steps if keys == GROUP else steps.assign(label=-1, label_name="(all)")
-            agg = source.groupby(GROUP).agg(pointing_frames=("hit", "size"), pointing_game=("hit", "mean"), pointing_chance=("chance", "mean")).reset_index()
-            table[["pointing_frames", "pointing_game", "pointing_chance"]] = table[GROUP].merge(agg, on=GROUP, how="left")[["pointing_frames", "pointing_game", "pointing_chance"]].to_numpy()
+        per_class = _with_pointing(per_class, steps)
+        overall = _with_pointing(overall, steps.assign(label=-1, label_name="(all)"))
     elif boxes_path:
         log.warning("stats.boxes: %s does not exist; no pointing game", boxes_path)
 
