@@ -7,14 +7,18 @@ configuration of every invocation is saved as ``outputs/<run_name>/config.yaml``
 from __future__ import annotations
 
 import logging
+import sys
 import time
 import warnings
 from pathlib import Path
 
 import hydra
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.cluster import open_client
+from pipeline.datasets import DatasetError
+from pipeline.models import ModelError
 from pipeline.stages import extract, index, report, stats, summary, train
 
 log = logging.getLogger("pipeline")
@@ -23,6 +27,7 @@ warnings.filterwarnings("ignore", message=r".*LeafSpec.*")  # Lightning's own us
 STAGES = {"train": train, "index": index, "extract": extract, "stats": stats, "report": report}
 SEQUENCES = {"all": ["index", "extract", "stats", "report"], "demo": ["train", "index", "extract", "stats", "report"]}
 NEEDS_CLUSTER = {"index", "extract"}
+USER_ERRORS = (DatasetError, ModelError, FileNotFoundError, ValueError, RuntimeError, InstantiationException)
 
 
 def stages_of(stage) -> list[str]:
@@ -41,6 +46,8 @@ def run(cfg: DictConfig) -> dict:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     started = time.perf_counter()
     results: dict = {}
+    for name in names:  # check every stage's settings before any work starts
+        getattr(STAGES[name], "validate", lambda _cfg: None)(cfg)
 
     def run_stages(client=None):
         for name in names:
@@ -62,7 +69,11 @@ def run(cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     OmegaConf.resolve(cfg)
-    run(cfg)
+    try:
+        run(cfg)
+    except USER_ERRORS as err:  # a bad setting or input: one clear line, no traceback
+        log.error("%s", err)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -241,3 +241,16 @@ def test_bad_config_fails_before_work(cam_run, tmp_path):
         run(make_cfg(tmp_path, overrides + ["stage=extrct"]))
     with pytest.raises(Exception, match="model.layer='nope'"):
         run(make_cfg(root, overrides + ["run_name=badlayer", "model.layer=nope", "stage=extract", "cluster.processes=false"]))
+
+
+def test_reindexing_into_fewer_shards_sets_old_parts_aside(cam_run):
+    root, _, overrides = cam_run
+    run_dir = root / "outputs" / "resharded"
+    base = overrides + ["run_name=resharded", "cluster.processes=false", "stage=[index,extract]"]
+    run(make_cfg(root, base))
+    assert len(list((run_dir / "tubes").glob("part-*.parquet"))) == 3
+    run(make_cfg(root, [*base, "index.clips_per_shard=8"]))
+    assert [p.name for p in (run_dir / "tubes").glob("part-*.parquet")] == ["part-00000.parquet"]
+    assert sorted(p.name for p in (run_dir / "tubes" / ".stale").iterdir()) == ["part-00001.parquet", "part-00002.parquet"]
+    tubes = read_tubes(run_dir, columns=["clip_id", "shard"])
+    assert len(tubes) == 8 and tubes["clip_id"].is_unique and (tubes["shard"] == 0).all()

@@ -30,7 +30,7 @@ from pipeline.models import build_model
 from pipeline.module import TARGET_MODES, TubeModule
 from pipeline.saliency import TubeExplainer
 from pipeline.stages.index import read_index
-from pipeline.store import file_metadata, tube_files, write_table_atomic, failures_table
+from pipeline.store import CODECS, failures_table, file_metadata, tube_files, write_table_atomic
 from pipeline.video import ResizeCrop
 from pipeline.writer import TubeWriter, part_name
 
@@ -140,14 +140,40 @@ def run_shard(cfg_dict: dict, run_dir: str, shard: int, rows: pd.DataFrame, clas
     return dict(shard=shard, rows=writer.rows_written, failures=len(writer.failures))
 
 
-def run(cfg, run_dir: Path, client=None) -> dict:
+def set_aside_stale_parts(run_dir: Path, shards: set[int]) -> None:
+    """Move part files of shards the current index no longer has (it was rebuilt smaller) to ``.stale/``,
+    so readers never mix them in; nothing is deleted."""
+    for folder in ("tubes", "failures"):
+        for path in sorted((run_dir / folder).glob("part-*.parquet")):
+            if int(path.stem.split("-")[1]) not in shards:
+                (run_dir / folder / ".stale").mkdir(exist_ok=True)
+                os.replace(path, run_dir / folder / ".stale" / path.name)
+                log.warning("%s belongs to no shard of the current index; moved to %s", path, path.parent / ".stale")
+
+
+def validate(cfg) -> None:
+    """Settings of this stage that would otherwise fail inside every task."""
     if cfg.target.mode not in TARGET_MODES:
         raise ValueError(f"target.mode must be one of {TARGET_MODES}, got {cfg.target.mode!r}")
-    build_explainer(cfg)  # fail on a bad model, checkpoint or layer before any task starts
+    if cfg.target.mode == "topk" and int(cfg.target.k) < 1:
+        raise ValueError(f"target.k must be >= 1, got {cfg.target.k}")
+    if cfg.store.codec not in CODECS:
+        raise ValueError(f"store.codec must be one of {CODECS}, got {cfg.store.codec!r}")
+    for key in ("batch_size",):
+        if int(cfg.extract[key]) < 1:
+            raise ValueError(f"extract.{key} must be >= 1, got {cfg.extract[key]}")
+    if int(cfg.extract.num_workers) < 0:
+        raise ValueError(f"extract.num_workers must be >= 0, got {cfg.extract.num_workers}")
+    build_explainer(cfg)  # a bad model, checkpoint or layer fails here, before any task starts
+
+
+def run(cfg, run_dir: Path, client=None) -> dict:
+    validate(cfg)
     index, meta = read_index(run_dir)
     config_hash = fingerprint(cfg)
     cfg_dict = OmegaConf.to_container(cfg, resolve=True)
     shards = {shard: rows for shard, rows in index.groupby("shard", sort=True)}
+    set_aside_stale_parts(run_dir, set(shards))
     todo = {s: rows for s, rows in shards.items() if not shard_is_done(run_dir, s, config_hash, shard_digest(rows))}
     done_clips = sum(len(r) for s, r in shards.items() if s not in todo)
     log.info("extract: %d shards, %d already done, %d to run", len(shards), len(shards) - len(todo), len(todo))

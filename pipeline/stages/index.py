@@ -101,6 +101,13 @@ def read_index(run_dir: str | Path) -> tuple[pd.DataFrame, dict]:
     return table.to_pandas(), meta
 
 
+def validate(cfg) -> None:
+    """Settings of this stage, checked before any work starts."""
+    instantiate(cfg.sampler)
+    if int(cfg.index.clips_per_shard) < 1:
+        raise ValueError(f"index.clips_per_shard must be >= 1, got {cfg.index.clips_per_shard}")
+
+
 def run(cfg, run_dir: Path, client=None) -> pd.DataFrame:
     reader: DatasetReader = instantiate(cfg.dataset)
     sampler: ClipSampler = instantiate(cfg.sampler)
