@@ -46,8 +46,9 @@ def run(cfg: DictConfig) -> dict:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     started = time.perf_counter()
     results: dict = {}
-    for name in names:  # check every stage's settings before any work starts
-        getattr(STAGES[name], "validate", lambda _cfg: None)(cfg)
+    for i, name in enumerate(names):  # check every stage's settings before any work starts
+        if hasattr(STAGES[name], "validate"):
+            STAGES[name].validate(cfg, upstream=tuple(names[:i]))
 
     def run_stages(client=None):
         for name in names:

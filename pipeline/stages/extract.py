@@ -151,8 +151,9 @@ def set_aside_stale_parts(run_dir: Path, shards: set[int]) -> None:
                 log.warning("%s belongs to no shard of the current index; moved to %s", path, path.parent / ".stale")
 
 
-def validate(cfg) -> None:
-    """Settings of this stage that would otherwise fail inside every task."""
+def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
+    """Settings of this stage that would otherwise fail inside every task. ``upstream``: the stages that run
+    before this one in the same invocation (a checkpoint that ``train`` will write is not required yet)."""
     if cfg.target.mode not in TARGET_MODES:
         raise ValueError(f"target.mode must be one of {TARGET_MODES}, got {cfg.target.mode!r}")
     if cfg.target.mode == "topk" and int(cfg.target.k) < 1:
@@ -164,7 +165,10 @@ def validate(cfg) -> None:
             raise ValueError(f"extract.{key} must be >= 1, got {cfg.extract[key]}")
     if int(cfg.extract.num_workers) < 0:
         raise ValueError(f"extract.num_workers must be >= 0, got {cfg.extract.num_workers}")
-    build_explainer(cfg)  # a bad model, checkpoint or layer fails here, before any task starts
+    model = cfg.model
+    if "train" in upstream and not Path(str(model.checkpoint)).is_file():
+        model = OmegaConf.merge(model, {"checkpoint": None})  # check layer and classifier on random weights
+    _explainer(json.dumps(OmegaConf.to_container(model, resolve=True)), json.dumps(OmegaConf.to_container(cfg.method, resolve=True)))
 
 
 def run(cfg, run_dir: Path, client=None) -> dict:

@@ -101,7 +101,7 @@ def read_index(run_dir: str | Path) -> tuple[pd.DataFrame, dict]:
     return table.to_pandas(), meta
 
 
-def validate(cfg) -> None:
+def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
     """Settings of this stage, checked before any work starts."""
     instantiate(cfg.sampler)
     if int(cfg.index.clips_per_shard) < 1:
