@@ -254,3 +254,14 @@ def test_reindexing_into_fewer_shards_sets_old_parts_aside(cam_run):
     assert sorted(p.name for p in (run_dir / "tubes" / ".stale").iterdir()) == ["part-00001.parquet", "part-00002.parquet"]
     tubes = read_tubes(run_dir, columns=["clip_id", "shard"])
     assert len(tubes) == 8 and tubes["clip_id"].is_unique and (tubes["shard"] == 0).all()
+
+
+def test_worker_threads_of_one_process_do_not_share_a_model(cam_run):
+    """Two Dask worker threads in one process: each builds its own model, so hooks never cross."""
+    root, run_dir, overrides = cam_run
+    run(make_cfg(root, overrides + ["run_name=threads", "store.codec=float32", "cluster.n_workers=2", "cluster.processes=false", "index.clips_per_shard=1", "stage=[index,extract]"]))
+    threads = read_tubes(root / "outputs" / "threads", columns=["clip_id", "volume"]).set_index("clip_id")
+    one = read_tubes(run_dir, columns=["clip_id", "volume"]).set_index("clip_id")
+    assert len(threads) == 8
+    for clip_id, volume in one["volume"].items():
+        np.testing.assert_allclose(threads.loc[clip_id, "volume"], volume, rtol=1e-5, atol=1e-6)

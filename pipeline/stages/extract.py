@@ -8,11 +8,11 @@ same configuration and covers the same clips is never recomputed, so a killed ru
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -67,17 +67,23 @@ def shard_is_done(run_dir: Path, shard: int, config_hash: str, rows_hash: str) -
     return meta.get("shard_hash") == rows_hash
 
 
-@functools.lru_cache(maxsize=2)
-def _explainer(model_json: str, method_json: str) -> TubeExplainer:
-    """One model per worker process and configuration: built and loaded once, reused by every shard."""
-    model_cfg, method_cfg = OmegaConf.create(json.loads(model_json)), OmegaConf.create(json.loads(method_json))
-    net = build_model(model_cfg)
-    shape = (3, model_cfg.input.clip_len, *model_cfg.input.size)
-    return TubeExplainer(net, instantiate(method_cfg), shape, layer=model_cfg.layer, classifier=model_cfg.classifier)
+_cache = threading.local()
 
 
-def build_explainer(cfg) -> TubeExplainer:
-    return _explainer(json.dumps(OmegaConf.to_container(cfg.model, resolve=True)), json.dumps(OmegaConf.to_container(cfg.method, resolve=True)))
+def build_explainer(cfg, model_cfg=None) -> TubeExplainer:
+    """The explainer for ``cfg.model`` (or ``model_cfg``) and ``cfg.method``, built and loaded once per thread.
+
+    A worker reuses it for every shard. It is kept per thread because hooks capture activations on the
+    model's own modules: two threads of one process (``cluster.processes=false``) must not share a model.
+    """
+    model_cfg = cfg.model if model_cfg is None else model_cfg
+    key = json.dumps([OmegaConf.to_container(model_cfg, resolve=True), OmegaConf.to_container(cfg.method, resolve=True)])
+    if getattr(_cache, "key", None) != key:
+        net = build_model(model_cfg)
+        shape = (3, model_cfg.input.clip_len, *model_cfg.input.size)
+        _cache.explainer = TubeExplainer(net, instantiate(cfg.method), shape, layer=model_cfg.layer, classifier=model_cfg.classifier)
+        _cache.key = key
+    return _cache.explainer
 
 
 def _torch_threads(cfg) -> int:
@@ -168,7 +174,7 @@ def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
     model = cfg.model
     if "train" in upstream and not Path(str(model.checkpoint)).is_file():
         model = OmegaConf.merge(model, {"checkpoint": None})  # check layer and classifier on random weights
-    _explainer(json.dumps(OmegaConf.to_container(model, resolve=True)), json.dumps(OmegaConf.to_container(cfg.method, resolve=True)))
+    build_explainer(cfg, model)
 
 
 def run(cfg, run_dir: Path, client=None) -> dict:
