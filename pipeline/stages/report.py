@@ -32,6 +32,11 @@ def asset_name(clip_id: str, method: str) -> str:
     return f"{safe}-{method}-{hashlib.sha1(f'{clip_id}|{method}'.encode()).hexdigest()[:8]}"
 
 
+def anchor(method: str, label: str) -> str:
+    """An HTML id for a class section (label names may hold spaces or markup characters)."""
+    return "c-" + asset_name(str(label), method)
+
+
 def pick_gallery(tubes: pd.DataFrame, per_class: int) -> pd.DataFrame:
     """Per method and class, the ``per_class`` clips the model was most confident about (first targets)."""
     first = tubes[tubes["target_rank"] == 0].copy()
@@ -77,9 +82,9 @@ def run(cfg, run_dir: Path, client=None) -> dict:
     html = env.get_template("report.html").render(
         run_name=run_dir.name,
         overall=overall.to_dict("records"),
-        per_class=per_class.to_dict("records"),
+        per_class=[dict(r, anchor=anchor(r["method"], r["label_name"])) for r in per_class.to_dict("records")],
         methods=sorted(per_class["method"].unique()),
-        sections=[dict(method=m, label=l, clips=c) for (m, l), c in sorted(sections.items())],
+        sections=[dict(method=m, label=l, anchor=anchor(m, l), clips=c) for (m, l), c in sorted(sections.items())],
         failures=failures.head(200).to_dict("records"),
         failure_count=len(failures),
         has_pointing="pointing_game" in overall.columns,
