@@ -104,9 +104,10 @@ class TubeExplainer(nn.Module):
         def hook(_module, _inputs, output):
             if not (isinstance(output, torch.Tensor) and output.dim() == 5):
                 raise ModelError(f"model.layer={self.layer_name!r} outputs {type(output).__name__} of shape {getattr(output, 'shape', None)}, not (N, C, T, H, W)")
-            if detach_for_grad:
-                output = output.detach().requires_grad_(True)
-            captured["acts"] = output
+            if detach_for_grad:  # cut the graph below the layer; the clone keeps in-place ops above it legal
+                captured["acts"] = output.detach().requires_grad_(True)
+                return captured["acts"].clone()
+            captured["acts"] = output.clone()  # an in-place op after the layer (ReLU) must not change it
             return output
 
         handle = self.layer.register_forward_hook(hook)

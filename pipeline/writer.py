@@ -69,7 +69,8 @@ class TubeWriter(BasePredictionWriter):
         """One batch's outputs as rows of the tube table (one row per clip x target)."""
         n, k = p["targets"].shape
         clip_rows = self.rows.iloc[p["positions"].numpy()]
-        columns = {name: np.repeat(clip_rows[name].to_numpy(dtype=object), k) for name in _INDEX_COLUMNS}
+        # nulls stay None (pandas would hand NaN to Arrow, which an int32 or string column refuses)
+        columns = {name: np.repeat(clip_rows[name].astype(object).where(clip_rows[name].notna(), None).to_numpy(), k) for name in _INDEX_COLUMNS}
         targets = p["targets"].reshape(-1).numpy()
         stored = p["tubes"].reshape(n * k, *p["tubes"].shape[2:]).numpy()
         pred = np.repeat(p["pred"].numpy(), k)

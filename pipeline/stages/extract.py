@@ -138,6 +138,9 @@ def run_shard(cfg_dict: dict, run_dir: str, shard: int, rows: pd.DataFrame, clas
         enable_model_summary=False,
         inference_mode=not explainer.method.needs_grad,
     )
+    if len(rows) == 0:  # every clip was dropped above: publish an empty part with the failures, run nothing
+        writer.on_predict_end(None, None)
+        return dict(shard=shard, rows=0, failures=len(writer.failures))
     try:
         trainer.predict(module, loader, return_predictions=False)
     except BaseException:

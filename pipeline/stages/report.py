@@ -68,7 +68,7 @@ def run(cfg, run_dir: Path, client=None) -> dict:
     sections: dict[tuple[str, str], list[dict]] = {}
     for row in tqdm(list(gallery.itertuples()), desc="report", unit="clip"):
         item = dict(clip_id=row.clip_id, label=row.label_name, pred=row.pred_name, target=row.target_name,
-                    prob=row.pred_prob, correct=row.pred_name == row.label_name, top10=row.top10_mass, entropy=row.entropy)
+                    prob=row.pred_prob, correct=pd.isna(row.label) or row.pred_name == row.label_name, top10=row.top10_mass, entropy=row.entropy)
         try:
             item.update(render_clip(row, volumes[(row.clip_id, row.method)], assets))
         except VideoError as err:

@@ -67,7 +67,7 @@ def pointing_rows(part: pd.DataFrame, boxes: pd.DataFrame, tolerance: float) -> 
 
 
 def read_boxes(path: str | Path) -> pd.DataFrame:
-    boxes = pd.read_csv(path)
+    boxes = pd.read_csv(path, dtype={"video_id": str})
     missing = {"video_id", "frame", "x0", "y0", "x1", "y1"} - set(boxes.columns)
     if missing:
         raise ValueError(f"{path}: boxes CSV lacks columns {sorted(missing)}")
@@ -95,7 +95,8 @@ def run(cfg, run_dir: Path, client=None) -> dict:
     if not files:
         raise FileNotFoundError(f"{run_dir / 'tubes'}: no tube files; run the extract stage first")
     tubes = dd.read_parquet([str(f) for f in files], columns=COLUMNS)
-    steps = int(pq.read_table(files[0], columns=["input_size"]).column(0)[0][0].as_py()) if pq.read_metadata(files[0]).num_rows else 0
+    filled = [f for f in files if pq.read_metadata(f).num_rows]  # a shard whose clips all failed has 0 rows
+    steps = int(pq.read_table(filled[0], columns=["input_size"]).column(0)[0][0].as_py()) if filled else 0
     prepared = tubes.map_partitions(_prepare, steps, meta=_prepare(tubes._meta, steps))
     per_class = _aggregate(prepared, GROUP)
     overall = _aggregate(prepared.assign(label=-1, label_name="(all)"), GROUP)
