@@ -181,7 +181,6 @@ def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
 
 
 def run(cfg, run_dir: Path, client=None) -> dict:
-    validate(cfg)
     index, meta = read_index(run_dir)
     config_hash = fingerprint(cfg)
     cfg_dict = OmegaConf.to_container(cfg, resolve=True)
