@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install demo test test-fast index extract stats report all train clean
+.PHONY: help install demo test test-fast bench index extract stats report all train clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -28,6 +28,9 @@ test: install ## the whole test suite
 
 test-fast: install ## the test suite without the slow end-to-end tests
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: install ## benchmarks (BENCH="name ..." to pick, ARGS=--quick) -> outputs/bench/results.md
+	$(PY) -m pipeline.bench $(BENCH) $(ARGS)
 
 train: install ## fit the demo model (model.checkpoint) on the dataset's train split
 	$(PY) -m pipeline stage=train $(ARGS)
