@@ -1,9 +1,11 @@
+from fractions import Fraction
+
 import av
 import numpy as np
 import pytest
 import torch
 
-from pipeline.video import ResizeCrop, VideoError, probe, read_frames, source_to_input, write_video
+from pipeline.video import ResizeCrop, VideoError, frame_file, probe, read_frames, source_to_input, write_video
 
 NUM_FRAMES = 12
 HEIGHT, WIDTH = 48, 64
@@ -249,3 +251,164 @@ def test_source_to_input_non_square_input():
     crop = [0.0, 20.0, 160.0, 100.0]  # 160x80 region onto 40 high, 80 wide
     out = source_to_input(np.array([40.0, 60.0, 80.0, 100.0]), crop, (40, 80))
     assert out == pytest.approx([20.0, 20.0, 40.0, 40.0])
+
+
+# ------------------------------------------------------------------------------------------------ exact seeking
+def moving_frames(n, height=72, width=96, seed=0):
+    """A textured scene panning one pixel per frame: encoders use P and B frames, every frame is distinct."""
+    rng = np.random.default_rng(seed)
+    canvas = rng.integers(0, 256, size=(height, width + n, 3), dtype=np.uint8)
+    canvas = (canvas.astype(np.float32) * 0.5 + 64).astype(np.uint8)
+    return np.stack([canvas[:, i : i + width] for i in range(n)])
+
+
+def write_vfr_video(path, frames, skipped_pts):
+    """An MKV whose timestamps skip ``skipped_pts`` (a variable frame rate: frame index != pts * fps)."""
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 25)
+        pts = [p for p in range(len(frames) + len(skipped_pts)) if p not in skipped_pts]
+        for image, stamp in zip(frames, pts):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+            frame.pts, frame.time_base = stamp, Fraction(1, 25)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+@pytest.fixture(scope="module")
+def long_videos(tmp_path_factory):
+    """Longer videos with real GOPs: H.264 with B-frames at 59.94 fps, mpeg4 AVI at 29.97 and 25 fps, VFR MKV."""
+    root = tmp_path_factory.mktemp("long")
+    frames = moving_frames(150)
+    paths = {
+        "h264_5994": root / "P01_01.MP4",
+        "mpeg4_2997": root / "v_Archery_g01_c01.avi",
+        "mpeg4_25": root / "v_Basketball_g01_c01.avi",
+        "vfr": root / "vfr.mkv",
+    }
+    write_video(paths["h264_5994"], frames, fps=60000 / 1001, g="24", bf="3", crf="20", preset="veryfast")
+    write_video(paths["mpeg4_2997"], frames, fps=30000 / 1001, codec="mpeg4", g="20", bf="2", qscale="3")
+    write_video(paths["mpeg4_25"], frames, fps=25, codec="mpeg4", g="12")
+    write_vfr_video(paths["vfr"], frames[:60], skipped_pts={10, 11, 30})
+    return paths
+
+
+def test_long_videos_have_keyframes_between(long_videos):
+    for kind in ("h264_5994", "mpeg4_2997", "mpeg4_25"):
+        with av.open(str(long_videos[kind])) as container:
+            keys = [p.is_keyframe for p in container.demux(video=0) if p.size]
+        assert len(keys) == 150 and 3 <= sum(keys) < 40, kind  # seeking has keyframes to land on, and GOPs
+
+
+def test_h264_has_b_frames(long_videos):
+    with av.open(str(long_videos["h264_5994"])) as container:
+        packets = [p for p in container.demux(video=0) if p.size]
+    assert any(p.pts != p.dts for p in packets)  # decode order differs from display order
+    assert probe(long_videos["h264_5994"]).fps == pytest.approx(60000 / 1001)
+
+
+@pytest.mark.parametrize("kind", ["h264_5994", "mpeg4_2997", "mpeg4_25"])
+def test_seeking_returns_the_pixels_of_a_full_decode(long_videos, kind):
+    from pipeline.video import _decode_by_timestamp
+
+    reference = decode_all(long_videos[kind])
+    assert len(reference) == 150
+    clips = [[0, 1, 2], [23, 24, 25, 26], [37], [70, 72, 74, 76, 78], [149], [140, 100, 120, 100], list(range(96, 150, 4))]
+    for indices in clips:
+        got = read_frames(long_videos[kind], indices)
+        for row, index in zip(got, indices):
+            assert np.array_equal(row, reference[index]), (kind, index)
+        # and the seek path itself was taken (not the counting fallback) and is exact
+        with av.open(str(long_videos[kind])) as container:
+            found = _decode_by_timestamp(container, sorted(set(indices)))
+        if min(indices) > 0:
+            assert found is not None, (kind, indices)
+            assert all(np.array_equal(found[i], reference[i]) for i in indices)
+
+
+@pytest.mark.parametrize("kind", ["h264_5994", "mpeg4_2997"])
+def test_every_frame_by_seeking(long_videos, kind):
+    reference = decode_all(long_videos[kind])
+    for index in range(0, 150, 7):
+        assert np.array_equal(read_frames(long_videos[kind], [index])[0], reference[index]), index
+
+
+def test_seek_and_count_agree(long_videos):
+    indices = [55, 61, 67, 73]
+    assert np.array_equal(read_frames(long_videos["h264_5994"], indices), read_frames(long_videos["h264_5994"], indices, seek=False))
+
+
+def test_variable_frame_rate_falls_back_to_counting(long_videos):
+    from pipeline.video import _decode_by_timestamp
+
+    reference = decode_all(long_videos["vfr"])
+    assert len(reference) == 60
+    with av.open(str(long_videos["vfr"])) as container:
+        assert _decode_by_timestamp(container, [40, 41]) is None  # timestamps skip: not trusted
+    for indices in ([40, 41], [5, 12, 31], [59]):
+        got = read_frames(long_videos["vfr"], indices)
+        assert all(np.array_equal(row, reference[i]) for row, i in zip(got, indices))
+
+
+def test_seeking_past_the_end_names_the_frame(long_videos):
+    with pytest.raises(VideoError) as err:
+        read_frames(long_videos["mpeg4_2997"], [140, 150])
+    assert "frame 150" in str(err.value) and "150 frames" in str(err.value)
+    assert str(long_videos["mpeg4_2997"]) in str(err.value)
+
+
+def test_probe_duration(long_videos):
+    info = probe(long_videos["h264_5994"])
+    assert info.num_frames == 150
+    assert info.duration == pytest.approx(150 * 1001 / 60000, abs=1e-3)
+    assert probe(long_videos["mpeg4_25"]).duration == pytest.approx(6.0, abs=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------ frame folders
+def write_folder(folder, frames, first_number=1, quality=95):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(frames):
+        Image.fromarray(image).save(folder / f"frame_{i + first_number:010d}.jpg", quality=quality)
+
+
+def test_frame_folder_probe_and_read(tmp_path):
+    from PIL import Image
+
+    frames = moving_frames(9, height=40, width=50)
+    folder = tmp_path / "P01_01"
+    write_folder(folder, frames)
+    (folder / "notes.txt").write_text("not a frame")
+    info = probe(folder)
+    assert (info.num_frames, info.width, info.height, info.codec) == (9, 50, 40, "jpeg")
+    assert np.isnan(info.fps)
+    got = read_frames(folder, [8, 0, 3, 3])
+    # index i is frame_{i+1:010d}.jpg, decoded as PIL decodes that very file
+    for row, index in zip(got, [8, 0, 3, 3]):
+        expected = np.asarray(Image.open(folder / f"frame_{index + 1:010d}.jpg").convert("RGB"))
+        assert np.array_equal(row, expected)
+        distances = [np.abs(row.astype(int) - f).mean() for f in frames]
+        assert int(np.argmin(distances)) == index  # and it is the frame written under that number
+    assert str(frame_file(folder, 0)).endswith("frame_0000000001.jpg")
+
+
+def test_frame_folder_errors(tmp_path):
+    folder = tmp_path / "P02_03"
+    write_folder(folder, moving_frames(5, height=16, width=16))
+    (folder / "frame_0000000003.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (folder / "frame_0000000004.jpg").unlink()
+    read_frames(folder, [0, 1, 4])  # the bad files are not touched
+    with pytest.raises(VideoError, match="frame_0000000003.jpg: unreadable JPEG"):
+        read_frames(folder, [1, 2])
+    with pytest.raises(VideoError, match="frame_0000000004.jpg: frame 3 missing"):
+        read_frames(folder, [3])
+    with pytest.raises(VideoError, match="frame_0000000006.jpg: frame 5 missing"):
+        read_frames(folder, [5])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(VideoError, match="holds no frame"):
+        probe(empty)
