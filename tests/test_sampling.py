@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.sampling import CenterSampler, Clip, ClipSampler, UniformSampler
+from pipeline.sampling import CenterSampler, Clip, ClipSampler, SlidingSampler, UniformSampler
 
 
 def frames_of(clips):
@@ -8,9 +8,10 @@ def frames_of(clips):
 
 
 def test_span():
-    assert CenterSampler(4).span == 4
-    assert CenterSampler(4, frame_stride=2).span == 7
-    assert UniformSampler(1, frame_stride=5).span == 1
+    assert CenterSampler(4).span() == 4
+    assert CenterSampler(4, frame_stride=2).span() == 7
+    assert UniformSampler(1, frame_stride=5).span() == 1
+    assert CenterSampler(4, target_fps=15).span(60000 / 1001) == 13  # offsets 0, 4, 8, 12
 
 
 # ------------------------------------------------------------------------------------------------ CenterSampler
@@ -94,7 +95,7 @@ def test_uniform_more_clips_than_starts():
 
 
 # ------------------------------------------------------------------------------------------------ validation
-@pytest.mark.parametrize("cls", [CenterSampler, UniformSampler])
+@pytest.mark.parametrize("cls", [CenterSampler, UniformSampler, SlidingSampler])
 @pytest.mark.parametrize("clip_len,stride", [(0, 1), (-2, 1), (4, 0), (4, -1)])
 def test_invalid_clip_len_or_stride(cls, clip_len, stride):
     with pytest.raises(ValueError):
@@ -106,7 +107,7 @@ def test_invalid_num_clips():
         UniformSampler(4, num_clips=0)
 
 
-@pytest.mark.parametrize("cls", [CenterSampler, UniformSampler])
+@pytest.mark.parametrize("cls", [CenterSampler, UniformSampler, SlidingSampler])
 @pytest.mark.parametrize("start,end", [(0, 0), (5, 5), (10, 3)])
 def test_empty_range_raises(cls, start, end):
     with pytest.raises(ValueError):
@@ -116,3 +117,63 @@ def test_empty_range_raises(cls, start, end):
 def test_base_sampler_has_no_starts():
     with pytest.raises(NotImplementedError):
         ClipSampler(4)(0, 10)
+
+
+# ------------------------------------------------------------------------------------------------ SlidingSampler
+def test_sliding_back_to_back_with_tail_clip():
+    # span 4 over [0, 10): 0, 4, then a last clip ending at 10 (start 6) so frames 8, 9 are covered
+    assert frames_of(SlidingSampler(4)(0, 10)) == [[0, 1, 2, 3], [4, 5, 6, 7], [6, 7, 8, 9]]
+
+
+def test_sliding_exact_tiling_has_no_extra_clip():
+    # span 3 (frames 10, 12) tiles [10, 19) with stride 3: 10, 13, 16 -> 16 + 3 = 19 = end
+    assert frames_of(SlidingSampler(2, frame_stride=2, clip_stride=3)(10, 19)) == [[10, 12], [13, 15], [16, 18]]
+
+
+def test_sliding_overlapping_windows():
+    clips = SlidingSampler(3, clip_stride=1)(5, 9)
+    assert frames_of(clips) == [[5, 6, 7], [6, 7, 8]]
+    assert all(c.padded == 0 for c in clips)
+
+
+def test_sliding_short_range_is_one_padded_clip():
+    assert SlidingSampler(4, frame_stride=2, clip_stride=1)(0, 3) == [Clip([0, 2, 2, 2], 2)]
+
+
+def test_sliding_invalid_stride():
+    with pytest.raises(ValueError, match="clip_stride"):
+        SlidingSampler(4, clip_stride=0)
+
+
+# ------------------------------------------------------------------------------------------------ target_fps
+def test_target_fps_uses_the_videos_rate():
+    sampler = CenterSampler(4, target_fps=15)
+    # 59.94 fps -> step 3.996: offsets round(k * 3.996) = 0, 4, 8, 12; span 13 centred in [0, 100): start 43
+    assert sampler(0, 100, fps=60000 / 1001) == [Clip([43, 47, 51, 55], 0)]
+    # 25 fps -> step 5/3: offsets 0, 2, 3, 5 (round half to even at 3.33 -> 3); span 6 centred: start 47
+    assert sampler(0, 100, fps=25) == [Clip([47, 49, 50, 52], 0)]
+    # 30 fps -> step 2: the same as frame_stride=2
+    assert sampler(0, 100, fps=30) == CenterSampler(4, frame_stride=2)(0, 100)
+
+
+def test_target_fps_above_video_rate_repeats_frames():
+    # 10 fps video sampled at 20 fps: step 0.5 -> 0, 0, 1, 2 (numpy rounds half to even), 2
+    assert frames_of(UniformSampler(5, target_fps=20, num_clips=1)(0, 10, fps=10)) == [[0, 0, 1, 2, 2]]
+
+
+def test_target_fps_needs_fps():
+    with pytest.raises(ValueError, match="frame rate"):
+        CenterSampler(4, target_fps=15)(0, 100)
+    with pytest.raises(ValueError, match="frame rate"):
+        CenterSampler(4, target_fps=15)(0, 100, fps=float("nan"))
+    with pytest.raises(ValueError, match="target_fps"):
+        CenterSampler(4, target_fps=0)
+
+
+def test_frame_stride_ignores_fps():
+    assert CenterSampler(3, frame_stride=2)(0, 20, fps=59.94) == CenterSampler(3, frame_stride=2)(0, 20)
+
+
+def test_target_fps_padding_counts_steps_past_the_end():
+    # step 2 (60 -> 30 fps) in [0, 5): 0, 2, 4, (6 -> 4)
+    assert CenterSampler(4, target_fps=30)(0, 5, fps=60) == [Clip([0, 2, 4, 4], 1)]
