@@ -39,13 +39,22 @@ INDEX_SCHEMA = pa.schema(
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("shard", pa.int32()),
+        # added by the dataset readers (issue 3): the segment a clip comes from and the probe's codec/duration
+        ("segment_id", pa.string()),
+        ("start_frame", pa.int32()),
+        ("end_frame", pa.int32()),
+        ("codec", pa.string()),
+        ("duration", pa.float32()),
     ]
 )
+
+#: index columns that describe the source rather than the clip; tube tables leave them out
+SOURCE_COLUMNS = ("num_frames", "fps", "width", "height", "segment_id", "start_frame", "end_frame", "codec", "duration")
 
 _F32, _I32, _LF32, _LI32 = pa.float32(), pa.int32(), pa.list_(pa.float32()), pa.list_(pa.int32())
 
 TUBE_SCHEMA = pa.schema(
-    [f for f in INDEX_SCHEMA if f.name not in ("num_frames", "fps", "width", "height")]
+    [f for f in INDEX_SCHEMA if f.name not in SOURCE_COLUMNS]
     + [
         ("crop_box", _LF32),
         ("input_size", _LI32),
