@@ -111,3 +111,60 @@ def make_epic100_annotations(folder: Path) -> None:
     write_csv(folder / "EPIC_100_test_timestamps.csv", EPIC_100_TEST_COLUMNS, [
         ["P01_01_9", "P01", "P01_01", _stamp(31), _stamp(70), 31, 70],
     ])
+
+
+# ------------------------------------------------------------------------------------------------ UCF-101
+UCF_CLASSES = ["ApplyEyeMakeup", "Archery", "Basketball"]
+#: relative path -> (fps, frames, with audio)
+UCF_VIDEOS = {
+    "ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi": (25.0, 40, False),
+    "Archery/v_Archery_g01_c01.avi": (30000 / 1001, 45, True),
+    "Archery/v_Archery_g09_c02.avi": (25.0, 30, False),
+    "Basketball/v_Basketball_g02_c04.avi": (30000 / 1001, 36, True),
+}
+
+
+def write_avi(path: Path, frames: np.ndarray, fps: float, audio: bool) -> None:
+    """An XviD-like AVI: MPEG-4 Part 2 video, optionally with a PCM audio track interleaved."""
+    if not audio:
+        write_video(path, frames, fps=fps, codec="mpeg4", qscale="2")
+        return
+    import av
+    from fractions import Fraction
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), mode="w") as container:
+        video = container.add_stream("mpeg4", rate=Fraction(fps).limit_denominator(1001))
+        video.width, video.height, video.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        video.options = {"qscale": "2"}
+        sound = container.add_stream("pcm_s16le", rate=16000)
+        samples_per_frame = round(16000 / fps)
+        for i, image in enumerate(frames):
+            for packet in video.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")):
+                container.mux(packet)
+            tone = (3000 * np.sin(np.arange(samples_per_frame) * 0.05 + i)).astype(np.int16)[None]
+            chunk = av.AudioFrame.from_ndarray(tone, format="s16", layout="mono")
+            chunk.sample_rate, chunk.pts = 16000, i * samples_per_frame
+            for packet in sound.encode(chunk):
+                container.mux(packet)
+        for stream in (video, sound):
+            for packet in stream.encode():
+                container.mux(packet)
+
+
+def make_ucf101(root: Path, splits: Path) -> dict[str, np.ndarray]:
+    """Videos in ``root/<Class>/`` (320x240 mpeg4 AVI) and ``classInd.txt`` + folds 1 and 2 in ``splits``."""
+    written = {}
+    for k, (relative, (fps, n, audio)) in enumerate(UCF_VIDEOS.items()):
+        frames = barcode_frames(n, height=240, width=320, seed=k)
+        write_avi(root / relative, frames, fps, audio)
+        written[relative] = frames
+    splits.mkdir(parents=True, exist_ok=True)
+    (splits / "classInd.txt").write_text("".join(f"{i} {name}\n" for i, name in enumerate(UCF_CLASSES, start=1)))
+    names = list(UCF_VIDEOS)
+    number = {name: UCF_CLASSES.index(name.split("/")[0]) + 1 for name in names}
+    (splits / "trainlist01.txt").write_text("".join(f"{n} {number[n]}\r\n" for n in names[:3]))
+    (splits / "testlist01.txt").write_text(f"{names[3]}\r\n")
+    (splits / "trainlist02.txt").write_text("".join(f"{n} {number[n]}\r\n" for n in names[2:]))
+    (splits / "testlist02.txt").write_text("".join(f"{n}\r\n" for n in names[:2]))
+    return written

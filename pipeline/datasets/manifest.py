@@ -88,7 +88,7 @@ class Manifest(DatasetReader):
         seconds = [_number(where, row, c, float) for c in ("start_sec", "end_sec")]
         if any(v is not None for v in frames) and any(v is not None for v in seconds):
             raise malformed(where, "give start_frame/end_frame or start_sec/end_sec, not both")
-        bounds, unit = (frames, "") if any(v is not None for v in frames) else (seconds, "s")
+        bounds, unit = (seconds, "s") if any(v is not None for v in seconds) else (frames, "")
         start, end = bounds
         if start is not None and start < 0:
             raise RowError(where, "FrameRangeError", f"{source}: negative start {start}{unit}")

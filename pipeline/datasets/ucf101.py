@@ -1,4 +1,9 @@
-"""UCF-101 layout: ``<Class>/v_<Class>_gGG_cCC.<ext>`` with ``classInd.txt`` and train/test lists."""
+"""UCF-101 layout: ``<Class>/v_<Class>_gGG_cCC.<ext>`` with ``classInd.txt`` and train/test lists.
+
+``classInd.txt`` numbers classes from 1 (``1 ApplyEyeMakeup``); labels here are 0-based (``label = number - 1``).
+``trainlist0N.txt`` lines are ``Class/file.avi <number>``, ``testlist0N.txt`` lines the path only: the class is
+always the folder's, and a train line whose number disagrees with its folder is a failure row.
+"""
 
 from __future__ import annotations
 
@@ -59,6 +64,10 @@ class UCF101(DatasetReader):
                 class_name = relative.split("/")[0] if "/" in relative else None
                 if class_name not in lookup:
                     errors.append(RecordError(where, "UnknownClass", f"{where}: class {class_name!r} of {relative!r} is not in classInd.txt"))
+                    continue
+                number = line.split()[1] if len(line.split()) > 1 else None
+                if number is not None and number != str(lookup[class_name] + 1):
+                    errors.append(RecordError(where, "MalformedRow", f"{where}: label {number!r} of {relative!r} is not its folder's class {class_name} ({lookup[class_name] + 1})"))
                     continue
                 records.append(
                     VideoRecord(
