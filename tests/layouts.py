@@ -7,7 +7,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipeline.stages import index
 from pipeline.video import write_video
+
+def run_index(tmp_path: Path, overrides: list[str]):
+    """Run the real index stage with the project's config plus ``overrides``: (index rows, metadata, run dir)."""
+    from conftest import make_cfg
+
+    cfg = make_cfg(tmp_path, overrides)
+    run_dir = Path(cfg.paths.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    index.run(cfg, run_dir)
+    return (*index.read_index(run_dir), run_dir)
+
 
 BITS = 10  # frame indices up to 1023
 BLOCK = 8  # barcode block size in pixels (large enough to survive lossy coding)
@@ -80,15 +92,12 @@ def epic_row(narration_id, video_id, start, stop, verb, noun, columns=EPIC_100_C
     return [values[c] for c in columns]
 
 
-def make_epic_media(root: Path) -> dict[str, np.ndarray]:
+def make_epic_media(root: Path) -> None:
     """MP4 videos (H.264 with B-frames at 59.94 fps) and JPEG frame folders of the same frames."""
-    written = {}
     for k, (video_id, n) in enumerate(EPIC_VIDEOS.items()):
         frames = barcode_frames(n, height=72, width=128, seed=k)
         write_video(root / "P01" / "videos" / f"{video_id}.MP4", frames, fps=EPIC_FPS, g="30", bf="3", crf="18", preset="veryfast")
         write_frame_folder(root / "P01" / "rgb_frames" / video_id, frames)
-        written[video_id] = frames
-    return written
 
 
 def make_epic100_annotations(folder: Path) -> None:
@@ -152,13 +161,10 @@ def write_avi(path: Path, frames: np.ndarray, fps: float, audio: bool) -> None:
                 container.mux(packet)
 
 
-def make_ucf101(root: Path, splits: Path) -> dict[str, np.ndarray]:
+def make_ucf101(root: Path, splits: Path) -> None:
     """Videos in ``root/<Class>/`` (320x240 mpeg4 AVI) and ``classInd.txt`` + folds 1 and 2 in ``splits``."""
-    written = {}
     for k, (relative, (fps, n, audio)) in enumerate(UCF_VIDEOS.items()):
-        frames = barcode_frames(n, height=240, width=320, seed=k)
-        write_avi(root / relative, frames, fps, audio)
-        written[relative] = frames
+        write_avi(root / relative, barcode_frames(n, height=240, width=320, seed=k), fps, audio)
     splits.mkdir(parents=True, exist_ok=True)
     (splits / "classInd.txt").write_text("".join(f"{i} {name}\n" for i, name in enumerate(UCF_CLASSES, start=1)))
     names = list(UCF_VIDEOS)
@@ -167,4 +173,3 @@ def make_ucf101(root: Path, splits: Path) -> dict[str, np.ndarray]:
     (splits / "testlist01.txt").write_text(f"{names[3]}\r\n")
     (splits / "trainlist02.txt").write_text("".join(f"{n} {number[n]}\r\n" for n in names[2:]))
     (splits / "testlist02.txt").write_text("".join(f"{n}\r\n" for n in names[:2]))
-    return written

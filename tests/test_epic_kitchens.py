@@ -1,7 +1,6 @@
 from pathlib import Path
 
 import pytest
-from conftest import make_cfg
 from layouts import (
     EPIC_55_COLUMNS,
     EPIC_100_COLUMNS,
@@ -12,13 +11,13 @@ from layouts import (
     make_epic100_annotations,
     make_epic_media,
     read_barcode,
+    run_index,
     write_csv,
 )
 
 from pipeline.clips import ClipDataset
 from pipeline.datasets.base import DatasetError
 from pipeline.datasets.epic_kitchens import Epic55, Epic100
-from pipeline.stages import index
 from pipeline.store import read_failures
 from pipeline.video import ResizeCrop, read_frames
 
@@ -27,9 +26,9 @@ from pipeline.video import ResizeCrop, read_frames
 def epic(tmp_path_factory):
     root = tmp_path_factory.mktemp("epic")
     media, annotations = root / "EPIC-KITCHENS", root / "annotations"
-    frames = make_epic_media(media)
+    make_epic_media(media)
     make_epic100_annotations(annotations)
-    return dict(media=media, annotations=annotations, frames=frames)
+    return dict(media=media, annotations=annotations)
 
 
 def reader(epic, **kwargs):
@@ -127,21 +126,16 @@ def test_bad_rows_become_record_errors(epic, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ index + decode
-def index_epic(tmp_path, epic, *overrides, client=None):
-    cfg = make_cfg(tmp_path, [
+def index_epic(tmp_path, epic, *overrides):
+    return run_index(tmp_path, [
         "dataset=epic100", f"dataset.root={epic['media']}", f"dataset.annotations_dir={epic['annotations']}",
         "dataset.split=train", "sampler.clip_len=4", "sampler.frame_stride=2", "index.clips_per_shard=2", *overrides,
     ])
-    run_dir = Path(cfg.paths.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    index.run(cfg, run_dir, client=client)
-    return cfg, run_dir
 
 
 @pytest.mark.parametrize("media", ["videos", "frames"])
 def test_index_and_decode_epic(tmp_path, epic, media):
-    cfg, run_dir = index_epic(tmp_path, epic, f"dataset.media={media}", "dataset.label=action")
-    rows, meta = index.read_index(run_dir)
+    rows, meta, run_dir = index_epic(tmp_path, epic, f"dataset.media={media}", "dataset.label=action")
     assert meta["classes"] == ["take cup", "take plate", "put plate", "open door"]
     # centre clip of 4 frames every 2 (span 7) in each segment's 0-based [start_frame - 1, stop_frame)
     expected = {
@@ -183,8 +177,7 @@ def test_index_epic_bad_inputs(tmp_path, epic):
     ]
     write_csv(annotations / "EPIC_100_train.csv", EPIC_100_COLUMNS, rows)
     other = dict(epic, annotations=annotations)
-    _, run_dir = index_epic(tmp_path, other)
-    rows, _ = index.read_index(run_dir)
+    rows, _, run_dir = index_epic(tmp_path, other)
     assert rows["clip_id"].tolist() == ["P01_01_0:000021"]
     failures = read_failures(run_dir).set_index("clip_id")
     assert failures.loc["P01_01_7", "error_type"] == "FrameRangeError"
@@ -195,8 +188,7 @@ def test_index_epic_bad_inputs(tmp_path, epic):
 
 
 def test_target_fps_uses_each_videos_rate(tmp_path, epic):
-    _, run_dir = index_epic(tmp_path, epic, "dataset.media=frames", "sampler.target_fps=15")
-    rows, _ = index.read_index(run_dir)
+    rows, _, _ = index_epic(tmp_path, epic, "dataset.media=frames", "sampler.target_fps=15")
     # 59.94 -> 15 fps: offsets 0, 4, 8, 12 (span 13); [10, 40): 10 + (30 - 13) // 2 = 18
     assert rows.set_index("clip_id").loc["P01_01_0:000018", "frame_indices"].tolist() == [18, 22, 26, 30]
 

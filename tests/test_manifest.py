@@ -3,14 +3,13 @@
 from pathlib import Path
 
 import pytest
-from conftest import make_cfg
-from layouts import barcode_frames, read_barcode, write_frame_folder
+from layouts import barcode_frames, read_barcode, run_index, write_frame_folder
 from rich.console import Console
 
 from pipeline.clips import ClipDataset, collate_clips
 from pipeline.datasets.base import DatasetError
 from pipeline.datasets.manifest import Manifest
-from pipeline.stages import index, summary
+from pipeline.stages import summary
 from pipeline.store import read_failures
 from pipeline.video import ResizeCrop, read_frames, write_video
 
@@ -86,11 +85,8 @@ def test_manifest_file_errors(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ index
 def index_manifest(tmp_path, csv, *overrides):
-    cfg = make_cfg(tmp_path, ["dataset=manifest", f"dataset.csv={csv}", "sampler.clip_len=4", "sampler.frame_stride=2", *overrides])
-    run_dir = Path(cfg.paths.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    index.run(cfg, run_dir)
-    return index.read_index(run_dir)[0], run_dir
+    rows, _, run_dir = run_index(tmp_path, ["dataset=manifest", f"dataset.csv={csv}", "sampler.clip_len=4", "sampler.frame_stride=2", *overrides])
+    return rows, run_dir
 
 
 def test_index_manifest_segments(media, tmp_path):

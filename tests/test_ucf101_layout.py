@@ -1,15 +1,11 @@
 """UCF-101 in its published layout (mpeg4 AVI at 25 and 29.97 fps, some with audio, splits folder apart)."""
 
-from pathlib import Path
-
 import av
 import numpy as np
 import pytest
-from conftest import make_cfg
-from layouts import UCF_CLASSES, UCF_VIDEOS, make_ucf101, read_barcode
+from layouts import UCF_CLASSES, UCF_VIDEOS, make_ucf101, read_barcode, run_index
 
 from pipeline.clips import ClipDataset
-from pipeline.stages import index
 from pipeline.store import read_failures
 from pipeline.video import ResizeCrop, probe, read_frames
 
@@ -17,19 +13,16 @@ from pipeline.video import ResizeCrop, probe, read_frames
 @pytest.fixture(scope="module")
 def ucf(tmp_path_factory):
     base = tmp_path_factory.mktemp("ucf")
-    frames = make_ucf101(base / "UCF-101", base / "ucfTrainTestlist")
-    return dict(root=base / "UCF-101", splits=base / "ucfTrainTestlist", frames=frames)
+    make_ucf101(base / "UCF-101", base / "ucfTrainTestlist")
+    return dict(root=base / "UCF-101", splits=base / "ucfTrainTestlist")
 
 
 def index_ucf(tmp_path, ucf, *overrides):
-    cfg = make_cfg(tmp_path, [
+    rows, _, run_dir = run_index(tmp_path, [
         "dataset=ucf101", f"dataset.root={ucf['root']}", f"dataset.splits_dir={ucf['splits']}",
         "sampler=uniform", "sampler.num_clips=2", "sampler.clip_len=4", "sampler.frame_stride=3", *overrides,
     ])
-    run_dir = Path(cfg.paths.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    index.run(cfg, run_dir)
-    return index.read_index(run_dir)[0], run_dir
+    return rows, run_dir
 
 
 def test_videos_are_what_ucf101_ships(ucf):
