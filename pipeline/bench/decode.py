@@ -112,7 +112,7 @@ def _index_rows(root: Path, out_dir: Path, count: int) -> list[str]:
 
 def run(out_dir: Path, quick: bool) -> str:
     logging.getLogger("pipeline").setLevel(logging.WARNING)
-    seconds, videos, count = (10, 2, 300) if quick else (20, 3, 2000)
+    seconds, videos, count = (10, 2, 300) if quick else (20, 3, 10000)
     out_dir = Path(out_dir).resolve()
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         root = Path(tmp)
