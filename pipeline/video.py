@@ -226,13 +226,20 @@ def _decode_by_timestamp(container, needed: list[int]) -> dict[int, np.ndarray] 
             return None  # as far back as the start: counting from there is as fast
         container.seek(int(math.floor(target / time_base)), stream=stream, backward=True, any_frame=False)
         frames = _decode_on_grid(container, stream, needed, time_base, start, fps)
-        if frames != "overshot":
+        if frames is not _OVERSHOT:
             return frames
     return None
 
 
+_OVERSHOT = object()
+
+
 def _decode_on_grid(container, stream, needed, time_base, start, fps):
-    """Decode from the current position, indexing frames by timestamp: frames, ``"overshot"`` or ``None``."""
+    """Decode from the current position, indexing frames by timestamp.
+
+    Returns the frames, ``_OVERSHOT`` when decoding starts after the first wanted frame or not on a keyframe,
+    or ``None`` when the timestamps do not index frames exactly.
+    """
     first, last, wanted = needed[0], needed[-1], set(needed)
     frames, previous = {}, None
     for frame in container.decode(stream):
@@ -243,7 +250,7 @@ def _decode_on_grid(container, stream, needed, time_base, start, fps):
         if abs(position - index) > 0.05 or index < 0:
             return None  # off the frame grid
         if previous is None and (index > first or not frame.key_frame):
-            return "overshot"
+            return _OVERSHOT
         if previous is not None and index != previous + 1:
             return None  # frames missing or out of order
         previous = index

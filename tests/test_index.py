@@ -1,4 +1,4 @@
-"""Index stage internals: parallel probing on Dask, the probe cache, shard balance, clip ids."""
+"""Probing on Dask and its cache; index stage internals: shard balance, clip ids, sampler failures."""
 
 import math
 import os
@@ -10,6 +10,7 @@ from layouts import barcode_frames, write_frame_folder
 
 from pipeline.datasets.base import VideoRecord
 from pipeline.sampling import SlidingSampler
+from pipeline import probing
 from pipeline.stages import index
 from pipeline.video import VideoError, VideoInfo, probe, write_video
 
@@ -33,9 +34,9 @@ def same(a, b):
 
 
 def test_probe_on_dask_matches_probing_here(sources):
-    serial = index.probe_all(sources, progress=False)
+    serial = probing.probe_all(sources, progress=False)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, Client(cluster) as client:
-        parallel = index.probe_all(sources + sources[:2], client=client, progress=False, batch_size=3)
+        parallel = probing.probe_all(sources + sources[:2], client=client, progress=False, batch_size=3)
     assert list(parallel) == sources  # distinct sources, in order
     assert all(same(serial[s], parallel[s]) for s in sources)
     assert serial[sources[0]].num_frames == 10 and serial[sources[4]].num_frames == 14
@@ -45,17 +46,17 @@ def test_probe_on_dask_matches_probing_here(sources):
 
 def test_probe_cache_skips_unchanged_files(sources, tmp_path, monkeypatch):
     cache = tmp_path / "probes.parquet"
-    first = index.probe_all(sources, progress=False, cache=cache)
+    first = probing.probe_all(sources, progress=False, cache=cache)
     calls = []
-    monkeypatch.setattr(index, "probe", lambda s: calls.append(s) or probe(s))
-    again = index.probe_all(sources, progress=False, cache=cache)
+    monkeypatch.setattr(probing, "probe", lambda s: calls.append(s) or probe(s))
+    again = probing.probe_all(sources, progress=False, cache=cache)
     assert calls == [sources[-1]]  # only the missing file (nothing to key a cache entry on) is looked at again
     assert all(same(first[s], again[s]) for s in sources)
     # a rewritten file is probed again, and the new result replaces the old one
     write_video(sources[0], barcode_frames(13), fps=25)
     os.utime(sources[0], ns=(1, 1))
     calls.clear()
-    changed = index.probe_all(sources, progress=False, cache=cache)
+    changed = probing.probe_all(sources, progress=False, cache=cache)
     assert calls == [sources[0], sources[-1]]
     assert changed[sources[0]].num_frames == 13
 

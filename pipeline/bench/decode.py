@@ -101,7 +101,7 @@ def _index_rows(root: Path, out_dir: Path, count: int) -> list[str]:
                     index.run(cfg, run_dir, client)
             with open_client(cfg.cluster) as client:
                 client.wait_for_workers(workers)
-                client.run(importlib.import_module, index.__name__)  # workers import the stage before the clock starts
+                client.run(importlib.import_module, "pipeline.probing")  # workers import the stage before the clock starts
                 started = time.perf_counter()
                 frame = index.run(cfg, run_dir, client)
                 seconds = time.perf_counter() - started
