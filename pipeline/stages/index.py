@@ -126,7 +126,7 @@ def run(cfg, run_dir: Path, client=None) -> pd.DataFrame:
     reader: DatasetReader = instantiate(cfg.dataset)
     sampler: ClipSampler = instantiate(cfg.sampler)
     records, errors = reader.records()
-    log.info("dataset: %d videos, %d unusable entries", len(records), len(errors))
+    log.info("dataset: %d videos or segments, %d unusable entries", len(records), len(errors))
     cache = Path(cfg.index.probe_cache) if cfg.index.get("probe_cache") else None
     probes = probe_all([r.source for r in records], client, cache=cache, batch_size=int(cfg.index.get("probe_batch", 32)))
     frame, failures = build_clips(records, probes, sampler)
