@@ -66,7 +66,17 @@ def pointing_rows(part: pd.DataFrame, boxes: pd.DataFrame, tolerance: float) -> 
     return merged[["method", "label", "label_name", "clip_id", "frame"]].assign(hit=hit.astype("float64"), chance=chance.astype("float64"))
 
 
+def boxes_path(cfg, meta: dict) -> Path | None:
+    """The ground-truth boxes CSV of a run: ``stats.boxes``, else the dataset's own; None when there is none."""
+    path = cfg.stats.get("boxes") or meta.get("boxes")
+    if path and not Path(path).is_file():
+        log.warning("boxes: %s does not exist; no pointing game or tube IoU", path)
+        return None
+    return Path(path) if path else None
+
+
 def read_boxes(path: str | Path) -> pd.DataFrame:
+    """A boxes CSV (``video_id, frame, x0, y0, x1, y1`` in source pixels), checked."""
     boxes = pd.read_csv(path, dtype={"video_id": str})
     missing = {"video_id", "frame", "x0", "y0", "x1", "y1"} - set(boxes.columns)
     if missing:
@@ -102,15 +112,13 @@ def run(cfg, run_dir: Path, client=None) -> dict:
     overall = _aggregate(prepared.assign(label=-1, label_name="(all)"), GROUP)
 
     _, meta = read_index(run_dir)
-    boxes_path = cfg.stats.get("boxes") or meta.get("boxes")
-    if boxes_path and Path(boxes_path).is_file():
-        boxes = read_boxes(boxes_path)
+    path = boxes_path(cfg, meta)
+    if path:
+        boxes = read_boxes(path)
         steps = tubes.map_partitions(pointing_rows, boxes, float(cfg.stats.pointing_tolerance), meta=pointing_rows(tubes._meta, boxes, 0.0)).compute()
         write_table_atomic(pa.Table.from_pandas(steps, preserve_index=False), run_dir / "stats" / "pointing.parquet")
         per_class = _with_pointing(per_class, steps)
         overall = _with_pointing(overall, steps.assign(label=-1, label_name="(all)"))
-    elif boxes_path:
-        log.warning("stats.boxes: %s does not exist; no pointing game", boxes_path)
 
     out = run_dir / "stats"
     write_table_atomic(pa.Table.from_pandas(per_class.sort_values(GROUP), preserve_index=False), out / "per_class.parquet")
