@@ -67,7 +67,7 @@ def write_synthetic_run(run_dir: Path, clips: int, classes: list[str], clips_per
     ))
     meta = dict(classes=list(classes), boxes=str(run_dir / "boxes.csv"))
     write_table_atomic(pa.Table.from_pandas(index, schema=INDEX_SCHEMA, preserve_index=False), run_dir / "index.parquet", {"saliency_tubes": json.dumps(meta)})
-    make = volumes or _blobs
+    make = volumes or blob_tubes
     crop = np.array([(VIDEO_W - VIDEO_H) / 2, 0, (VIDEO_W + VIDEO_H) / 2, VIDEO_H], dtype=np.float32)
     for shard, rows in index.groupby("shard"):
         n = len(rows)
@@ -96,7 +96,7 @@ def write_synthetic_run(run_dir: Path, clips: int, classes: list[str], clips_per
     return index
 
 
-def _blobs(rng: np.random.Generator, n: int) -> np.ndarray:
+def blob_tubes(rng: np.random.Generator, n: int) -> np.ndarray:
     t, h, w = NATIVE
     tt, yy, xx = np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")
     centre = rng.uniform(0, 1, (n, 3)) * [t - 1, h - 1, w - 1]
