@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-
 from scipy.stats import spearmanr
 
 from pipeline.bench.report import blob_tubes, config, write_synthetic_run
