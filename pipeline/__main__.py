@@ -25,7 +25,7 @@ log = logging.getLogger("pipeline")
 warnings.filterwarnings("ignore", message=r".*LeafSpec.*")  # Lightning's own use of a deprecated torch API
 
 STAGES = {"train": train, "index": index, "extract": extract, "stats": stats, "evaluate": evaluate, "report": report}
-SEQUENCES = {"all": ["index", "extract", "stats", "report"], "demo": ["train", "index", "extract", "stats", "report"]}
+SEQUENCES = {"all": ["index", "extract", "stats", "report"], "demo": ["train", "index", "extract", "stats", "evaluate", "report"]}
 NEEDS_CLUSTER = {"index", "extract", "evaluate"}
 USER_ERRORS = (DatasetError, ModelError, FileNotFoundError, ValueError, RuntimeError, InstantiationException)
 
