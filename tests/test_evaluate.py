@@ -111,3 +111,12 @@ def test_bad_settings_are_named(tmp_path, override, message):
 
     with pytest.raises(ValueError, match=message):
         evaluate.validate(make_cfg(tmp_path, [override]))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("report.clips_per_class=0", "report.clips_per_class"), ("stats.pointing_tolerance=-1", "stats.pointing_tolerance"),
+    ("stats.compare_runs=demo", "stats.compare_runs"), ("stats.compare_runs=[demo]", "this run itself"),
+])
+def test_bad_stats_and_report_settings_are_named(tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        run(make_cfg(tmp_path, ["stage=[stats,report]", override]))

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from dask.distributed import as_completed
 from omegaconf import OmegaConf
@@ -34,7 +35,7 @@ from pipeline.saliency import upsample
 from pipeline.stages.extract import build_explainer, fingerprint
 from pipeline.stages.index import read_index
 from pipeline.stages.stats import boxes_path, read_boxes
-from pipeline.store import failures_table, file_metadata, read_tubes, write_table_atomic
+from pipeline.store import decode_column, failures_table, file_metadata, read_tubes, write_table_atomic
 from pipeline.video import ResizeCrop
 from pipeline.writer import part_name
 
@@ -44,6 +45,7 @@ CLIP_COLUMNS = ["clip_id", "video_id", "source", "label", "label_name", "split",
 METRICS = ["deletion_auc", "insertion_auc", "random_deletion_auc", "random_insertion_auc", "randomisation_spearman", "tube_iou"]
 CURVES = ["deletion_curve", "insertion_curve", "random_deletion_curve", "random_insertion_curve"]
 GROUP = ["method", "label", "label_name"]
+VOLUME_COLUMNS = ["volume", "volume_shape", "volume_codec", "volume_scale"]
 
 
 def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
@@ -131,8 +133,10 @@ def evaluate_shard(cfg_dict: dict, run_dir: str, shard: int, rows: pd.DataFrame,
     ev = cfg.evaluate
     device = _device(ev.device)
     rows = rows.reset_index(drop=True)
-    stored = read_tubes(run_dir, columns=["clip_id", "volume"], filters=[("clip_id", "in", rows["clip_id"].tolist()), ("target_rank", "=", 0)])
-    native = dict(zip(stored["clip_id"], stored["volume"]))
+    # the shard's own part file holds its tubes: no scan of the whole run per shard
+    wanted = [("clip_id", "in", rows["clip_id"].tolist()), ("target_rank", "=", 0)]
+    stored = pq.ParquetDataset([Path(run_dir) / "tubes" / part_name(shard)], filters=wanted).read(columns=["clip_id", *VOLUME_COLUMNS]).to_pandas()
+    native = dict(zip(stored["clip_id"], decode_column(stored)))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(ev.seed))
         random_explainer = build_explainer(cfg, _randomised(cfg)).to(device)

@@ -147,6 +147,12 @@ def _records(frame: pd.DataFrame | None) -> list[dict]:
     return [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in r.items()} for r in frame.to_dict("records")]
 
 
+def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
+    """Settings of this stage, checked before any work starts."""
+    if int(cfg.report.clips_per_class) < 1:
+        raise ValueError(f"report.clips_per_class must be >= 1, got {cfg.report.clips_per_class}")
+
+
 def run(cfg, run_dir: Path, client=None) -> dict:
     out = run_dir / "report"
     shutil.rmtree(out, ignore_errors=True)  # generated: rebuilt whole, so no picture of an older run lingers

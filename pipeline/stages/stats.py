@@ -197,6 +197,17 @@ def _list_lengths(files: list[Path]) -> dict[str, int]:
     return {}
 
 
+def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
+    """Settings of this stage, checked before any work starts."""
+    if float(cfg.stats.pointing_tolerance) < 0:
+        raise ValueError(f"stats.pointing_tolerance must be >= 0, got {cfg.stats.pointing_tolerance}")
+    others = cfg.stats.get("compare_runs") or []
+    if isinstance(others, str) or not all(isinstance(name, str) and name and "/" not in name for name in others):
+        raise ValueError(f"stats.compare_runs must be a list of run names (folders beside this run), got {others!r}")
+    if cfg.run_name in others:
+        raise ValueError(f"stats.compare_runs names this run itself ({cfg.run_name!r})")
+
+
 def run(cfg, run_dir: Path, client=None) -> dict:
     files = tube_files(run_dir)
     if not files:
