@@ -104,24 +104,42 @@ def read_boxes(path: str | Path) -> pd.DataFrame:
     return boxes.astype({"video_id": object, "frame": "int64", "x0": "float64", "y0": "float64", "x1": "float64", "y1": "float64"})
 
 
-def _aggregate(prepared: dd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    columns = [c for c in prepared.columns if c not in keys and c not in GROUP + ["split"]]
-    grouped = prepared.groupby(keys, dropna=False)
-    means, counts = dask.compute(grouped[columns].mean(), grouped["target_prob"].count())
-    table = means.join(counts.rename("clips")).reset_index().rename(columns={"correct": "accuracy", "target_prob": "mean_target_prob", "pred_prob": "mean_pred_prob"})
-    for name in LIST_STATS:
-        cols = sorted(c for c in table.columns if c.startswith(f"{name}__"))
-        if cols:
-            table[name] = list(table[cols].to_numpy(dtype=np.float32))
-            table = table.drop(columns=cols)
-    return table
+#: the four groupings of every table: per class, over all classes, and both per split
+GROUPINGS = {"per_class": (GROUP, False), "overall": (GROUP, True), "per_split": (["split", *GROUP], False), "split_totals": (["split", *GROUP], True)}
 
 
-def _pointing_summary(steps: dd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    grouped = steps.groupby(keys, dropna=False)
-    agg = grouped.agg({"hit": ["count", "mean"], "chance": "mean"}).compute()
-    agg.columns = ["pointing_frames", "pointing_game", "pointing_chance"]
-    return agg.reset_index()
+def _grouped(frame: dd.DataFrame, keys: list[str], everyone: bool):
+    return (frame.assign(label=-1, label_name="(all)") if everyone else frame).groupby(keys, dropna=False)
+
+
+def aggregate_all(prepared: dd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Every grouping of :data:`GROUPINGS` in one Dask computation, so the part files are read once."""
+    columns = [c for c in prepared.columns if c not in GROUP + ["split"]]
+    lazy = {}
+    for name, (keys, everyone) in GROUPINGS.items():
+        grouped = _grouped(prepared, keys, everyone)
+        lazy[name] = (grouped[columns].mean(), grouped["target_prob"].count())
+    computed = dask.compute(lazy)[0]
+    tables = {}
+    for name, (means, counts) in computed.items():
+        table = means.join(counts.rename("clips")).reset_index().rename(columns={"correct": "accuracy", "target_prob": "mean_target_prob", "pred_prob": "mean_pred_prob"})
+        for stat in LIST_STATS:
+            cols = sorted(c for c in table.columns if c.startswith(f"{stat}__"))
+            if cols:
+                table[stat] = list(table[cols].to_numpy(dtype=np.float32))
+                table = table.drop(columns=cols)
+        tables[name] = table
+    return tables
+
+
+def pointing_all(steps: dd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Pointing game and chance for every grouping of :data:`GROUPINGS`, in one Dask computation."""
+    lazy = {name: _grouped(steps, keys, everyone).agg({"hit": ["count", "mean"], "chance": "mean"}) for name, (keys, everyone) in GROUPINGS.items()}
+    tables = {}
+    for name, agg in dask.compute(lazy)[0].items():
+        agg.columns = ["pointing_frames", "pointing_game", "pointing_chance"]
+        tables[name] = agg.reset_index()
+    return tables
 
 
 def write_pointing(tubes: dd.DataFrame, boxes: pd.DataFrame, tolerance: float, out: Path) -> dd.DataFrame:
@@ -216,9 +234,7 @@ def run(cfg, run_dir: Path, client=None) -> dict:
     present = set(pq.read_schema(files[0]).names)
     tubes = dd.read_parquet([str(f) for f in files], columns=[c for c in COLUMNS if c in present])
     prepared = tubes.map_partitions(_prepare, lengths, meta=_prepare(tubes._meta, lengths))
-    per_class = _aggregate(prepared, GROUP)
-    overall = _aggregate(prepared.assign(label=-1, label_name="(all)"), GROUP)
-    per_split = pd.concat([_aggregate(prepared, ["split", *GROUP]), _aggregate(prepared.assign(label=-1, label_name="(all)"), ["split", *GROUP])], ignore_index=True)
+    tables = aggregate_all(prepared)
 
     out = run_dir / "stats"
     out.mkdir(parents=True, exist_ok=True)
@@ -226,10 +242,10 @@ def run(cfg, run_dir: Path, client=None) -> dict:
     path = boxes_path(cfg, meta)
     if path:
         steps = write_pointing(tubes, read_boxes(path), float(cfg.stats.pointing_tolerance), out / "pointing.parquet")
-        per_class = per_class.merge(_pointing_summary(steps, GROUP), on=GROUP, how="left")
-        overall = overall.merge(_pointing_summary(steps.assign(label=-1, label_name="(all)"), GROUP), on=GROUP, how="left")
-        split_points = pd.concat([_pointing_summary(steps, ["split", *GROUP]), _pointing_summary(steps.assign(label=-1, label_name="(all)"), ["split", *GROUP])])
-        per_split = per_split.merge(split_points, on=["split", *GROUP], how="left")
+        for name, points in pointing_all(steps).items():
+            tables[name] = tables[name].merge(points, on=GROUPINGS[name][0], how="left")
+    per_class, overall = tables["per_class"], tables["overall"]
+    per_split = pd.concat([tables["per_split"], tables["split_totals"]], ignore_index=True)
 
     others = list(cfg.stats.get("compare_runs") or [])
     if others:
