@@ -211,6 +211,22 @@ def class_plots(profile: np.ndarray, everyone: np.ndarray, density: np.ndarray |
     plt.close(fig)
 
 
+def distribution_plot(mine: dict[str, np.ndarray], everyone: dict[str, np.ndarray], path: Path) -> None:
+    """Histograms (share of clips per tenth of [0, 1]) of per-clip statistics: a class against all classes."""
+    fig, axes = plt.subplots(1, len(mine), figsize=(2.6 * len(mine), 2.2), dpi=90, squeeze=False)
+    for ax, (name, hist) in zip(axes[0], mine.items()):
+        centres = (np.arange(len(hist)) + 0.5) / len(hist)
+        ax.bar(centres, hist, width=0.9 / len(hist), color="#c0392b", label="this class")
+        ax.step(np.r_[0, centres + 0.5 / len(hist)], np.r_[everyone[name][0], everyone[name]], where="pre", color="#555", label="all classes")
+        ax.set_xlim(0, 1)
+        ax.set_title(name, fontsize=8)
+        ax.tick_params(labelsize=6)
+    axes[0, 0].set_ylabel("share of clips", fontsize=7)
+    axes[0, 0].legend(fontsize=6)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+
+
 def curve_plot(curves: dict[str, np.ndarray], path: Path, title: str = "") -> None:
     """Deletion / insertion curves: the target's probability against the share of voxels removed / revealed."""
     fig, ax = plt.subplots(figsize=(4.2, 2.8), dpi=90)

@@ -92,3 +92,13 @@ def test_agreement_between_runs(runs):
 def test_compare_with_a_missing_run_names_it(runs):
     with pytest.raises(FileNotFoundError, match="compare_runs.*nowhere"):
         stats.run(config(compare_runs=["nowhere"]), runs / "a")
+
+
+def test_distributions_are_histograms_of_the_clips(runs):
+    run_dir = runs / "a"
+    tubes = read_tubes(run_dir, columns=["label_name", "top10_mass", "entropy", "border_mass"])
+    per_class = pd.read_parquet(run_dir / "stats" / "per_class.parquet").set_index("label_name")
+    for name, mine in tubes.groupby("label_name"):
+        for stat in ("top10_mass", "entropy", "border_mass"):
+            counts = [sum(min(int(v * 10), 9) == b for v in mine[stat]) for b in range(10)]  # tenths of [0, 1]
+            np.testing.assert_allclose(per_class.loc[name, f"{stat}_hist"], np.array(counts) / len(mine), atol=1e-7)

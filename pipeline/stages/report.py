@@ -198,8 +198,13 @@ def run(cfg, run_dir: Path, client=None) -> dict:
     everyone = {r.method: r for r in overall.itertuples()}
     for r in overall.itertuples():
         render.class_plots(r.temporal_profile, r.temporal_profile, getattr(r, "density", None), assets / f"all-{r.method}.png")
+    hists = [c for c in per_class.columns if c.endswith("_hist")]
+    labels = {"top10_mass_hist": "top-10% mass", "entropy_hist": "entropy", "border_mass_hist": "border mass"}
     for r in per_class.itertuples():
         render.class_plots(r.temporal_profile, everyone[r.method].temporal_profile, getattr(r, "density", None), assets / f"{anchor(r.method, r.label_name)}.png")
+        if hists:
+            render.distribution_plot({labels.get(h, h): getattr(r, h) for h in hists}, {labels.get(h, h): getattr(everyone[r.method], h) for h in hists},
+                                     assets / f"{anchor(r.method, r.label_name)}-hist.png")
     if faith is not None:
         for r in faith.itertuples():
             name = "all" if r.label == -1 else anchor(r.method, r.label_name)
@@ -207,7 +212,7 @@ def run(cfg, run_dir: Path, client=None) -> dict:
                                "insertion": r.insertion_curve, "random insertion": r.random_insertion_curve},
                               assets / f"curves-{name}-{r.method}.png")
 
-    classes = per_class.copy()
+    classes = per_class.drop(columns=hists)
     classes["anchor"] = [anchor(m, n) for m, n in zip(classes["method"], classes["label_name"])]
     if faith is not None:
         classes = classes.merge(faith.drop(columns=[c for c in faith if c.endswith("_curve")] + ["clips"]), on=["method", "label", "label_name"], how="left")
@@ -224,7 +229,7 @@ def run(cfg, run_dir: Path, client=None) -> dict:
     for record in class_records:
         page = pages.get((record["method"], record["label_name"]), {role: [] for role in ROLES})
         (out / f"{record['anchor']}.html").write_text(template.render(
-            **common, c=record, all=_records(overall[overall["method"] == record["method"]])[0], roles=ROLES, page=page,
+            **common, has_hist=bool(hists), c=record, all=_records(overall[overall["method"] == record["method"]])[0], roles=ROLES, page=page,
             faith_all=faith_all.get(record["method"]), curves=f"assets/curves-{record['anchor']}-{record['method']}.png",
             agree_columns=agree_columns,
         ))

@@ -6,7 +6,8 @@
 Per-clip statistics were computed by the extractor and stored with each tube; this stage only aggregates
 them, with dask.dataframe over all part files, so it never loads a volume and its memory does not grow with
 the dataset. Aggregates use each clip's first target (``target_rank == 0``). List statistics (the temporal
-profile, the coarse spatial density map) are averaged element-wise.
+profile, the coarse spatial density map) are averaged element-wise; the distributions of concentration, entropy
+and border mass are kept as histograms (``top10_mass_hist`` ...: share of clips in each tenth of [0, 1]).
 
 Agreement between methods: each run directory holds one method. ``stats.compare_runs`` names other runs over
 the same index (e.g. ``[gradcam]``); for each clip and target class present in both, the Spearman rank
@@ -43,6 +44,9 @@ log = logging.getLogger(__name__)
 
 SCALAR_STATS = ["target_prob", "pred_prob", "mass", "top10_mass", "entropy", "centroid_t", "centroid_y", "centroid_x", "peak_t", "border_mass"]
 LIST_STATS = ["temporal_profile", "density"]
+#: per-clip statistics in [0, 1] whose distribution per class is kept as a histogram of HIST_BINS equal bins
+HISTOGRAMS = ["top10_mass", "entropy", "border_mass"]
+HIST_BINS = 10
 COLUMNS = ["clip_id", "video_id", "label", "label_name", "split", "method", "target_rank", "pred", "frame_indices", "crop_box", "frame_peak_x", "frame_peak_y", *LIST_STATS, *SCALAR_STATS]
 GROUP = ["method", "label", "label_name"]
 POINTING_SCHEMA = pa.schema([("method", pa.string()), ("label", pa.int64()), ("label_name", pa.string()), ("split", pa.string()),
@@ -61,6 +65,11 @@ def _prepare(part: pd.DataFrame, lengths: dict[str, int]) -> pd.DataFrame:
         values = np.stack(part[name].to_numpy()) if len(part) else np.zeros((0, length))
         for i in range(length):
             out[f"{name}__{i:03d}"] = values[:, i].astype("float64")
+    for name in HISTOGRAMS:  # one-hot bins: their mean per group is the share of clips in each bin
+        if name in part.columns:
+            bins = np.clip((part[name].to_numpy(dtype="float64") * HIST_BINS).astype(int), 0, HIST_BINS - 1)
+            for b in range(HIST_BINS):
+                out[f"{name}_hist__{b:03d}"] = (bins == b).astype("float64")
     return out
 
 
@@ -123,7 +132,7 @@ def aggregate_all(prepared: dd.DataFrame) -> dict[str, pd.DataFrame]:
     tables = {}
     for name, (means, counts) in computed.items():
         table = means.join(counts.rename("clips")).reset_index().rename(columns={"correct": "accuracy", "target_prob": "mean_target_prob", "pred_prob": "mean_pred_prob"})
-        for stat in LIST_STATS:
+        for stat in [*LIST_STATS, *(f"{h}_hist" for h in HISTOGRAMS)]:
             cols = sorted(c for c in table.columns if c.startswith(f"{stat}__"))
             if cols:
                 table[stat] = list(table[cols].to_numpy(dtype=np.float32))
@@ -257,4 +266,4 @@ def run(cfg, run_dir: Path, client=None) -> dict:
     write_table_atomic(pa.Table.from_pandas(overall, preserve_index=False), out / "overall.parquet")
     write_table_atomic(pa.Table.from_pandas(per_split.sort_values(["split", *GROUP]), preserve_index=False), out / "per_split.parquet")
     log.info("stats: %d classes -> %s", len(per_class), out)
-    return json.loads(overall.drop(columns=[c for c in LIST_STATS if c in overall]).to_json(orient="records"))
+    return json.loads(overall.drop(columns=[c for c in overall if isinstance(overall[c].iloc[0], np.ndarray)]).to_json(orient="records"))
