@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install demo test test-fast bench index extract stats report all train clean
+.PHONY: help install demo test test-fast bench index extract stats evaluate report all train clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -43,6 +43,9 @@ extract: install ## compute the tubes of every shard on the Dask cluster -> tube
 
 stats: install ## per-class statistics and pointing game -> stats/
 	$(PY) -m pipeline stage=stats $(ARGS)
+
+evaluate: install ## faithfulness of the tubes (deletion / insertion vs random, randomisation check, IoU) -> evaluate/
+	$(PY) -m pipeline stage=evaluate $(ARGS)
 
 report: install ## the offline HTML report from the Parquet files -> report/index.html
 	$(PY) -m pipeline stage=report $(ARGS)

@@ -1,4 +1,4 @@
-"""Command line: ``python -m pipeline stage=<index|extract|stats|report|all|train|demo> [overrides]``.
+"""Command line: ``python -m pipeline stage=<index|extract|stats|evaluate|report|all|train|demo> [overrides]``.
 
 Each stage reads the previous stage's files in ``outputs/<run_name>/`` and nothing else. The resolved
 configuration of every invocation is saved as ``outputs/<run_name>/config.yaml``.
@@ -19,14 +19,14 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.cluster import open_client
 from pipeline.datasets import DatasetError
 from pipeline.models import ModelError
-from pipeline.stages import extract, index, report, stats, summary, train
+from pipeline.stages import evaluate, extract, index, report, stats, summary, train
 
 log = logging.getLogger("pipeline")
 warnings.filterwarnings("ignore", message=r".*LeafSpec.*")  # Lightning's own use of a deprecated torch API
 
-STAGES = {"train": train, "index": index, "extract": extract, "stats": stats, "report": report}
-SEQUENCES = {"all": ["index", "extract", "stats", "report"], "demo": ["train", "index", "extract", "stats", "report"]}
-NEEDS_CLUSTER = {"index", "extract"}
+STAGES = {"train": train, "index": index, "extract": extract, "stats": stats, "evaluate": evaluate, "report": report}
+SEQUENCES = {"all": ["index", "extract", "stats", "report"], "demo": ["train", "index", "extract", "stats", "evaluate", "report"]}
+NEEDS_CLUSTER = {"index", "extract", "evaluate"}
 USER_ERRORS = (DatasetError, ModelError, FileNotFoundError, ValueError, RuntimeError, InstantiationException)
 
 

@@ -4,6 +4,11 @@ All statistics are computed on the tube at input resolution ``(T, H, W)``. Measu
 use its *mass*, the positive part of the tube (CAM tubes may be negative where a region argues against the
 class). Coordinates are in model-input pixels and steps; ``frame_peak_x/y`` are also mapped back to source
 pixels through the clip's ``crop_box``, so they can be compared with ground truth on the original video.
+
+Two statistics describe *where in the frame* saliency lies, so that they can be averaged per class without
+reading volumes: ``border_mass``, the share of mass in the frame's outer band (``BORDER`` of the height and
+width on each side: context, not the centre), and ``density``, the mass summed over time on a coarse
+``DENSITY_GRID`` x ``DENSITY_GRID`` grid of the frame (row-major, sums to 1).
 """
 
 from __future__ import annotations
@@ -11,6 +16,26 @@ from __future__ import annotations
 import math
 
 import torch
+
+#: the outer band of the frame counted as border, as a share of its height and width on each side
+BORDER = 0.125
+#: rows and columns of the coarse spatial density map
+DENSITY_GRID = 8
+
+
+def _bins(size: int, bins: int, device) -> torch.Tensor:
+    """``(bins, size)`` 0/1 matrix putting pixel ``i`` into bin ``floor(i * bins / size)`` (an exact partition)."""
+    owner = torch.arange(size, device=device) * bins // size
+    return (owner[None, :] == torch.arange(bins, device=device)[:, None]).float()
+
+
+def _border_mask(h: int, w: int, device) -> torch.Tensor:
+    """``(h, w)`` 1 where a pixel's centre lies in the outer ``BORDER`` band of the frame."""
+    ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h
+    xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w
+    inner_y = (ys > BORDER) & (ys < 1 - BORDER)
+    inner_x = (xs > BORDER) & (xs < 1 - BORDER)
+    return (~(inner_y[:, None] & inner_x[None, :])).float()
 
 
 def clip_statistics(tubes: torch.Tensor, crop_boxes: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -25,6 +50,8 @@ def clip_statistics(tubes: torch.Tensor, crop_boxes: torch.Tensor) -> dict[str, 
                         0 = one voxel, 1 = uniform
         temporal_profile  ``(N, T)`` share of mass at each time step (sums to 1; uniform when mass is 0)
         frame_peak_x/y  ``(N, T)`` per time step, the peak of that frame in source pixels
+        border_mass     share of the mass in the frame's outer ``BORDER`` band (uniform when mass is 0)
+        density         ``(N, DENSITY_GRID ** 2)`` share of the mass in each cell of a coarse grid of the frame
     """
     n, t, h, w = tubes.shape
     tubes = tubes.float()
@@ -58,6 +85,12 @@ def clip_statistics(tubes: torch.Tensor, crop_boxes: torch.Tensor) -> dict[str, 
     top10 = torch.where(empty, torch.zeros_like(top10), top10)
     entropy = torch.where(empty, torch.ones_like(entropy), entropy)
 
+    spatial = p3.sum(1)  # (N, h, w), sums to 1 (0 when there is no mass)
+    spatial = torch.where(empty[:, None, None], torch.full_like(spatial, 1.0 / (h * w)), spatial)
+    border_mass = (spatial * _border_mask(h, w, tubes.device)).sum((1, 2))
+    rows_in, cols_in = _bins(h, DENSITY_GRID, tubes.device), _bins(w, DENSITY_GRID, tubes.device)
+    density = torch.einsum("gy,nyx,hx->ngh", rows_in, spatial, cols_in).reshape(n, -1)
+
     per_frame = tubes.reshape(n, t, h * w).argmax(2)
     fy, fx = (per_frame // w).float(), (per_frame % w).float()
     x0, y0, x1, y1 = crop_boxes.float().unbind(1)
@@ -77,4 +110,6 @@ def clip_statistics(tubes: torch.Tensor, crop_boxes: torch.Tensor) -> dict[str, 
         temporal_profile=profile,
         frame_peak_x=frame_peak_x,
         frame_peak_y=frame_peak_y,
+        border_mass=border_mass,
+        density=density,
     )

@@ -86,6 +86,8 @@ TUBE_SCHEMA = pa.schema(
         ("temporal_profile", _LF32),
         ("frame_peak_x", _LF32),
         ("frame_peak_y", _LF32),
+        ("border_mass", _F32),
+        ("density", _LF32),  # DENSITY_GRID x DENSITY_GRID, row-major
     ]
 )
 

@@ -142,3 +142,35 @@ def test_accepts_half_and_double_input():
         assert stats["mass"].dtype == torch.float32
         assert scalar(stats, "centroid_t") == pytest.approx(1.0)
         assert scalar(stats, "centroid_x") == pytest.approx(1.0)
+
+
+def test_border_mass_and_density_of_a_uniform_tube():
+    # 16 x 16 frame: the border band is 2 pixels on each side (12.5 %); the inner 12 x 12 holds 144 / 256
+    stats = stats_of(torch.ones(2, 16, 16))
+    assert scalar(stats, "border_mass") == pytest.approx(1 - 144 / 256)
+    assert stats["density"].shape == (1, 64)
+    torch.testing.assert_close(stats["density"][0], torch.full((64,), 1 / 64))
+
+
+def test_border_mass_and_density_of_one_voxel():
+    tube = torch.zeros(T, H, W)  # 5 x 6 frame: the border is row 0 and 4 (centres 0.1, 0.9) and column 0 and 5
+    tube[1, 2, 3] = 1.0
+    stats = stats_of(tube)
+    assert scalar(stats, "border_mass") == pytest.approx(0.0)
+    tube[1, 2, 3], tube[3, 0, 2] = 0.0, 4.0  # top row: border
+    stats = stats_of(tube)
+    assert scalar(stats, "border_mass") == pytest.approx(1.0)
+    # row 0 of 5 -> grid row floor(0 * 8 / 5) = 0; column 2 of 6 -> floor(2 * 8 / 6) = 2
+    expected = torch.zeros(64)
+    expected[0 * 8 + 2] = 1.0
+    torch.testing.assert_close(stats["density"][0], expected)
+
+
+def test_density_sums_mass_over_time_per_cell():
+    tube = torch.zeros(2, 8, 8)
+    tube[0, 1, 1], tube[1, 6, 7], tube[1, 1, 1] = 1.0, 2.0, 1.0
+    density = stats_of(tube)["density"][0].reshape(8, 8)
+    assert density[1, 1].item() == pytest.approx(0.5) and density[6, 7].item() == pytest.approx(0.5)
+    assert density.sum().item() == pytest.approx(1.0)
+    empty = stats_of(torch.zeros(2, 8, 8))
+    assert scalar(empty, "border_mass") == pytest.approx(1 - 36 / 64)  # no mass: taken as uniform

@@ -19,6 +19,13 @@ def test_demo_trains_explains_and_resumes(tmp_path, capsys):
     assert overall["clips"] == 4 * 3 * 6 and overall["accuracy"] >= 0.9
     # the tube's per-frame peak lands on the actor far more often than a random point would
     assert overall["pointing_game"] > 0.3 and overall["pointing_game"] > 8 * overall["pointing_chance"]
+    # faithfulness: the trained model's tubes beat a random tube and depend on its weights
+    faith = pd.read_parquet(run_dir / "stats" / "faithfulness.parquet").set_index("label_name").loc["(all)"]
+    assert faith["clips"] == overall["clips"]
+    assert faith["deletion_auc"] < faith["random_deletion_auc"] and faith["insertion_auc"] > faith["random_insertion_auc"]
+    assert faith["randomisation_spearman"] < 0.5
+    html = (run_dir / "report" / "index.html").read_text()
+    assert f"{faith['deletion_auc']:.3f}" in html and f"{faith['randomisation_spearman']:.3f}" in html
     printed = capsys.readouterr().out
     assert "pointing" in printed and str(run_dir / "report" / "index.html") in printed.replace("\n", "")
 

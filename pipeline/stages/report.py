@@ -1,8 +1,16 @@
-"""Report stage: Parquet tables -> ``report/index.html`` (static, offline, no model needed).
+"""Report stage: Parquet tables -> ``report/index.html`` + one page per method and class (static, offline, no
+model needed: ``make report`` rebuilds it from the run's files and the source videos' frames).
 
-The overview shows the run's totals, a table per class and the mean temporal profile of each class; each
-class gets a gallery of its most confident clips with the tube over the frames (animated GIF) and over time
-(PNG strip). Only gallery clips are decoded, so the report's cost does not grow with the dataset.
+The overview has the run's totals, faithfulness against the random baseline, a class table sortable by any
+column, temporal profiles, results per split, agreement with other runs, the failures and the configuration.
+A class page has the class's profile and spatial density against the dataset's, its deletion / insertion
+curves, galleries of its most and least confident clips and of its misclassified clips (with the tube of the
+predicted class and, when the run stored it, of the true class), and for its most confident clip an MP4, the
+paper-style tube picture, an isosurface view and the tube of every compared run side by side.
+
+Scale: plots come from the aggregate tables; galleries are picked from a projection of a few small columns,
+and only the picked clips' volumes and frames are read, so the report's time and size grow with the number of
+classes, not of clips.
 """
 
 from __future__ import annotations
@@ -10,20 +18,27 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 from jinja2 import Environment, PackageLoader, select_autoescape
 from tqdm import tqdm
 
 from pipeline import render
 from pipeline.stages.index import read_index
-from pipeline.store import read_failures, read_tubes
+from pipeline.store import read_failures, read_tubes, tube_files
 from pipeline.video import VideoError, read_frames
 
 log = logging.getLogger(__name__)
 
-GALLERY_COLUMNS = ["clip_id", "video_id", "source", "label", "label_name", "method", "target_rank", "target_name", "target_prob", "pred_name", "pred_prob", "frame_indices", "crop_box", "top10_mass", "entropy"]
+SUMMARY_COLUMNS = ["clip_id", "method", "label", "label_name", "pred", "pred_prob"]
+DETAIL_COLUMNS = ["clip_id", "video_id", "source", "label", "label_name", "method", "target_rank", "target", "target_name", "target_prob",
+                  "pred", "pred_name", "pred_prob", "frame_indices", "crop_box", "top10_mass", "entropy", "volume"]
+ROLES = {"confident": "Most confident", "unsure": "Least confident", "misclassified": "Misclassified"}
+UNLABELLED = "(unlabelled)"
 
 
 def asset_name(clip_id: str, method: str) -> str:
@@ -33,64 +48,200 @@ def asset_name(clip_id: str, method: str) -> str:
 
 
 def anchor(method: str, label: str) -> str:
-    """An HTML id for a class section (label names may hold spaces or markup characters)."""
+    """An HTML id and page name for a class (label names may hold spaces or markup characters)."""
     return "c-" + asset_name(str(label), method)
 
 
-def pick_gallery(tubes: pd.DataFrame, per_class: int) -> pd.DataFrame:
-    """Per method and class, the ``per_class`` clips the model was most confident about (first targets)."""
-    first = tubes[tubes["target_rank"] == 0].copy()
-    first["label_name"] = first["label_name"].fillna("(unlabelled)")
-    return first.sort_values("pred_prob", ascending=False).groupby(["method", "label_name"], sort=True).head(per_class)
+def read_summary(run_dir: Path) -> pd.DataFrame:
+    """The first-target rows of a run, a few small columns only (bounded even for 100,000s of clips)."""
+    table = pq.ParquetDataset(tube_files(run_dir), filters=[("target_rank", "=", 0)]).read(columns=SUMMARY_COLUMNS)
+    frame = table.to_pandas()
+    frame["label_name"] = frame["label_name"].fillna(UNLABELLED)
+    return frame
 
 
-def render_clip(row, volume, assets: Path) -> dict:
-    name = asset_name(row.clip_id, row.method)
-    frames = render.crop_frames(read_frames(row.source, list(row.frame_indices)), row.crop_box)
-    render.save_gif(render.overlay(frames, volume), assets / f"{name}.gif")
-    render.tube_strip(frames, volume, row.frame_indices, assets / f"{name}.png")
-    return dict(gif=f"assets/{name}.gif", strip=f"assets/{name}.png")
+def pick_gallery(summary: pd.DataFrame, per_class: int) -> pd.DataFrame:
+    """Per method and class, the ``per_class`` most and least confident clips and the ``per_class`` most
+    confident mistakes; ``role`` says which (a clip may hold two roles)."""
+    ranked = summary.sort_values(["pred_prob", "clip_id"], ascending=[False, True])
+    groups = ranked.groupby(["method", "label_name"], sort=True)
+    confident = groups.head(per_class).assign(role="confident")
+    unsure = groups.tail(per_class)
+    unsure = unsure[~unsure["clip_id"].isin(confident["clip_id"])].iloc[::-1].assign(role="unsure")
+    wrong = ranked[ranked["label"].notna() & (ranked["pred"] != ranked["label"])]
+    wrong = wrong.groupby(["method", "label_name"], sort=True).head(per_class).assign(role="misclassified")
+    return pd.concat([confident, unsure, wrong], ignore_index=True)
+
+
+def _optional(path: Path) -> pd.DataFrame | None:
+    return pd.read_parquet(path) if path.is_file() else None
+
+
+class ClipRenderer:
+    """Renders the pictures of gallery clips into ``assets``, decoding each clip's frames once."""
+
+    def __init__(self, assets: Path):
+        self.assets = assets
+        self._frames: dict[str, np.ndarray] = {}
+
+    def frames(self, row) -> np.ndarray:
+        if row.clip_id not in self._frames:
+            self._frames = {row.clip_id: render.crop_frames(read_frames(row.source, list(row.frame_indices)), row.crop_box)}
+        return self._frames[row.clip_id]
+
+    def overlay(self, row) -> dict:
+        """GIF and strip of one tube row."""
+        name = f"{asset_name(row.clip_id, row.method)}-t{int(row.target)}"
+        if not (self.assets / f"{name}.gif").is_file():
+            frames = self.frames(row)
+            render.save_gif(render.overlay(frames, row.volume), self.assets / f"{name}.gif")
+            render.tube_strip(frames, row.volume, row.frame_indices, self.assets / f"{name}.png", title=f"tube for {row.target_name}")
+        return dict(gif=f"assets/{name}.gif", strip=f"assets/{name}.png")
+
+    def featured(self, row, others: dict[str, np.ndarray]) -> dict:
+        """MP4, paper-style tube picture, isosurface and (with compared runs) methods side by side."""
+        name = f"{asset_name(row.clip_id, row.method)}-t{int(row.target)}"
+        frames = self.frames(row)
+        render.save_mp4(render.overlay(frames, row.volume), self.assets / f"{name}.mp4")
+        render.tube_picture(frames, row.volume, self.assets / f"{name}-tube.png")
+        render.isosurface(row.volume, self.assets / f"{name}-iso.png")
+        out = dict(mp4=f"assets/{name}.mp4", tube=f"assets/{name}-tube.png", iso=f"assets/{name}-iso.png")
+        if others:
+            render.side_by_side(frames, {row.method: row.volume, **others}, self.assets / f"{name}-methods.png")
+            out["methods"] = f"assets/{name}-methods.png"
+        return out
+
+
+def _clip_item(row, role: str, renderer: ClipRenderer, true_row) -> dict:
+    item = dict(clip_id=row.clip_id, role=role, label=row.label_name if pd.notna(row.label_name) else UNLABELLED, pred=row.pred_name,
+                prob=float(row.pred_prob), target=row.target_name, top10=float(row.top10_mass), entropy=float(row.entropy),
+                correct=pd.isna(row.label) or int(row.pred) == int(row.label))
+    try:
+        item.update(renderer.overlay(row))
+        if not item["correct"]:
+            if true_row is None:
+                item["true_missing"] = True
+            else:
+                item["true"] = renderer.overlay(true_row)
+    except VideoError as err:
+        item["error"] = str(err)
+    return item
+
+
+def _other_tubes(run_dir: Path, others: list[str], featured: pd.DataFrame) -> dict[tuple[str, str, int], np.ndarray]:
+    """The compared runs' tubes of the featured clips (same clip and target class), at input size."""
+    found = {}
+    for name in others:
+        other_dir = run_dir.parent / str(name)
+        if not tube_files(other_dir) or featured.empty:
+            continue
+        rows = read_tubes(other_dir, columns=["clip_id", "method", "target", "volume"], upsample=True, filters=[("clip_id", "in", featured["clip_id"].tolist())])
+        for r in rows.itertuples():
+            found[(str(name), r.clip_id, int(r.target))] = (f"{r.method} ({name})", r.volume)
+    return found
+
+
+def _records(frame: pd.DataFrame | None) -> list[dict]:
+    if frame is None:
+        return []
+    return [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in r.items()} for r in frame.to_dict("records")]
+
+
+def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
+    """Settings of this stage, checked before any work starts."""
+    if int(cfg.report.clips_per_class) < 1:
+        raise ValueError(f"report.clips_per_class must be >= 1, got {cfg.report.clips_per_class}")
 
 
 def run(cfg, run_dir: Path, client=None) -> dict:
     out = run_dir / "report"
+    shutil.rmtree(out, ignore_errors=True)  # generated: rebuilt whole, so no picture of an older run lingers
     assets = out / "assets"
-    assets.mkdir(parents=True, exist_ok=True)
+    assets.mkdir(parents=True)
     _, meta = read_index(run_dir)
-    per_class = pd.read_parquet(run_dir / "stats" / "per_class.parquet")
-    overall = pd.read_parquet(run_dir / "stats" / "overall.parquet")
+    stats = run_dir / "stats"
+    if not (stats / "per_class.parquet").is_file():
+        raise FileNotFoundError(f"{stats / 'per_class.parquet'}: no statistics; run the stats stage first (stage=stats)")
+    per_class, overall = pd.read_parquet(stats / "per_class.parquet"), pd.read_parquet(stats / "overall.parquet")
+    per_split = _optional(stats / "per_split.parquet")
+    faith = _optional(stats / "faithfulness.parquet")
+    agreement = _optional(stats / "agreement_per_class.parquet")
     failures = read_failures(run_dir)
+    others = list(cfg.stats.get("compare_runs") or [])
 
-    tubes = read_tubes(run_dir, columns=GALLERY_COLUMNS)
-    gallery = pick_gallery(tubes, int(cfg.report.clips_per_class))
-    volumes = read_tubes(run_dir, columns=["clip_id", "method", "target_rank", "volume"], upsample=True, filters=[("clip_id", "in", gallery["clip_id"].tolist()), ("target_rank", "=", 0)])
-    volumes = {(r.clip_id, r.method): r.volume for r in volumes.itertuples()}
-    sections: dict[tuple[str, str], list[dict]] = {}
-    for row in tqdm(list(gallery.itertuples()), desc="report", unit="clip"):
-        item = dict(clip_id=row.clip_id, label=row.label_name, pred=row.pred_name, target=row.target_name,
-                    prob=row.pred_prob, correct=pd.isna(row.label) or row.pred_name == row.label_name, top10=row.top10_mass, entropy=row.entropy)
+    summary = read_summary(run_dir)
+    gallery = pick_gallery(summary, int(cfg.report.clips_per_class))
+    details = read_tubes(run_dir, columns=DETAIL_COLUMNS, upsample=True, filters=[("clip_id", "in", sorted(set(gallery["clip_id"])))])
+    first = {(r.clip_id, r.method): r for r in details[details["target_rank"] == 0].itertuples()}
+    by_target = {(r.clip_id, r.method, int(r.target)): r for r in details.itertuples()}
+    featured = gallery[gallery["role"] == "confident"].groupby(["method", "label_name"]).head(1)
+    other_tubes = _other_tubes(run_dir, others, featured)
+
+    renderer = ClipRenderer(assets)
+    pages: dict[tuple[str, str], dict] = {}
+    for g in tqdm(list(gallery.itertuples()), desc="report", unit="clip"):
+        row = first[(g.clip_id, g.method)]
+        true_row = by_target.get((g.clip_id, g.method, int(row.label))) if pd.notna(row.label) else None
+        page = pages.setdefault((g.method, g.label_name), {role: [] for role in ROLES})
+        page[g.role].append(_clip_item(row, g.role, renderer, true_row))
+    for f in featured.itertuples():
+        row = first[(f.clip_id, f.method)]
+        compared = dict(other_tubes[(n, row.clip_id, int(row.target))] for n in others if (n, row.clip_id, int(row.target)) in other_tubes)
         try:
-            item.update(render_clip(row, volumes[(row.clip_id, row.method)], assets))
+            pages[(f.method, f.label_name)]["featured"] = dict(clip_id=row.clip_id, target=row.target_name, **renderer.featured(row, compared),
+                                                                missing_runs=[n for n in others if (n, row.clip_id, int(row.target)) not in other_tubes])
         except VideoError as err:
-            item["error"] = str(err)
-        sections.setdefault((row.method, row.label_name), []).append(item)
+            pages[(f.method, f.label_name)]["featured"] = dict(clip_id=row.clip_id, error=str(err))
 
     for method, rows in per_class.groupby("method"):
         render.profile_plot(rows["label_name"].tolist(), rows["temporal_profile"].tolist(), assets / f"profile-{method}.png")
+    everyone = {r.method: r for r in overall.itertuples()}
+    for r in overall.itertuples():
+        render.class_plots(r.temporal_profile, r.temporal_profile, getattr(r, "density", None), assets / f"all-{r.method}.png")
+    hists = [c for c in per_class.columns if c.endswith("_hist")]
+    labels = {"top10_mass_hist": "top-10% mass", "entropy_hist": "entropy", "border_mass_hist": "border mass"}
+    for r in per_class.itertuples():
+        render.class_plots(r.temporal_profile, everyone[r.method].temporal_profile, getattr(r, "density", None), assets / f"{anchor(r.method, r.label_name)}.png")
+        if hists:
+            render.distribution_plot({labels.get(h, h): getattr(r, h) for h in hists}, {labels.get(h, h): getattr(everyone[r.method], h) for h in hists},
+                                     assets / f"{anchor(r.method, r.label_name)}-hist.png")
+    if faith is not None:
+        for r in faith.itertuples():
+            name = "all" if r.label == -1 else anchor(r.method, r.label_name)
+            render.curve_plot({"deletion": r.deletion_curve, "random deletion": r.random_deletion_curve,
+                               "insertion": r.insertion_curve, "random insertion": r.random_insertion_curve},
+                              assets / f"curves-{name}-{r.method}.png")
+
+    classes = per_class.drop(columns=hists)
+    classes["anchor"] = [anchor(m, n) for m, n in zip(classes["method"], classes["label_name"])]
+    if faith is not None:
+        classes = classes.merge(faith.drop(columns=[c for c in faith if c.endswith("_curve")] + ["clips"]), on=["method", "label", "label_name"], how="left")
+    if agreement is not None:
+        wide = agreement.pivot_table(index=["method", "label", "label_name"], columns="other_run", values="spearman").add_prefix("agree_").reset_index()
+        classes = classes.merge(wide, on=["method", "label", "label_name"], how="left")
+    agree_columns = [c for c in classes.columns if c.startswith("agree_")]
+    faith_all = {r["method"]: r for r in _records(faith[faith["label"] == -1])} if faith is not None else {}
 
     env = Environment(loader=PackageLoader("pipeline", "templates"), autoescape=select_autoescape(["html"]))
-    html = env.get_template("report.html").render(
-        run_name=run_dir.name,
-        overall=overall.to_dict("records"),
-        per_class=[dict(r, anchor=anchor(r["method"], r["label_name"])) for r in per_class.to_dict("records")],
-        methods=sorted(per_class["method"].unique()),
-        sections=[dict(method=m, label=l, anchor=anchor(m, l), clips=c) for (m, l), c in sorted(sections.items())],
-        failures=failures.head(200).to_dict("records"),
-        failure_count=len(failures),
-        has_pointing="pointing_game" in overall.columns,
-        classes=meta["classes"],
+    common = dict(run_name=run_dir.name, has_pointing="pointing_game" in overall.columns, has_faith=faith is not None)
+    class_records = _records(classes)
+    template = env.get_template("class.html")
+    for record in class_records:
+        page = pages.get((record["method"], record["label_name"]), {role: [] for role in ROLES})
+        (out / f"{record['anchor']}.html").write_text(template.render(
+            **common, has_hist=bool(hists), c=record, all=_records(overall[overall["method"] == record["method"]])[0], roles=ROLES, page=page,
+            faith_all=faith_all.get(record["method"]), curves=f"assets/curves-{record['anchor']}-{record['method']}.png",
+            agree_columns=agree_columns,
+        ))
+    (out / "index.html").write_text(env.get_template("overview.html").render(
+        **common,
+        overall=_records(overall), classes=class_records, methods=sorted(per_class["method"].unique()),
+        per_split=_records(per_split[per_split["label"] == -1]) if per_split is not None else [],
+        faith=faith_all, agreement=_records(agreement[agreement["label"] == -1]) if agreement is not None else [],
+        agree_columns=agree_columns, compare_runs=others,
+        failures=_records(failures.head(200)), failure_count=len(failures), num_classes=len(meta["classes"]),
         config=(run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else "",
-    )
-    (out / "index.html").write_text(html)
-    log.info("report: %s", out / "index.html")
-    return dict(report=str(out / "index.html"), clips=len(gallery))
+    ))
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    log.info("report: %s (%d pages, %.1f MB)", out / "index.html", len(class_records) + 1, size / 1e6)
+    return dict(report=str(out / "index.html"), pages=len(class_records) + 1, clips=int(gallery["clip_id"].nunique()), bytes=size)

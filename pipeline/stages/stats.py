@@ -1,9 +1,18 @@
-"""Stats stage: ``tubes/*.parquet`` -> ``stats/per_class.parquet``, ``stats/overall.parquet`` (and, where the
-dataset has ground-truth boxes, ``stats/pointing.parquet`` with one row per clip time step).
+"""Stats stage: ``tubes/*.parquet`` -> ``stats/per_class.parquet``, ``stats/overall.parquet``,
+``stats/per_split.parquet`` (the same per split), where the dataset has ground-truth boxes
+``stats/pointing.parquet`` (a folder of Parquet parts, one row per clip time step), and with
+``stats.compare_runs`` ``stats/agreement.parquet`` (per clip) and ``stats/agreement_per_class.parquet``.
 
 Per-clip statistics were computed by the extractor and stored with each tube; this stage only aggregates
 them, with dask.dataframe over all part files, so it never loads a volume and its memory does not grow with
-the dataset. Aggregates use each clip's first target (``target_rank == 0``).
+the dataset. Aggregates use each clip's first target (``target_rank == 0``). List statistics (the temporal
+profile, the coarse spatial density map) are averaged element-wise; the distributions of concentration, entropy
+and border mass are kept as histograms (``top10_mass_hist`` ...: share of clips in each tenth of [0, 1]).
+
+Agreement between methods: each run directory holds one method. ``stats.compare_runs`` names other runs over
+the same index (e.g. ``[gradcam]``); for each clip and target class present in both, the Spearman rank
+correlation of the two tubes (at the layer's resolution, or at the input's when the layers differ). It reads
+volumes part file by part file, so its memory too stays flat.
 
 Pointing game: for each clip time step whose source frame has a box, a hit when the tube's peak in that frame
 (mapped to source pixels) lies inside the box grown by ``stats.pointing_tolerance`` pixels. Its chance level
@@ -14,34 +23,53 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 
+import dask
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
+from pipeline.faithfulness import spearman
+from pipeline.saliency import upsample
 from pipeline.stages.index import read_index
-from pipeline.store import tube_files, write_table_atomic
+from pipeline.store import decode_column, tube_files, write_table_atomic
 
 log = logging.getLogger(__name__)
 
-SCALAR_STATS = ["target_prob", "pred_prob", "mass", "top10_mass", "entropy", "centroid_t", "centroid_y", "centroid_x", "peak_t"]
-COLUMNS = ["clip_id", "video_id", "label", "label_name", "method", "target_rank", "pred", "frame_indices", "crop_box", "temporal_profile", "frame_peak_x", "frame_peak_y", *SCALAR_STATS]
+SCALAR_STATS = ["target_prob", "pred_prob", "mass", "top10_mass", "entropy", "centroid_t", "centroid_y", "centroid_x", "peak_t", "border_mass"]
+LIST_STATS = ["temporal_profile", "density"]
+#: per-clip statistics in [0, 1] whose distribution per class is kept as a histogram of HIST_BINS equal bins
+HISTOGRAMS = ["top10_mass", "entropy", "border_mass"]
+HIST_BINS = 10
+COLUMNS = ["clip_id", "video_id", "label", "label_name", "split", "method", "target_rank", "pred", "frame_indices", "crop_box", "frame_peak_x", "frame_peak_y", *LIST_STATS, *SCALAR_STATS]
 GROUP = ["method", "label", "label_name"]
+POINTING_SCHEMA = pa.schema([("method", pa.string()), ("label", pa.int64()), ("label_name", pa.string()), ("split", pa.string()),
+                             ("clip_id", pa.string()), ("frame", pa.int64()), ("hit", pa.float64()), ("chance", pa.float64())])
 
 
-def _prepare(part: pd.DataFrame, steps: int) -> pd.DataFrame:
-    """Per-partition: first targets only, a correctness flag and the temporal profile as ``steps`` columns."""
+def _prepare(part: pd.DataFrame, lengths: dict[str, int]) -> pd.DataFrame:
+    """Per-partition: first targets only, a correctness flag and each list statistic as one column per element."""
     part = part[part["target_rank"] == 0]
-    out = part[GROUP + SCALAR_STATS].copy()
+    out = part[GROUP + ["split"] + [c for c in SCALAR_STATS if c in part.columns]].copy()
     out["label"] = out["label"].fillna(-1).astype("int64")
     out["label_name"] = out["label_name"].fillna("(unlabelled)").astype(object)
+    out["split"] = out["split"].fillna("(none)").astype(object)
     out["correct"] = (part["pred"] == part["label"]).astype("float64").where(part["label"].notna())
-    profiles = np.stack(part["temporal_profile"].to_numpy()) if len(part) else np.zeros((0, steps))
-    for t in range(steps):
-        out[f"profile_{t:03d}"] = profiles[:, t]
+    for name, length in lengths.items():
+        values = np.stack(part[name].to_numpy()) if len(part) else np.zeros((0, length))
+        for i in range(length):
+            out[f"{name}__{i:03d}"] = values[:, i].astype("float64")
+    for name in HISTOGRAMS:  # one-hot bins: their mean per group is the share of clips in each bin
+        if name in part.columns:
+            bins = np.clip((part[name].to_numpy(dtype="float64") * HIST_BINS).astype(int), 0, HIST_BINS - 1)
+            for b in range(HIST_BINS):
+                out[f"{name}_hist__{b:03d}"] = (bins == b).astype("float64")
     return out
 
 
@@ -49,8 +77,9 @@ def pointing_rows(part: pd.DataFrame, boxes: pd.DataFrame, tolerance: float) -> 
     """One row per clip time step that has a ground-truth box: hit (0/1) and the chance of a random hit."""
     part = part[part["target_rank"] == 0]
     crop = np.stack(part["crop_box"].to_numpy()) if len(part) else np.zeros((0, 4))
-    steps = part[["method", "label", "label_name", "clip_id", "video_id", "frame_indices", "frame_peak_x", "frame_peak_y"]].assign(
+    steps = part[["method", "label", "label_name", "split", "clip_id", "video_id", "frame_indices", "frame_peak_x", "frame_peak_y"]].assign(
         label=part["label"].fillna(-1).astype("int64"), label_name=part["label_name"].fillna("(unlabelled)").astype(object),
+        split=part["split"].fillna("(none)").astype(object),
         cx0=crop[:, 0], cy0=crop[:, 1], cx1=crop[:, 2], cy1=crop[:, 3],
     )
     steps = steps.explode(["frame_indices", "frame_peak_x", "frame_peak_y"], ignore_index=True)
@@ -63,10 +92,20 @@ def pointing_rows(part: pd.DataFrame, boxes: pd.DataFrame, tolerance: float) -> 
     inter_w = (np.minimum(x1, merged["cx1"]) - np.maximum(x0, merged["cx0"])).clip(lower=0)
     inter_h = (np.minimum(y1, merged["cy1"]) - np.maximum(y0, merged["cy0"])).clip(lower=0)
     chance = inter_w * inter_h / ((merged["cx1"] - merged["cx0"]) * (merged["cy1"] - merged["cy0"]))
-    return merged[["method", "label", "label_name", "clip_id", "frame"]].assign(hit=hit.astype("float64"), chance=chance.astype("float64"))
+    return merged[["method", "label", "label_name", "split", "clip_id", "frame"]].assign(hit=hit.astype("float64"), chance=chance.astype("float64"))
+
+
+def boxes_path(cfg, meta: dict) -> Path | None:
+    """The ground-truth boxes CSV of a run: ``stats.boxes``, else the dataset's own; None when there is none."""
+    path = cfg.stats.get("boxes") or meta.get("boxes")
+    if path and not Path(path).is_file():
+        log.warning("boxes: %s does not exist; no pointing game or tube IoU", path)
+        return None
+    return Path(path) if path else None
 
 
 def read_boxes(path: str | Path) -> pd.DataFrame:
+    """A boxes CSV (``video_id, frame, x0, y0, x1, y1`` in source pixels), checked."""
     boxes = pd.read_csv(path, dtype={"video_id": str})
     missing = {"video_id", "frame", "x0", "y0", "x1", "y1"} - set(boxes.columns)
     if missing:
@@ -74,46 +113,157 @@ def read_boxes(path: str | Path) -> pd.DataFrame:
     return boxes.astype({"video_id": object, "frame": "int64", "x0": "float64", "y0": "float64", "x1": "float64", "y1": "float64"})
 
 
-def _aggregate(prepared: dd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    columns = [c for c in prepared.columns if c not in GROUP]
-    grouped = prepared.groupby(keys, dropna=False)
-    means = grouped[columns].mean().compute()
-    counts = grouped["target_prob"].count().compute().rename("clips")
-    table = means.join(counts).reset_index().rename(columns={"correct": "accuracy", "target_prob": "mean_target_prob", "pred_prob": "mean_pred_prob"})
-    profile_cols = sorted(c for c in table.columns if c.startswith("profile_"))
-    table["temporal_profile"] = list(table[profile_cols].to_numpy(dtype=np.float32)) if profile_cols else [[] for _ in range(len(table))]
-    return table.drop(columns=profile_cols)
+#: the four groupings of every table: per class, over all classes, and both per split
+GROUPINGS = {"per_class": (GROUP, False), "overall": (GROUP, True), "per_split": (["split", *GROUP], False), "split_totals": (["split", *GROUP], True)}
 
 
-def _with_pointing(table: pd.DataFrame, steps: pd.DataFrame) -> pd.DataFrame:
-    agg = steps.groupby(GROUP).agg(pointing_frames=("hit", "size"), pointing_game=("hit", "mean"), pointing_chance=("chance", "mean"))
-    return table.merge(agg.reset_index(), on=GROUP, how="left")
+def _grouped(frame: dd.DataFrame, keys: list[str], everyone: bool):
+    return (frame.assign(label=-1, label_name="(all)") if everyone else frame).groupby(keys, dropna=False)
+
+
+def aggregate_all(prepared: dd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Every grouping of :data:`GROUPINGS` in one Dask computation, so the part files are read once."""
+    columns = [c for c in prepared.columns if c not in GROUP + ["split"]]
+    lazy = {}
+    for name, (keys, everyone) in GROUPINGS.items():
+        grouped = _grouped(prepared, keys, everyone)
+        lazy[name] = (grouped[columns].mean(), grouped["target_prob"].count())
+    computed = dask.compute(lazy)[0]
+    tables = {}
+    for name, (means, counts) in computed.items():
+        table = means.join(counts.rename("clips")).reset_index().rename(columns={"correct": "accuracy", "target_prob": "mean_target_prob", "pred_prob": "mean_pred_prob"})
+        for stat in [*LIST_STATS, *(f"{h}_hist" for h in HISTOGRAMS)]:
+            cols = sorted(c for c in table.columns if c.startswith(f"{stat}__"))
+            if cols:
+                table[stat] = list(table[cols].to_numpy(dtype=np.float32))
+                table = table.drop(columns=cols)
+        tables[name] = table
+    return tables
+
+
+def pointing_all(steps: dd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Pointing game and chance for every grouping of :data:`GROUPINGS`, in one Dask computation."""
+    lazy = {name: _grouped(steps, keys, everyone).agg({"hit": ["count", "mean"], "chance": "mean"}) for name, (keys, everyone) in GROUPINGS.items()}
+    tables = {}
+    for name, agg in dask.compute(lazy)[0].items():
+        agg.columns = ["pointing_frames", "pointing_game", "pointing_chance"]
+        tables[name] = agg.reset_index()
+    return tables
+
+
+def write_pointing(tubes: dd.DataFrame, boxes: pd.DataFrame, tolerance: float, out: Path) -> dd.DataFrame:
+    """Write the per-time-step pointing rows to the folder ``out`` (replaced whole) and return them lazily."""
+    rows = tubes.map_partitions(pointing_rows, boxes, tolerance, meta=pointing_rows(tubes._meta, boxes, 0.0))
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    rows.to_parquet(tmp, write_index=False, compression="zstd", schema=POINTING_SCHEMA)
+    if out.is_dir():
+        shutil.rmtree(out)
+    elif out.exists():
+        out.unlink()
+    os.replace(tmp, out)
+    return dd.read_parquet(out)
+
+
+def tube_agreement(part_file: Path, other_dir: Path, other_run: str) -> pd.DataFrame:
+    """Spearman correlation of each first-target tube of ``part_file`` with the other run's tube of the same
+    clip and target class (the other run's part file of the same name, else all of its files)."""
+    columns = ["clip_id", "label", "label_name", "method", "target", "input_size", "volume", "volume_shape", "volume_codec", "volume_scale"]
+    mine = pq.read_table(part_file, columns=columns, filters=[("target_rank", "=", 0)]).to_pandas()
+    empty = pd.DataFrame({"clip_id": pd.Series(dtype=object), "label": pd.Series(dtype="int64"), "label_name": pd.Series(dtype=object),
+                          "method": pd.Series(dtype=object), "other_run": pd.Series(dtype=object), "other_method": pd.Series(dtype=object),
+                          "target": pd.Series(dtype="int64"), "spearman": pd.Series(dtype="float64")})
+    if mine.empty:
+        return empty
+    same = other_dir / "tubes" / part_file.name
+    sources = [same] if same.is_file() else tube_files(other_dir)
+    wanted = [("clip_id", "in", mine["clip_id"].tolist())]
+    theirs = pq.ParquetDataset(sources, filters=wanted).read(columns=[c for c in columns if c not in ("label", "label_name")]).to_pandas()
+    if same.is_file() and not set(mine["clip_id"]) <= set(theirs["clip_id"]):  # sharded differently: look everywhere
+        theirs = pq.ParquetDataset(tube_files(other_dir), filters=wanted).read(columns=[c for c in columns if c not in ("label", "label_name")]).to_pandas()
+    pairs = mine.merge(theirs, on=["clip_id", "target"], suffixes=("", "_other"))
+    if pairs.empty:
+        return empty
+    a = decode_column(pairs)
+    b = decode_column(pd.DataFrame({c: pairs[f"{c}_other"] for c in ("volume", "volume_shape", "volume_codec", "volume_scale")}))
+    rho = np.empty(len(pairs))
+    for i, (va, vb, size) in enumerate(zip(a, b, pairs["input_size"])):
+        ta, tb = torch.from_numpy(va)[None], torch.from_numpy(vb)[None]
+        if ta.shape != tb.shape:  # different layers: compare at the clip's input size
+            size = tuple(int(s) for s in size)
+            ta, tb = upsample(ta, size), upsample(tb, size)
+        rho[i] = float(spearman(ta, tb)[0])
+    return pd.DataFrame(dict(
+        clip_id=pairs["clip_id"], label=pairs["label"].fillna(-1).astype("int64"), label_name=pairs["label_name"].fillna("(unlabelled)").astype(object),
+        method=pairs["method"], other_run=other_run, other_method=pairs["method_other"], target=pairs["target"].astype("int64"), spearman=rho,
+    ))
+
+
+def agreement(run_dir: Path, others: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-clip and per-class agreement of this run's tubes with each of the ``others`` runs."""
+    frames = []
+    for name in others:
+        other_dir = run_dir.parent / str(name)
+        if not tube_files(other_dir):
+            raise FileNotFoundError(f"stats.compare_runs: {other_dir / 'tubes'} has no tube files; extract run {name!r} first")
+        frames += dask.compute(*[dask.delayed(tube_agreement)(f, other_dir, str(name)) for f in tube_files(run_dir)])
+    clips = pd.concat(frames, ignore_index=True)
+    keys = ["method", "other_run", "other_method", "label", "label_name"]
+    both = pd.concat([clips, clips.assign(label=-1, label_name="(all)")], ignore_index=True)
+    per_class = both.groupby(keys, dropna=False).agg(clips=("spearman", "count"), spearman=("spearman", "mean"), spearman_median=("spearman", "median")).reset_index()
+    return clips, per_class
+
+
+def _list_lengths(files: list[Path]) -> dict[str, int]:
+    """Length of each list statistic, from the first non-empty part file (absent in runs made before it existed)."""
+    for f in files:
+        if pq.read_metadata(f).num_rows:
+            names = [n for n in LIST_STATS if n in pq.read_schema(f).names]
+            row = pq.read_table(f, columns=names).slice(0, 1).to_pylist()[0]
+            return {n: len(row[n]) for n in names}
+    return {}
+
+
+def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
+    """Settings of this stage, checked before any work starts."""
+    if float(cfg.stats.pointing_tolerance) < 0:
+        raise ValueError(f"stats.pointing_tolerance must be >= 0, got {cfg.stats.pointing_tolerance}")
+    others = cfg.stats.get("compare_runs") or []
+    if isinstance(others, str) or not all(isinstance(name, str) and name and "/" not in name for name in others):
+        raise ValueError(f"stats.compare_runs must be a list of run names (folders beside this run), got {others!r}")
+    if cfg.run_name in others:
+        raise ValueError(f"stats.compare_runs names this run itself ({cfg.run_name!r})")
 
 
 def run(cfg, run_dir: Path, client=None) -> dict:
     files = tube_files(run_dir)
     if not files:
         raise FileNotFoundError(f"{run_dir / 'tubes'}: no tube files; run the extract stage first")
-    tubes = dd.read_parquet([str(f) for f in files], columns=COLUMNS)
-    filled = [f for f in files if pq.read_metadata(f).num_rows]  # a shard whose clips all failed has 0 rows
-    steps = int(pq.read_table(filled[0], columns=["input_size"]).column(0)[0][0].as_py()) if filled else 0
-    prepared = tubes.map_partitions(_prepare, steps, meta=_prepare(tubes._meta, steps))
-    per_class = _aggregate(prepared, GROUP)
-    overall = _aggregate(prepared.assign(label=-1, label_name="(all)"), GROUP)
-
-    _, meta = read_index(run_dir)
-    boxes_path = cfg.stats.get("boxes") or meta.get("boxes")
-    if boxes_path and Path(boxes_path).is_file():
-        boxes = read_boxes(boxes_path)
-        steps = tubes.map_partitions(pointing_rows, boxes, float(cfg.stats.pointing_tolerance), meta=pointing_rows(tubes._meta, boxes, 0.0)).compute()
-        write_table_atomic(pa.Table.from_pandas(steps, preserve_index=False), run_dir / "stats" / "pointing.parquet")
-        per_class = _with_pointing(per_class, steps)
-        overall = _with_pointing(overall, steps.assign(label=-1, label_name="(all)"))
-    elif boxes_path:
-        log.warning("stats.boxes: %s does not exist; no pointing game", boxes_path)
+    lengths = _list_lengths(files)
+    present = set(pq.read_schema(files[0]).names)
+    tubes = dd.read_parquet([str(f) for f in files], columns=[c for c in COLUMNS if c in present])
+    prepared = tubes.map_partitions(_prepare, lengths, meta=_prepare(tubes._meta, lengths))
+    tables = aggregate_all(prepared)
 
     out = run_dir / "stats"
+    out.mkdir(parents=True, exist_ok=True)
+    _, meta = read_index(run_dir)
+    path = boxes_path(cfg, meta)
+    if path:
+        steps = write_pointing(tubes, read_boxes(path), float(cfg.stats.pointing_tolerance), out / "pointing.parquet")
+        for name, points in pointing_all(steps).items():
+            tables[name] = tables[name].merge(points, on=GROUPINGS[name][0], how="left")
+    per_class, overall = tables["per_class"], tables["overall"]
+    per_split = pd.concat([tables["per_split"], tables["split_totals"]], ignore_index=True)
+
+    others = list(cfg.stats.get("compare_runs") or [])
+    if others:
+        clips, by_class = agreement(run_dir, others)
+        write_table_atomic(pa.Table.from_pandas(clips, preserve_index=False), out / "agreement.parquet")
+        write_table_atomic(pa.Table.from_pandas(by_class, preserve_index=False), out / "agreement_per_class.parquet")
+
     write_table_atomic(pa.Table.from_pandas(per_class.sort_values(GROUP), preserve_index=False), out / "per_class.parquet")
     write_table_atomic(pa.Table.from_pandas(overall, preserve_index=False), out / "overall.parquet")
+    write_table_atomic(pa.Table.from_pandas(per_split.sort_values(["split", *GROUP]), preserve_index=False), out / "per_split.parquet")
     log.info("stats: %d classes -> %s", len(per_class), out)
-    return json.loads(overall.drop(columns=["temporal_profile"]).to_json(orient="records"))
+    return json.loads(overall.drop(columns=[c for c in overall if isinstance(overall[c].iloc[0], np.ndarray)]).to_json(orient="records"))

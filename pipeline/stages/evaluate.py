@@ -1,0 +1,275 @@
+"""Evaluate stage (opt-in): how faithful the run's tubes are -> ``evaluate/part-NNNNN.parquet`` per shard and
+``stats/faithfulness.parquet`` per class.
+
+For each evaluated clip (the first target's tube, as stored): deletion and insertion curves and their AUC, the
+same curves for a random tube of the same resolution (the baseline a tube has to beat), the Spearman
+correlation between the stored tube and the tube of the same network with re-initialised weights (the
+randomisation sanity check), and, where the dataset has ground-truth boxes, the tube's IoU with them.
+
+The stage reuses the extractor's pieces: the explainer of :func:`pipeline.stages.extract.build_explainer`
+(trained and randomised), :class:`pipeline.clips.ClipDataset` to decode clips and
+:func:`pipeline.store.read_tubes` for the stored tubes. Like extract it runs one Dask task per shard, batched
+on the device, and a finished shard is not recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from dask.distributed import as_completed
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from pipeline import faithfulness as fm
+from pipeline.clips import ClipDataset, collate_clips
+from pipeline.saliency import upsample
+from pipeline.stages.extract import build_explainer, fingerprint
+from pipeline.stages.index import read_index
+from pipeline.stages.stats import boxes_path, read_boxes
+from pipeline.store import decode_column, failures_table, file_metadata, read_tubes, write_table_atomic
+from pipeline.video import ResizeCrop
+from pipeline.writer import part_name
+
+log = logging.getLogger(__name__)
+
+CLIP_COLUMNS = ["clip_id", "video_id", "source", "label", "label_name", "split", "frame_indices", "crop_box", "method", "target", "shard"]
+METRICS = ["deletion_auc", "insertion_auc", "random_deletion_auc", "random_insertion_auc", "randomisation_spearman", "tube_iou"]
+CURVES = ["deletion_curve", "insertion_curve", "random_deletion_curve", "random_insertion_curve"]
+GROUP = ["method", "label", "label_name"]
+VOLUME_COLUMNS = ["volume", "volume_shape", "volume_codec", "volume_scale"]
+
+
+def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
+    """Settings of this stage, checked before any work starts."""
+    ev = cfg.evaluate
+    if ev.baseline not in fm.BASELINES:
+        raise ValueError(f"evaluate.baseline must be one of {fm.BASELINES}, got {ev.baseline!r}")
+    for key in ("steps", "batch_size"):
+        if int(ev[key]) < 1:
+            raise ValueError(f"evaluate.{key} must be >= 1, got {ev[key]}")
+    if float(ev.blur_sigma) <= 0:
+        raise ValueError(f"evaluate.blur_sigma must be > 0, got {ev.blur_sigma}")
+    if ev.clips_per_class is not None and int(ev.clips_per_class) < 1:
+        raise ValueError(f"evaluate.clips_per_class must be >= 1 or null (all clips), got {ev.clips_per_class}")
+    if not 0 < float(ev.iou_level) <= 1:
+        raise ValueError(f"evaluate.iou_level must be in (0, 1], got {ev.iou_level}")
+    if ev.device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"evaluate.device must be auto, cpu or cuda, got {ev.device!r}")
+
+
+def pick_clips(run_dir: Path, per_class: int | None, seed: int) -> pd.DataFrame:
+    """The first-target tube rows to evaluate: all, or ``per_class`` clips per class drawn at random."""
+    rows = read_tubes(run_dir, columns=CLIP_COLUMNS, filters=[("target_rank", "=", 0)])
+    if per_class is not None:
+        rows = rows.sample(frac=1.0, random_state=seed).groupby(rows["label_name"].fillna("(unlabelled)"), sort=False).head(per_class)
+    return rows.sort_values("clip_id").reset_index(drop=True)
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _device(setting: str) -> torch.device:
+    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _randomised(cfg):
+    """The model config with no checkpoint: the same network with freshly initialised weights."""
+    return OmegaConf.merge(cfg.model, {"checkpoint": None})
+
+
+def clip_boxes(rows: pd.DataFrame, boxes: pd.DataFrame | None) -> torch.Tensor:
+    """``(N, T, 4)`` ground-truth boxes of each clip time step (NaN where the frame has none)."""
+    steps = max(len(f) for f in rows["frame_indices"])
+    out = np.full((len(rows), steps, 4), np.nan, dtype=np.float32)
+    if boxes is not None:
+        lookup = boxes.set_index(["video_id", "frame"])[["x0", "y0", "x1", "y1"]]
+        lookup = lookup[~lookup.index.duplicated()]
+        for i, (video, frames) in enumerate(zip(rows["video_id"], rows["frame_indices"])):
+            keys = pd.MultiIndex.from_arrays([[str(video)] * len(frames), [int(f) for f in frames]])
+            out[i, : len(frames)] = lookup.reindex(keys).to_numpy(dtype=np.float32)
+    return torch.from_numpy(out)
+
+
+def evaluate_batch(net, x, tubes, native, random_native, targets, boxes, crop_box, ev, generator) -> dict[str, torch.Tensor]:
+    """All metrics of one batch (tensors on one device).
+
+    Args:
+        net: the trained model. x: normalised clips ``(N, C, T, H, W)``.
+        tubes: stored tubes at input size ``(N, T, H, W)``; native: the same at the layer's size.
+        random_native: tubes of the randomised model at the layer's size.
+        targets: ``(N,)``; boxes: ``(N, T, 4)`` (NaN = none); crop_box: ``(N, 4)``.
+    """
+    base = fm.baseline_clip(x, ev.baseline, float(ev.blur_sigma))
+    steps = int(ev.steps)
+    random_tubes = upsample(torch.rand(native.shape, generator=generator).to(x.device), tubes.shape[1:])
+    out = {}
+    for prefix, saliency in (("", tubes), ("random_", random_tubes)):
+        ranks = fm.saliency_order(saliency, generator)
+        deletion, insertion = fm.perturbation_curves(net, x, base, ranks, targets, steps)
+        out.update({f"{prefix}deletion_curve": deletion, f"{prefix}insertion_curve": insertion,
+                    f"{prefix}deletion_auc": fm.curve_auc(deletion), f"{prefix}insertion_auc": fm.curve_auc(insertion)})
+    out["randomisation_spearman"] = fm.spearman(native, random_native)
+    has_box = ~torch.isnan(boxes).any(2)
+    masks = fm.box_masks(torch.nan_to_num(boxes), crop_box, tubes.shape[2:])
+    out["tube_iou"] = fm.tube_iou(tubes, masks, has_box, float(ev.iou_level))
+    return out
+
+
+def evaluate_shard(cfg_dict: dict, run_dir: str, shard: int, rows: pd.DataFrame, boxes: pd.DataFrame | None, digest: str) -> dict:
+    """Evaluate one shard's clips and publish ``evaluate/part-NNNNN.parquet``. Runs in a Dask worker."""
+    cfg = OmegaConf.create(cfg_dict)
+    ev = cfg.evaluate
+    device = _device(ev.device)
+    rows = rows.reset_index(drop=True)
+    # the shard's own part file holds its tubes: no scan of the whole run per shard
+    wanted = [("clip_id", "in", rows["clip_id"].tolist()), ("target_rank", "=", 0)]
+    stored = pq.ParquetDataset([Path(run_dir) / "tubes" / part_name(shard)], filters=wanted).read(columns=["clip_id", *VOLUME_COLUMNS]).to_pandas()
+    native = dict(zip(stored["clip_id"], decode_column(stored)))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(ev.seed))
+        random_explainer = build_explainer(cfg, _randomised(cfg)).to(device)
+        random_tubes = {}
+        loader = _loader(cfg, rows)
+        for batch in loader:  # pass 1: the randomised model's tubes (the explainer cache holds one model)
+            if batch["video"] is not None:  # (no inference_mode: a gradient method needs autograd)
+                x = _normalise(cfg, batch["video"].to(device))
+                targets = torch.tensor(rows["target"].to_numpy()[batch["positions"].numpy()], device=device)
+                tubes = random_explainer(x, lambda logits, t=targets: t[:, None]).tubes[:, 0].detach().cpu()
+                random_tubes.update(zip(batch["positions"].tolist(), tubes))
+    explainer = build_explainer(cfg).to(device)
+    generator = torch.Generator().manual_seed(int(ev.seed) + shard)
+    all_boxes = clip_boxes(rows, boxes)
+    results, failures = [], []
+    with torch.inference_mode():
+        for batch in loader:
+            for position, error_type, message in batch["failures"]:
+                failures.append(dict(clip_id=rows.clip_id[position], source=rows.source[position], stage="evaluate", error_type=error_type, message=message))
+            if batch["video"] is None:
+                continue
+            pos = batch["positions"].numpy()
+            x = _normalise(cfg, batch["video"].to(device))
+            nat = torch.stack([torch.from_numpy(native[c]) for c in rows["clip_id"].to_numpy()[pos]]).to(device)
+            metrics = evaluate_batch(
+                explainer.net, x, upsample(nat, x.shape[2:]), nat, torch.stack([random_tubes[p] for p in pos]).to(device),
+                torch.tensor(rows["target"].to_numpy()[pos], device=device), all_boxes[pos].to(device), batch["crop_box"].to(device), ev, generator,
+            )
+            part = rows.iloc[pos][["clip_id", "video_id", "label", "label_name", "split", "method", "target"]].copy()
+            for name, value in metrics.items():
+                value = value.cpu().numpy()
+                part[name] = list(value.astype(np.float32)) if value.ndim == 2 else value.astype(np.float64)
+            results.append(part)
+    table = pd.concat(results, ignore_index=True) if results else pd.DataFrame(columns=[*CLIP_COLUMNS[:6], "method", "target", *METRICS, *CURVES])
+    write_table_atomic(pa.Table.from_pandas(table, preserve_index=False), Path(run_dir) / "evaluate" / part_name(shard), {"evaluate_hash": digest})
+    failure_path = Path(run_dir) / "failures" / f"evaluate-{shard:05d}.parquet"
+    if failures:
+        write_table_atomic(failures_table(failures), failure_path)
+    else:
+        failure_path.unlink(missing_ok=True)
+    return dict(shard=shard, clips=len(table), failures=len(failures))
+
+
+def _loader(cfg, rows: pd.DataFrame) -> DataLoader:
+    transform = ResizeCrop(int(cfg.model.input.short_side), tuple(cfg.model.input.size))
+    return DataLoader(ClipDataset(rows, transform), batch_size=int(cfg.evaluate.batch_size), collate_fn=collate_clips,
+                      num_workers=int(cfg.extract.num_workers))
+
+
+def _normalise(cfg, video: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(cfg.model.input.mean, device=video.device).view(1, 3, 1, 1, 1)
+    std = torch.tensor(cfg.model.input.std, device=video.device).view(1, 3, 1, 1, 1)
+    return (video.float() - mean) / std
+
+
+def aggregate(run_dir: Path) -> pd.DataFrame:
+    """Per method and class (and ``(all)``, label -1): clips and mean of each metric and curve.
+
+    The per-clip tables are small (a few numbers per clip), so they are read whole: 100,000 clips are a few
+    tens of megabytes.
+    """
+    files = sorted((run_dir / "evaluate").glob("part-*.parquet"))
+    clips = pd.concat([pd.read_parquet(f, columns=[*GROUP, *METRICS, *CURVES]) for f in files], ignore_index=True)
+    clips["label"] = clips["label"].fillna(-1).astype("int64")
+    clips["label_name"] = clips["label_name"].fillna("(unlabelled)").astype(object)
+    tables = []
+    for data in (clips, clips.assign(label=-1, label_name="(all)")):
+        grouped = data.groupby(GROUP, dropna=False)
+        table = grouped[METRICS].mean().join(grouped.size().rename("clips"))
+        for curve in CURVES:
+            table[curve] = grouped[curve].apply(lambda c: np.stack(c.to_numpy()).mean(0).astype(np.float32))
+        tables.append(table.reset_index())
+    return pd.concat(tables, ignore_index=True).sort_values(GROUP).reset_index(drop=True)
+
+
+def run(cfg, run_dir: Path, client=None) -> dict:
+    ev = cfg.evaluate
+    _, meta = read_index(run_dir)
+    rows = pick_clips(run_dir, None if ev.clips_per_class is None else int(ev.clips_per_class), int(ev.seed))
+    path = boxes_path(cfg, meta)
+    boxes = read_boxes(path) if path else None
+    settings = dict(evaluate=OmegaConf.to_container(ev, resolve=True), tubes=fingerprint(cfg))
+    cfg_dict = OmegaConf.to_container(cfg, resolve=True)
+    todo, shards = {}, {}
+    for shard, part in rows.groupby("shard", sort=True):
+        digest = _digest([settings, part["clip_id"].tolist()])
+        shards[shard] = part
+        out = run_dir / "evaluate" / part_name(shard)
+        if not (out.is_file() and file_metadata(out).get("evaluate_hash") == digest):
+            todo[shard] = (part, digest)
+    for stale in (run_dir / "evaluate").glob("part-*.parquet"):  # shards with no evaluated clip any more
+        if int(stale.stem.split("-")[1]) not in shards:
+            stale.unlink()
+    log.info("evaluate: %d clips in %d shards, %d to run", len(rows), len(shards), len(todo))
+
+    def shard_boxes(part):
+        return None if boxes is None else boxes[boxes["video_id"].isin(set(part["video_id"]))]
+
+    errors = []
+    with tqdm(total=len(rows), desc="evaluate", unit="clip") as bar:
+        if client is None:
+            outcomes = []
+            for shard, (part, digest) in todo.items():
+                outcomes.append(_guarded(cfg_dict, str(run_dir), shard, part, shard_boxes(part), digest))
+                bar.update(len(part))
+        else:
+            futures = [client.submit(_guarded, cfg_dict, str(run_dir), s, p, shard_boxes(p), d, pure=False) for s, (p, d) in todo.items()]
+            outcomes = []
+            for future in as_completed(futures):
+                outcomes.append(future.result())
+                bar.update(outcomes[-1].get("clips", 0))
+    for outcome in outcomes:
+        if "error" in outcome:
+            errors.append(outcome)
+            part = todo[outcome["shard"]][0]
+            failure_rows = [dict(clip_id=c, source=s, stage="evaluate", error_type=outcome["error_type"], message=f"shard {outcome['shard']}: {outcome['error']}") for c, s in zip(part["clip_id"], part["source"])]
+            write_table_atomic(failures_table(failure_rows), run_dir / "failures" / f"evaluate-{outcome['shard']:05d}.parquet")
+            log.error("evaluate shard %d failed: %s", outcome["shard"], outcome["error"])
+    if not list((run_dir / "evaluate").glob("part-*.parquet")):
+        raise RuntimeError(f"{run_dir}: no clip could be evaluated; see {run_dir / 'failures'}")
+    table = aggregate(run_dir)
+    write_table_atomic(pa.Table.from_pandas(table, preserve_index=False), run_dir / "stats" / "faithfulness.parquet")
+    overall = table[table["label"] == -1]
+    for row in overall.itertuples():
+        log.info("evaluate %s: deletion AUC %.3f (random %.3f), insertion AUC %.3f (random %.3f), randomisation spearman %.3f",
+                 row.method, row.deletion_auc, row.random_deletion_auc, row.insertion_auc, row.random_insertion_auc, row.randomisation_spearman)
+    return dict(clips=len(rows), failed_shards=[e["shard"] for e in errors],
+                overall=overall.drop(columns=CURVES).to_dict("records"))
+
+
+def _guarded(cfg_dict, run_dir, shard, part, boxes, digest) -> dict:
+    """One shard; an exception becomes a result naming it, so one bad shard never stops the others."""
+    try:
+        return evaluate_shard(cfg_dict, run_dir, shard, part, boxes, digest)
+    except Exception as err:  # noqa: BLE001 - reported per shard in failures/ and in the result
+        return dict(shard=shard, error=f"{type(err).__name__}: {err}", error_type=type(err).__name__)
