@@ -64,6 +64,7 @@ def write_synthetic_run(run_dir: Path, clips: int, classes: list[str], clips_per
         label=label.astype(np.int32), label_name=[classes[c] for c in label], split=np.where(np.arange(clips) % 5 == 0, "val", "test"),
         frame_indices=[list(range(s, s + 2 * CLIP_LEN, 2)) for s in start], padded=0, num_frames=VIDEO_FRAMES, fps=25.0,
         width=VIDEO_W, height=VIDEO_H, shard=(np.arange(clips) // clips_per_part).astype(np.int32),
+        segment_id=None, start_frame=0, end_frame=VIDEO_FRAMES, codec="h264", duration=VIDEO_FRAMES / 25.0,
     ))
     meta = dict(classes=list(classes), boxes=str(run_dir / "boxes.csv"))
     write_table_atomic(pa.Table.from_pandas(index, schema=INDEX_SCHEMA, preserve_index=False), run_dir / "index.parquet", {"saliency_tubes": json.dumps(meta)})
