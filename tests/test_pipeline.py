@@ -183,8 +183,13 @@ def test_two_workers_give_the_same_rows(cam_run):
     two = read_tubes(root / "outputs" / "cam2", columns=["clip_id", "volume", "pred", "entropy"]).set_index("clip_id").sort_index()
     # cam2 was indexed with the video present, so it has the clip that cam lost
     assert two.index.is_unique and set(one.index) < set(two.index) and len(two) == len(one) + 1
-    for clip_id in one.index:  # a fixed torch thread count per task: bit for bit the same tubes
-        assert one.loc[clip_id, "volume"].tobytes() == two.loc[clip_id, "volume"].tobytes()
+    shards = read_tubes(run_dir, columns=["clip_id", "shard"])
+    complete = set(shards.loc[shards.groupby("shard")["clip_id"].transform("size") == 3, "clip_id"])
+    for clip_id in one.index:
+        if clip_id in complete:  # a fixed torch thread count and the same batches: same bits
+            assert one.loc[clip_id, "volume"].tobytes() == two.loc[clip_id, "volume"].tobytes()
+        else:  # the vanished video's shard has smaller batches (another conv algorithm), nothing more
+            np.testing.assert_allclose(one.loc[clip_id, "volume"], two.loc[clip_id, "volume"], rtol=1e-5, atol=1e-6)
         assert one.loc[clip_id, "pred"] == two.loc[clip_id, "pred"]
 
 

@@ -84,6 +84,14 @@ def set_aside(run_dir: Path, shard: int, why: str) -> None:
             log.warning("%s: %s; moved to %s", path, why, path.parent / ".stale")
 
 
+def remove_partial_files(run_dir: Path) -> None:
+    """Delete temporary part files a killed run left behind (never a published part)."""
+    for folder in ("tubes", "failures"):
+        for path in (run_dir / folder).glob(".part-*.parquet.tmp-*"):
+            log.info("removing %s, left by an interrupted run", path)
+            path.unlink(missing_ok=True)
+
+
 def set_aside_stale_parts(run_dir: Path, shards: set[int]) -> None:
     """Set aside part files of shards the current index no longer has (it was rebuilt smaller)."""
     found = {int(p.stem.split("-")[1]) for folder in ("tubes", "failures") for p in (run_dir / folder).glob("part-*.parquet")}
@@ -144,6 +152,7 @@ def run(cfg, run_dir: Path, client=None) -> dict:
     config_hash = fingerprint(cfg)
     manifest = Manifest(run_dir, config_hash)
     shards = {int(shard): rows for shard, rows in index.groupby("shard", sort=True)}
+    remove_partial_files(run_dir)
     set_aside_stale_parts(run_dir, set(shards))
     manifest.forget(set(shards))
     todo = {}
