@@ -49,8 +49,9 @@ def run(cfg: DictConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_yaml(cfg, resolve=True)
     (run_dir / "config.yaml").write_text(resolved)
-    (run_dir / "configs").mkdir(exist_ok=True)  # every invocation's config is kept
-    (run_dir / "configs" / f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}-{'-'.join(names)}.yaml").write_text(resolved)
+    (run_dir / "configs").mkdir(exist_ok=True)  # every invocation's config is kept (once: not by DDP's extra ranks)
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        (run_dir / "configs" / f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}-{'-'.join(names)}.yaml").write_text(resolved)
     started = time.perf_counter()
     results: dict = {}
     if NEEDS_CLUSTER & set(names):
@@ -65,7 +66,7 @@ def run(cfg: DictConfig) -> dict:
             results[name] = STAGES[name].run(cfg, run_dir, client=client)
             log.info("stage %s done in %.1f s", name, time.perf_counter() - t0)
 
-    if NEEDS_CLUSTER & set(names):
+    if NEEDS_CLUSTER & set(names) and not (names == ["extract"] and extract.uses_ddp(cfg)):
         with open_client(cfg.cluster) as client:
             run_stages(client)
     else:

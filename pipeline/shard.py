@@ -150,9 +150,33 @@ def _worker_name() -> str:
 
 def _explain_shard(cfg, run_dir, shard, rows, classes, config_hash, progress_topic, slog) -> dict:
     torch.set_num_threads(_torch_threads(cfg))
+    quiet_lightning()
+    module, loader, writer = shard_job(cfg, run_dir, shard, rows, classes, config_hash, progress=_progress_reporter(progress_topic, shard), log=slog)
+    if loader is not None:
+        trainer = make_trainer(cfg, [writer], inference_mode=not module.explainer.method.needs_grad)
+        try:
+            trainer.predict(module, loader, return_predictions=False)
+        except BaseException:
+            writer.abort()
+            raise
+    else:  # every clip was dropped before the loop: publish an empty part with the failures
+        writer.on_predict_end(None, None)
+    return dict(shard=shard, rows=writer.rows_written, clips=writer.clips_done, failures=len(writer.failures))
+
+
+def quiet_lightning() -> None:
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")  # Lightning's own use of a deprecated torch API
+
+
+def shard_job(cfg, run_dir, shard: int, rows: pd.DataFrame, classes: list[str], config_hash: str, *, rank: int | None = None,
+              ranks: int = 1, progress=None, log=None) -> tuple[TubeModule, DataLoader | None, TubeWriter]:
+    """The module, DataLoader (None when no clip is left to run) and writer that explain one shard.
+
+    Clips a target cannot be chosen for (``target.mode=label`` without a label) are failures before the loop.
+    ``rank``/``ranks``: this process's share of the shard under Lightning DDP.
+    """
     explainer = build_explainer(cfg)
     rows = rows.reset_index(drop=True)
     rows_hash = shard_digest(rows)
@@ -162,7 +186,7 @@ def _explain_shard(cfg, run_dir, shard, rows, classes, config_hash, progress_top
         failures = [
             dict(clip_id=r.clip_id, source=r.source, stage="extract", error_type="MissingLabel", message=f"{r.clip_id}: target.mode=label but the clip has no label")
             for r in rows[unlabeled].itertuples()
-        ]
+        ] if rank in (None, 0) else []
         if failures and cfg.extract.fail_fast:
             raise ClipFailure(f"clip {failures[0]['clip_id']} failed (MissingLabel): {failures[0]['message']}")
         rows = rows[~unlabeled].reset_index(drop=True)
@@ -180,16 +204,7 @@ def _explain_shard(cfg, run_dir, shard, rows, classes, config_hash, progress_top
     )
     writer = TubeWriter(
         run_dir, shard, rows, method=explainer.method.name, layer=explainer.layer_name, class_names=classes,
-        metadata={"config_hash": config_hash, "shard_hash": rows_hash},
-        failures=failures, progress=_progress_reporter(progress_topic, shard), fail_fast=bool(cfg.extract.fail_fast), log=slog,
+        metadata={"config_hash": config_hash, "shard_hash": rows_hash, "ranks": str(ranks)},
+        failures=failures, progress=progress, fail_fast=bool(cfg.extract.fail_fast), log=log, rank=rank,
     )
-    if len(rows) == 0:  # every clip was dropped above: publish an empty part with the failures, run nothing
-        writer.on_predict_end(None, None)
-        return dict(shard=shard, rows=0, clips=len(failures), failures=len(writer.failures))
-    trainer = make_trainer(cfg, [writer], inference_mode=not explainer.method.needs_grad)
-    try:
-        trainer.predict(module, loader, return_predictions=False)
-    except BaseException:
-        writer.abort()
-        raise
-    return dict(shard=shard, rows=writer.rows_written, clips=writer.clips_done, failures=len(writer.failures))
+    return module, (loader if len(rows) else None), writer

@@ -23,8 +23,14 @@ from pipeline.store import COMPRESSION, TUBE_SCHEMA, encode_volume, failures_tab
 _INDEX_COLUMNS = ["clip_id", "video_id", "source", "label", "label_name", "split", "frame_indices", "padded", "shard"]
 
 
-def part_name(shard: int) -> str:
-    return f"part-{shard:05d}.parquet"
+def part_name(shard: int, rank: int | None = None) -> str:
+    """``part-NNNNN.parquet``, or ``part-NNNNN-rankR.parquet`` for one rank's share of a shard (Lightning DDP)."""
+    return f"part-{shard:05d}.parquet" if rank is None else f"part-{shard:05d}-rank{rank}.parquet"
+
+
+def shard_parts(folder: Path, shard: int) -> list[Path]:
+    """The part files of one shard in ``folder`` (one, or one per DDP rank)."""
+    return sorted(Path(folder).glob(f"part-{shard:05d}.parquet")) + sorted(Path(folder).glob(f"part-{shard:05d}-rank*.parquet"))
 
 
 class ClipFailure(RuntimeError):
@@ -45,14 +51,15 @@ class TubeWriter(BasePredictionWriter):
         progress: called after every batch with the number of the shard's clips handled so far.
         fail_fast: raise :class:`ClipFailure` at the first failed clip instead of recording it.
         log: where the shard's events go (its log file).
+        rank: the DDP rank writing its share of the shard (None: the whole shard).
     """
 
     def __init__(self, run_dir, shard: int, rows: pd.DataFrame, method: str, layer: str, class_names: list[str], metadata: dict[str, str],
                  failures: list[dict] | None = None, progress: Callable[[int], None] | None = None, fail_fast: bool = False,
-                 log: logging.Logger | None = None):
+                 log: logging.Logger | None = None, rank: int | None = None):
         super().__init__(write_interval="batch")
-        self.path = Path(run_dir) / "tubes" / part_name(shard)
-        self.failure_path = Path(run_dir) / "failures" / part_name(shard)
+        self.path = Path(run_dir) / "tubes" / part_name(shard, rank)
+        self.failure_path = Path(run_dir) / "failures" / part_name(shard, rank)
         self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         self.rows = rows.reset_index(drop=True)
         self.method, self.layer, self.class_names = method, layer, list(class_names)

@@ -23,13 +23,14 @@ from dask.distributed import as_completed
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from pipeline import ddp
 from pipeline.cluster import GPU, offers_gpus, open_client
 from pipeline.manifest import Manifest
 from pipeline.module import TARGET_MODES
 from pipeline.shard import digest, build_explainer, run_shard, shard_digest
 from pipeline.stages.index import read_index
 from pipeline.store import CODECS, failures_table, file_metadata, read_failures, tube_files, write_table_atomic
-from pipeline.writer import part_name
+from pipeline.writer import part_name, shard_parts
 
 log = logging.getLogger(__name__)
 
@@ -56,29 +57,32 @@ def fingerprint(cfg) -> str:
     return digest(keyed)
 
 
-def published_part(run_dir: Path, shard: int, config_hash: str) -> dict | None:
-    """The Parquet metadata of a shard's published part (``shard_hash``, ``rows``), None when there is none.
+def published_shard(run_dir: Path, shard: int, config_hash: str) -> dict | None:
+    """What a shard's published parts hold: ``shard_hash`` (None unless complete and consistent) and ``rows``;
+    None when it has no part. A shard is one part, or one part per rank of the DDP run that made it.
 
     Raises:
-        RuntimeError: the part was made with another configuration.
+        RuntimeError: a part was made with another configuration.
     """
-    path = run_dir / "tubes" / part_name(shard)
-    if not path.is_file():
+    parts = shard_parts(run_dir / "tubes", shard)
+    if not parts:
         return None
-    meta = file_metadata(path)
-    if meta.get("config_hash") != config_hash:
-        raise RuntimeError(
-            f"{run_dir} holds tubes made with another configuration ({path.name}: {meta.get('config_hash')} != {config_hash}); "
-            "choose a new run_name or delete the run directory"
-        )
-    return dict(shard_hash=meta.get("shard_hash"), rows=pq.ParquetFile(path).metadata.num_rows)
+    metas = [file_metadata(path) for path in parts]
+    for path, meta in zip(parts, metas):
+        if meta.get("config_hash") != config_hash:
+            raise RuntimeError(
+                f"{run_dir} holds tubes made with another configuration ({path.name}: {meta.get('config_hash')} != {config_hash}); "
+                "choose a new run_name or delete the run directory"
+            )
+    hashes = {meta.get("shard_hash") for meta in metas}
+    complete = len(hashes) == 1 and all(int(meta.get("ranks", 1)) == len(parts) for meta in metas)
+    return dict(shard_hash=hashes.pop() if complete else None, rows=sum(pq.ParquetFile(path).metadata.num_rows for path in parts))
 
 
 def set_aside(run_dir: Path, shard: int, why: str) -> None:
     """Move a shard's part files (tubes and failures) to ``.stale/`` so readers never mix them in; nothing is deleted."""
     for folder in ("tubes", "failures"):
-        path = run_dir / folder / part_name(shard)
-        if path.is_file():
+        for path in shard_parts(run_dir / folder, shard):
             (run_dir / folder / ".stale").mkdir(exist_ok=True)
             os.replace(path, run_dir / folder / ".stale" / path.name)
             log.warning("%s: %s; moved to %s", path, why, path.parent / ".stale")
@@ -116,10 +120,16 @@ def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
         raise ValueError(f"extract.torch_threads must be 'auto' or >= 1, got {threads!r}")
     if str(cfg.trainer.accelerator) not in ("cpu", "gpu", "cuda"):
         raise ValueError(f"trainer.accelerator must be cpu or gpu for the extract stage, got {cfg.trainer.accelerator!r}")
-    if str(cfg.trainer.accelerator) != "cpu" and not offers_gpus(cfg.cluster):
+    if str(cfg.trainer.accelerator) != "cpu" and not uses_ddp(cfg) and not offers_gpus(cfg.cluster):
         raise ValueError(f"trainer.accelerator={cfg.trainer.accelerator} needs GPU workers: set cluster.gpus (local) or cluster.gpus_per_job (slurm)")
-    if str(cfg.trainer.devices) != "1":
-        raise ValueError(f"trainer.devices must be 1 (each Dask task uses one device; more devices = more Dask workers), got {cfg.trainer.devices}")
+    if uses_ddp(cfg):
+        if upstream or cfg.stage not in ("extract", ["extract"]):
+            raise ValueError("trainer.strategy=ddp runs the extract stage alone (every rank reruns the command): use stage=extract")
+    elif str(cfg.trainer.strategy) != "auto":
+        raise ValueError(f"trainer.strategy must be auto (one device per Dask task) or ddp, got {cfg.trainer.strategy!r}")
+    elif str(cfg.trainer.devices) != "1":
+        raise ValueError(f"trainer.devices must be 1 with Dask (each task uses one device; more devices = more workers), "
+                         f"or use trainer.strategy=ddp on one node; got {cfg.trainer.devices}")
     model = cfg.model
     if "train" in upstream and not Path(str(model.checkpoint)).is_file():
         model = OmegaConf.merge(model, {"checkpoint": None})  # check layer and classifier on random weights
@@ -143,9 +153,14 @@ class ShardProgress:
         self.set(msg["shard"], msg["done"])
 
 
+def uses_ddp(cfg) -> bool:
+    """Whether the stage runs as one Lightning DDP job over this node's devices instead of on a Dask cluster."""
+    return str(cfg.trainer.get("strategy", "auto")).startswith("ddp")
+
+
 def run(cfg, run_dir: Path, client=None) -> dict:
     """Explain every shard of the index not finished yet; returns a summary (shards, rows, failures by reason)."""
-    if client is None:
+    if client is None and not uses_ddp(cfg):
         with open_client(cfg.cluster) as own:
             return run(cfg, run_dir, own)
     index, meta = read_index(run_dir)
@@ -158,16 +173,23 @@ def run(cfg, run_dir: Path, client=None) -> dict:
     todo = {}
     for shard, rows in shards.items():
         rows_hash = shard_digest(rows)
-        part = published_part(run_dir, shard, config_hash)
+        part = published_shard(run_dir, shard, config_hash)
         if part is not None and part["shard_hash"] == rows_hash:
             if not manifest.is_done(shard, rows_hash):  # published just before a kill: adopt it
                 manifest.finish(shard, rows_hash, rows=part["rows"], adopted=True)
             continue
-        if part is not None:  # made for other clips (the index was rebuilt): never left beside a failed recompute
-            set_aside(run_dir, shard, "made for other clips of this shard")
+        if part is not None:  # other clips (the index was rebuilt) or a DDP run's unfinished share
+            set_aside(run_dir, shard, "made for other clips of this shard, or incomplete")
         todo[shard] = rows
-    done_clips = sum(len(r) for s, r in shards.items() if s not in todo)
     log.info("extract: %d shards, %d already done, %d to run", len(shards), len(shards) - len(todo), len(todo))
+    if uses_ddp(cfg):
+        def done(shard, rows):
+            manifest.finish(shard, shard_digest(rows), rows=published_shard(run_dir, shard, config_hash)["rows"], clips=len(rows))
+
+        if ddp.run_shards(cfg, run_dir, todo, meta["classes"], config_hash, done) != 0:
+            return dict(shards=len(shards))  # rank 0 reports
+        return summarise(run_dir, shards, manifest, skipped=len(shards) - len(todo), failed={})
+    done_clips = sum(len(r) for s, r in shards.items() if s not in todo)
     fail_fast = bool(cfg.extract.fail_fast)
     cfg_dict = OmegaConf.to_container(cfg, resolve=True)
     topic = f"extract-progress-{uuid.uuid4().hex}"
