@@ -71,6 +71,15 @@ def _torch_threads(cfg) -> int:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
+def loader_workers(cfg) -> int:
+    """DataLoader worker processes per task: ``extract.num_workers``; ``auto`` = 2 on a GPU (decode while the
+    model runs), 0 on the CPU (decoding and the model share the same cores)."""
+    setting = cfg.extract.num_workers
+    if setting == "auto":
+        return 0 if str(cfg.trainer.accelerator) == "cpu" else 2
+    return int(setting)
+
+
 @contextlib.contextmanager
 def shard_log(run_dir: Path, shard: int):
     """A logger writing to ``logs/shard-NNNNN.log`` (appended: every attempt of the shard is kept)."""
@@ -193,7 +202,8 @@ def shard_job(cfg, run_dir, shard: int, rows: pd.DataFrame, classes: list[str], 
     labels = torch.tensor(rows["label"].fillna(-1).astype(int).to_numpy())
     module = TubeModule(explainer, cfg.model.input.mean, cfg.model.input.std, target=cfg.target.mode, k=cfg.target.k, codec=cfg.store.codec, labels=labels)
     transform = ResizeCrop(int(cfg.model.input.short_side), tuple(cfg.model.input.size))
-    num_workers = int(cfg.extract.num_workers)
+    num_workers = loader_workers(cfg)
+    # pinned host memory on GPUs; Lightning then copies each batch to the device with non_blocking=True
     loader = DataLoader(
         ClipDataset(rows, transform),
         batch_size=int(cfg.extract.batch_size),

@@ -178,7 +178,8 @@ def test_pointing_game_recomputed_from_boxes(cam_run, dataset):
 
 def test_two_workers_give_the_same_rows(cam_run):
     root, run_dir, overrides = cam_run
-    run(make_cfg(root, overrides + ["run_name=cam2", "store.codec=float32", "cluster.n_workers=2", "stage=[index,extract]"]))
+    # and two DataLoader processes per task decoding while the model runs: the same batches, in the same order
+    run(make_cfg(root, overrides + ["run_name=cam2", "store.codec=float32", "cluster.n_workers=2", "extract.num_workers=2", "stage=[index,extract]"]))
     one = read_tubes(run_dir, columns=["clip_id", "volume", "pred", "entropy"]).set_index("clip_id").sort_index()
     two = read_tubes(root / "outputs" / "cam2", columns=["clip_id", "volume", "pred", "entropy"]).set_index("clip_id").sort_index()
     # cam2 was indexed with the video present, so it has the clip that cam lost

@@ -113,7 +113,7 @@ def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
     if cfg.store.codec not in CODECS:
         raise ValueError(f"store.codec must be one of {CODECS}, got {cfg.store.codec!r}")
     for key, least in (("batch_size", 1), ("prefetch_factor", 1), ("num_workers", 0), ("retries", 0)):
-        if int(cfg.extract[key]) < least:
+        if not (key == "num_workers" and cfg.extract[key] == "auto") and int(cfg.extract[key]) < least:
             raise ValueError(f"extract.{key} must be >= {least}, got {cfg.extract[key]}")
     threads = cfg.extract.torch_threads
     if threads != "auto" and (not str(threads).isdigit() or int(threads) < 1):
