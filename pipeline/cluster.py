@@ -51,12 +51,27 @@ def local(n_workers: int = 2, threads_per_worker: int = 1, processes: bool = Tru
     )
 
 
-def slurm(queue: str | None = None, account: str | None = None, walltime: str = "04:00:00", cores: int = 8,
-          memory: str = "32GB", gpus_per_job: int = 0, jobs: int = 1, adapt_min: int | None = None,
-          adapt_max: int | None = None, job_extra_directives: list[str] = (), job_script_prologue: list[str] = (),
-          log_directory: str | None = None, local_directory: str | None = None, interface: str | None = None,
-          python: str | None = None, dashboard_address: str = ":0"):
-    """A dask-jobqueue SLURMCluster: every SLURM job is one node's share of workers.
+def slurm(jobs: int = 1, adapt_min: int | None = None, adapt_max: int | None = None, **job):
+    """A dask-jobqueue SLURMCluster (see :func:`slurm_cluster`) with its jobs submitted.
+
+    Args:
+        jobs: jobs to start (when not adaptive).
+        adapt_min, adapt_max: with ``adapt_max`` set, jobs come and go with the work (Dask ``adapt``).
+        **job: what one job is, see :func:`slurm_cluster`.
+    """
+    cluster = slurm_cluster(**job)
+    if adapt_max is not None:
+        cluster.adapt(minimum_jobs=int(adapt_min or 0), maximum_jobs=int(adapt_max))
+    else:
+        cluster.scale(jobs=int(jobs))
+    return cluster
+
+
+def slurm_cluster(queue: str | None = None, account: str | None = None, walltime: str = "04:00:00", cores: int = 8,
+                  memory: str = "32GB", gpus_per_job: int = 0, job_extra_directives: list[str] = (),
+                  job_script_prologue: list[str] = (), log_directory: str | None = None, local_directory: str | None = None,
+                  interface: str | None = None, python: str | None = None, dashboard_address: str = ":0"):
+    """A dask-jobqueue SLURMCluster with no job submitted yet: every SLURM job is one node's share of workers.
 
     Args:
         queue, account: the partition (``-p``) and account (``-A``).
@@ -64,8 +79,6 @@ def slurm(queue: str | None = None, account: str | None = None, walltime: str = 
         cores, memory: per job (``--cpus-per-task``, ``--mem``); DataLoader workers use these cores.
         gpus_per_job: GPUs per job (``--gres=gpu:N``); the job then runs one worker per GPU with ``GPU=1``.
             With 0, one CPU worker per job.
-        jobs: jobs to start (when not adaptive).
-        adapt_min, adapt_max: with ``adapt_max`` set, jobs come and go with the work (Dask ``adapt``).
         job_extra_directives: more ``#SBATCH`` lines, e.g. ``["--constraint=a100", "--qos=low"]``.
         job_script_prologue: shell lines run before the worker starts (``module load``, ``source venv``).
         log_directory: where SLURM writes the jobs' stdout/stderr.
@@ -78,7 +91,7 @@ def slurm(queue: str | None = None, account: str | None = None, walltime: str = 
 
     gpus = int(gpus_per_job)
     directives = list(job_extra_directives) + ([f"--gres=gpu:{gpus}"] if gpus else [])
-    cluster = SLURMCluster(
+    return SLURMCluster(
         queue=queue, account=account, walltime=walltime, cores=int(cores), memory=memory,
         processes=gpus or 1,
         job_extra_directives=directives,
@@ -87,11 +100,6 @@ def slurm(queue: str | None = None, account: str | None = None, walltime: str = 
         log_directory=log_directory, local_directory=local_directory, interface=interface, python=python,
         scheduler_options={"dashboard_address": dashboard_address},
     )
-    if adapt_max is not None:
-        cluster.adapt(minimum_jobs=int(adapt_min or 0), maximum_jobs=int(adapt_max))
-    else:
-        cluster.scale(jobs=int(jobs))
-    return cluster
 
 
 def address(address: str) -> str:
@@ -110,10 +118,13 @@ def _settings(cfg) -> tuple[callable, dict]:
         fn = get_method(target)
     except Exception:  # noqa: BLE001 - hydra raises several types for a bad path
         raise ValueError(f"cluster._target_={target!r} is not a cluster of pipeline.cluster (local, slurm, address)") from None
+    signatures = [inspect.signature(fn)] + ([inspect.signature(slurm_cluster)] if fn is slurm else [])
     try:
-        inspect.signature(fn).bind(**settings)
+        if fn is slurm:  # its **job are slurm_cluster's arguments
+            signatures[1].bind(**{k: v for k, v in settings.items() if k not in ("jobs", "adapt_min", "adapt_max")})
+        signatures[0].bind(**settings)
     except TypeError as err:
-        known = ", ".join(inspect.signature(fn).parameters)
+        known = ", ".join(name for sig in signatures for name in sig.parameters if name != "job")
         raise ValueError(f"bad cluster option for {target}: {err} (options: {known})") from None
     return fn, settings
 

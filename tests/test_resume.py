@@ -49,6 +49,7 @@ def _kill_when(proc: subprocess.Popen, condition, what: str, timeout: float = 12
     proc.wait()
 
 
+@pytest.mark.slow  # four runs of the extract command (about 45 s)
 def test_sigkill_at_any_point_then_resume(synthetic_root, random_checkpoint, tmp_path):
     overrides = [
         f"paths.root={tmp_path}", f"dataset.root={synthetic_root}", "dataset.generate_if_missing=false",

@@ -140,13 +140,18 @@ class ShardProgress:
     """The one progress bar of the stage: clips handled over all workers, fed by the shards' batch events."""
 
     def __init__(self, bar: tqdm):
-        self.bar, self.initial, self.done, self.lock = bar, bar.n, {}, threading.Lock()
+        self.bar, self.done, self.ended, self.lock = bar, {}, set(), threading.Lock()
 
-    def set(self, shard: int, done: int) -> None:
+    def set(self, shard: int, done: int, end: bool = False) -> None:
+        """``done`` clips of ``shard`` handled so far (a retried shard starts again from 0); after ``end``, a
+        late event of the shard changes nothing."""
         with self.lock:
+            if shard in self.ended:
+                return
+            self.bar.update(done - self.done.get(shard, 0))
             self.done[shard] = done
-            self.bar.n = self.initial + sum(self.done.values())
-            self.bar.refresh()
+            if end:
+                self.ended.add(shard)
 
     def on_event(self, event) -> None:
         _, msg = event
@@ -167,6 +172,23 @@ def run(cfg, run_dir: Path, client=None) -> dict:
     config_hash = fingerprint(cfg)
     manifest = Manifest(run_dir, config_hash)
     shards = {int(shard): rows for shard, rows in index.groupby("shard", sort=True)}
+    todo = plan(run_dir, shards, config_hash, manifest)
+    log.info("extract: %d shards, %d already done, %d to run", len(shards), len(shards) - len(todo), len(todo))
+    if uses_ddp(cfg):
+        def done(shard, rows):
+            manifest.finish(shard, shard_digest(rows), rows=published_shard(run_dir, shard, config_hash)["rows"], clips=len(rows))
+
+        if ddp.run_shards(cfg, run_dir, todo, meta["classes"], config_hash, done) != 0:
+            return dict(shards=len(shards))  # rank 0 reports
+        failed = {}
+    else:
+        failed = run_on_dask(client, cfg, run_dir, todo, meta["classes"], config_hash, manifest, total=len(index))
+    return summarise(run_dir, shards, manifest, skipped=len(shards) - len(todo), failed=failed)
+
+
+def plan(run_dir: Path, shards: dict[int, pd.DataFrame], config_hash: str, manifest: Manifest) -> dict[int, pd.DataFrame]:
+    """The shards still to compute. Clears what a killed run left (temporary files), sets aside parts that do not
+    belong to the current index, and adopts parts published just before a kill but missing from the manifest."""
     remove_partial_files(run_dir)
     set_aside_stale_parts(run_dir, set(shards))
     manifest.forget(set(shards))
@@ -175,32 +197,33 @@ def run(cfg, run_dir: Path, client=None) -> dict:
         rows_hash = shard_digest(rows)
         part = published_shard(run_dir, shard, config_hash)
         if part is not None and part["shard_hash"] == rows_hash:
-            if not manifest.is_done(shard, rows_hash):  # published just before a kill: adopt it
+            if not manifest.is_done(shard, rows_hash):
                 manifest.finish(shard, rows_hash, rows=part["rows"], adopted=True)
             continue
         if part is not None:  # other clips (the index was rebuilt) or a DDP run's unfinished share
             set_aside(run_dir, shard, "made for other clips of this shard, or incomplete")
         todo[shard] = rows
-    log.info("extract: %d shards, %d already done, %d to run", len(shards), len(shards) - len(todo), len(todo))
-    if uses_ddp(cfg):
-        def done(shard, rows):
-            manifest.finish(shard, shard_digest(rows), rows=published_shard(run_dir, shard, config_hash)["rows"], clips=len(rows))
+    return todo
 
-        if ddp.run_shards(cfg, run_dir, todo, meta["classes"], config_hash, done) != 0:
-            return dict(shards=len(shards))  # rank 0 reports
-        return summarise(run_dir, shards, manifest, skipped=len(shards) - len(todo), failed={})
-    done_clips = sum(len(r) for s, r in shards.items() if s not in todo)
+
+def run_on_dask(client, cfg, run_dir: Path, todo: dict[int, pd.DataFrame], classes: list[str], config_hash: str,
+                manifest: Manifest, total: int) -> dict[int, str]:
+    """One task per shard (one GPU each on GPUs); records each shard as it ends. Returns the failed shards' errors.
+
+    Raises:
+        RuntimeError: with ``extract.fail_fast``, at the first failed clip or shard.
+    """
     fail_fast = bool(cfg.extract.fail_fast)
     cfg_dict = OmegaConf.to_container(cfg, resolve=True)
     topic = f"extract-progress-{uuid.uuid4().hex}"
     resources = {GPU: 1} if str(cfg.trainer.accelerator) != "cpu" else None
     failed = {}
-    with tqdm(total=len(index), initial=done_clips, desc="extract", unit="clip", smoothing=0.1) as bar:
+    with tqdm(total=total, initial=total - sum(len(r) for r in todo.values()), desc="extract", unit="clip", smoothing=0.1) as bar:
         progress = ShardProgress(bar)
         client.subscribe_topic(topic, progress.on_event)
         futures = {
             client.submit(
-                run_shard, cfg_dict, str(run_dir), shard, rows, meta["classes"], config_hash, topic,
+                run_shard, cfg_dict, str(run_dir), shard, rows, classes, config_hash, topic,
                 key=f"extract-{shard:05d}-{uuid.uuid4().hex[:8]}", pure=False, resources=resources,
                 retries=0 if fail_fast else int(cfg.extract.retries),
             ): shard
@@ -212,20 +235,17 @@ def run(cfg, run_dir: Path, client=None) -> dict:
                 if future.status == "finished":
                     result = future.result()
                     manifest.finish(shard, shard_digest(todo[shard]), rows=result["rows"], clips=result["clips"], failures=result["failures"], seconds=result["seconds"])
-                    progress.set(shard, len(todo[shard]))
-                    continue
-                error = future.exception()
-                message = f"{type(error).__name__}: {error}"
-                if fail_fast:
-                    raise RuntimeError(f"extract stopped at the first failure (extract.fail_fast=true), shard {shard}: {message}")
-                failed[shard] = message
-                record_failed_shard(run_dir, shard, todo[shard], error, manifest)
-                progress.set(shard, len(todo[shard]))
+                else:
+                    error = future.exception()
+                    if fail_fast:
+                        raise RuntimeError(f"extract stopped at the first failure (extract.fail_fast=true), shard {shard}: {type(error).__name__}: {error}")
+                    failed[shard] = f"{type(error).__name__}: {error}"
+                    record_failed_shard(run_dir, shard, todo[shard], error, manifest)
+                progress.set(shard, len(todo[shard]), end=True)
         finally:
             client.unsubscribe_topic(topic)
             client.cancel(list(futures))
-    summary = summarise(run_dir, shards, manifest, skipped=len(shards) - len(todo), failed=failed)
-    return summary
+    return failed
 
 
 def record_failed_shard(run_dir: Path, shard: int, rows: pd.DataFrame, error: BaseException, manifest: Manifest) -> None:
