@@ -185,3 +185,15 @@ def test_lightning_ddp_ranks_write_disjoint_parts(pipeline_overrides, tmp_path):
     # a rerun finds every shard finished (all ranks' shares present) and computes nothing
     again = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=400)
     assert again.returncode == 0 and "3 already done, 0 to run" in again.stdout + again.stderr
+
+
+def test_one_worker_per_gpu_each_offering_one():
+    """cluster.gpus=2: two workers, each offering GPU=1, and each task learns its worker's device."""
+    from dask.distributed import Client
+
+    with cluster.local(gpus=2, processes=False, dashboard_address=None) as gpus, Client(gpus) as client:
+        workers = client.scheduler_info()["workers"]
+        assert sorted(w["resources"][cluster.GPU] for w in workers.values()) == [1, 1]
+        assert all(w["nthreads"] == 1 for w in workers.values())
+        devices = {addr: client.submit(cluster.worker_gpu, 2, workers=[addr], resources={cluster.GPU: 1}, pure=False).result() for addr in workers}
+        assert sorted(devices.values()) == [0, 1]
