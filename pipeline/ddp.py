@@ -17,7 +17,7 @@ import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
 from tqdm import tqdm
 
-from pipeline.shard import _torch_threads, build_explainer, quiet_lightning, shard_job, shard_log
+from pipeline.shard import build_explainer, quiet_lightning, shard_job, shard_log, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class CurrentShardWriter(BasePredictionWriter):
 def run_shards(cfg, run_dir, todo: dict[int, pd.DataFrame], classes: list[str], config_hash: str, on_shard_done) -> int:
     """Explain the shards of ``todo`` with one DDP Trainer; ``on_shard_done(shard, rows)`` runs on rank 0 after each.
     Returns this process's rank."""
-    torch.set_num_threads(_torch_threads(cfg))
+    torch.set_num_threads(torch_threads(cfg))
     quiet_lightning()
     forward = CurrentShardWriter()
     trainer = pl.Trainer(

@@ -63,7 +63,7 @@ def build_explainer(cfg, model_cfg=None) -> TubeExplainer:
     return _cache.explainer
 
 
-def _torch_threads(cfg) -> int:
+def torch_threads(cfg) -> int:
     setting = cfg.extract.torch_threads
     if setting != "auto":
         return int(setting)
@@ -85,7 +85,7 @@ def shard_log(run_dir: Path, shard: int):
     """A logger writing to ``logs/shard-NNNNN.log`` (appended: every attempt of the shard is kept)."""
     path = Path(run_dir) / "logs" / f"shard-{shard:05d}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
-    logger = logging.getLogger(f"pipeline.shard.{shard:05d}.{threading.get_ident()}")
+    logger = logging.getLogger(f"pipeline.shard.thread-{threading.get_ident()}")  # one per thread: loggers are never freed
     logger.setLevel(logging.INFO)
     logger.propagate = False
     handler = logging.FileHandler(path)
@@ -158,7 +158,7 @@ def _worker_name() -> str:
 
 
 def _explain_shard(cfg, run_dir, shard, rows, classes, config_hash, progress_topic, slog) -> dict:
-    torch.set_num_threads(_torch_threads(cfg))
+    torch.set_num_threads(torch_threads(cfg))
     quiet_lightning()
     module, loader, writer = shard_job(cfg, run_dir, shard, rows, classes, config_hash, progress=_progress_reporter(progress_topic, shard), log=slog)
     if loader is not None:
