@@ -1,12 +1,14 @@
 """Command line: ``python -m pipeline stage=<index|extract|stats|evaluate|report|all|train|demo> [overrides]``.
 
 Each stage reads the previous stage's files in ``outputs/<run_name>/`` and nothing else. The resolved
-configuration of every invocation is saved as ``outputs/<run_name>/config.yaml``.
+configuration of the latest invocation is saved as ``outputs/<run_name>/config.yaml``, and every invocation's
+in ``outputs/<run_name>/configs/``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 import warnings
@@ -15,7 +17,9 @@ from pathlib import Path
 import hydra
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
+from pipeline import cluster
 from pipeline.cluster import open_client
 from pipeline.datasets import DatasetError
 from pipeline.models import ModelError
@@ -27,7 +31,7 @@ warnings.filterwarnings("ignore", message=r".*LeafSpec.*")  # Lightning's own us
 STAGES = {"train": train, "index": index, "extract": extract, "stats": stats, "evaluate": evaluate, "report": report}
 SEQUENCES = {"all": ["index", "extract", "stats", "report"], "demo": ["train", "index", "extract", "stats", "evaluate", "report"]}
 NEEDS_CLUSTER = {"index", "extract", "evaluate"}
-USER_ERRORS = (DatasetError, ModelError, FileNotFoundError, ValueError, RuntimeError, InstantiationException)
+USER_ERRORS = (DatasetError, ModelError, FileNotFoundError, ValueError, RuntimeError, InstantiationException, MissingMandatoryValue)
 
 
 def stages_of(stage) -> list[str]:
@@ -43,9 +47,15 @@ def run(cfg: DictConfig) -> dict:
     names = stages_of(cfg.stage)
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    resolved = OmegaConf.to_yaml(cfg, resolve=True)
+    (run_dir / "config.yaml").write_text(resolved)
+    (run_dir / "configs").mkdir(exist_ok=True)  # every invocation's config is kept (once: not by DDP's extra ranks)
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        (run_dir / "configs" / f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}-{'-'.join(names)}.yaml").write_text(resolved)
     started = time.perf_counter()
     results: dict = {}
+    if NEEDS_CLUSTER & set(names):
+        cluster.validate(cfg.cluster)
     for i, name in enumerate(names):  # check every stage's settings before any work starts
         if hasattr(STAGES[name], "validate"):
             STAGES[name].validate(cfg, upstream=tuple(names[:i]))
@@ -56,7 +66,7 @@ def run(cfg: DictConfig) -> dict:
             results[name] = STAGES[name].run(cfg, run_dir, client=client)
             log.info("stage %s done in %.1f s", name, time.perf_counter() - t0)
 
-    if NEEDS_CLUSTER & set(names):
+    if NEEDS_CLUSTER & set(names) and not (names == ["extract"] and extract.uses_ddp(cfg)):
         with open_client(cfg.cluster) as client:
             run_stages(client)
     else:
@@ -69,8 +79,8 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    OmegaConf.resolve(cfg)
     try:
+        OmegaConf.resolve(cfg)
         run(cfg)
     except USER_ERRORS as err:  # a bad setting or input: one clear line, no traceback
         log.error("%s", err)

@@ -2,12 +2,14 @@
 
 Rows stream into a hidden temporary file (one row group per batch, so memory stays flat); when the shard's
 predict loop ends the file is fsynced and renamed into place, and the shard's failures are written beside it.
-A shard's part file therefore exists only when the whole shard is done.
+A shard's part file therefore exists only when the whole shard is done. Nothing is kept across batches.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +23,18 @@ from pipeline.store import COMPRESSION, TUBE_SCHEMA, encode_volume, failures_tab
 _INDEX_COLUMNS = ["clip_id", "video_id", "source", "label", "label_name", "split", "frame_indices", "padded", "shard"]
 
 
-def part_name(shard: int) -> str:
-    return f"part-{shard:05d}.parquet"
+def part_name(shard: int, rank: int | None = None) -> str:
+    """``part-NNNNN.parquet``, or ``part-NNNNN-rankR.parquet`` for one rank's share of a shard (Lightning DDP)."""
+    return f"part-{shard:05d}.parquet" if rank is None else f"part-{shard:05d}-rank{rank}.parquet"
+
+
+def shard_parts(folder: Path, shard: int) -> list[Path]:
+    """The part files of one shard in ``folder`` (one, or one per DDP rank)."""
+    return sorted(Path(folder).glob(f"part-{shard:05d}.parquet")) + sorted(Path(folder).glob(f"part-{shard:05d}-rank*.parquet"))
+
+
+class ClipFailure(RuntimeError):
+    """A clip failed while ``extract.fail_fast`` is set: the run stops at the first bad clip."""
 
 
 class TubeWriter(BasePredictionWriter):
@@ -36,18 +48,27 @@ class TubeWriter(BasePredictionWriter):
         class_names: label names, index = class.
         metadata: key/values stored in the part file's Parquet metadata (the run fingerprint).
         failures: failure rows found before the loop (e.g. clips without a label), written with the shard's.
+        progress: called after every batch with the number of the shard's clips handled so far.
+        fail_fast: raise :class:`ClipFailure` at the first failed clip instead of recording it.
+        log: where the shard's events go (its log file).
+        rank: the DDP rank writing its share of the shard (None: the whole shard).
     """
 
-    def __init__(self, run_dir, shard: int, rows: pd.DataFrame, method: str, layer: str, class_names: list[str], metadata: dict[str, str], failures: list[dict] | None = None):
+    def __init__(self, run_dir, shard: int, rows: pd.DataFrame, method: str, layer: str, class_names: list[str], metadata: dict[str, str],
+                 failures: list[dict] | None = None, progress: Callable[[int], None] | None = None, fail_fast: bool = False,
+                 log: logging.Logger | None = None, rank: int | None = None):
         super().__init__(write_interval="batch")
-        self.path = Path(run_dir) / "tubes" / part_name(shard)
-        self.failure_path = Path(run_dir) / "failures" / part_name(shard)
+        self.path = Path(run_dir) / "tubes" / part_name(shard, rank)
+        self.failure_path = Path(run_dir) / "failures" / part_name(shard, rank)
         self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         self.rows = rows.reset_index(drop=True)
         self.method, self.layer, self.class_names = method, layer, list(class_names)
         self.schema = TUBE_SCHEMA.with_metadata(metadata)
         self.failures = list(failures or [])
         self.rows_written = 0
+        self.clips_done = len(self.failures)
+        self.progress, self.fail_fast = progress, fail_fast
+        self.shard_log = log or logging.getLogger(__name__)
         self._writer: pq.ParquetWriter | None = None
 
     def _open(self) -> pq.ParquetWriter:
@@ -59,11 +80,20 @@ class TubeWriter(BasePredictionWriter):
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         for position, error_type, message in prediction["failures"]:
             row = self.rows.iloc[position]
+            self.shard_log.warning("clip %s failed: %s: %s", row.clip_id, error_type, message)
+            if self.fail_fast:
+                raise ClipFailure(f"clip {row.clip_id} failed ({error_type}): {message}")
             self.failures.append(dict(clip_id=row.clip_id, source=row.source, stage="extract", error_type=error_type, message=message))
+        clips = len(prediction["failures"])
         if prediction["tubes"] is not None:
             table = self.to_table(prediction)
             self._open().write_table(table)
             self.rows_written += table.num_rows
+            clips += len(prediction["positions"])
+        self.clips_done += clips
+        self.shard_log.info("batch %d: %d/%d clips, %d rows", batch_idx, self.clips_done, len(self.rows), self.rows_written)
+        if self.progress is not None:
+            self.progress(self.clips_done)
 
     def to_table(self, p: dict) -> pa.Table:
         """One batch's outputs as rows of the tube table (one row per clip x target)."""
@@ -110,6 +140,7 @@ class TubeWriter(BasePredictionWriter):
         else:  # a recomputed shard must not keep the failures of an earlier attempt
             self.failure_path.unlink(missing_ok=True)
         os.replace(self.tmp, self.path)
+        self.shard_log.info("published %s: %d rows, %d failures", self.path, self.rows_written, len(self.failures))
 
     def abort(self) -> None:
         """Drop the half-written temporary file after an error."""

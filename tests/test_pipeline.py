@@ -178,14 +178,20 @@ def test_pointing_game_recomputed_from_boxes(cam_run, dataset):
 
 def test_two_workers_give_the_same_rows(cam_run):
     root, run_dir, overrides = cam_run
-    run(make_cfg(root, overrides + ["run_name=cam2", "store.codec=float32", "cluster.n_workers=2", "stage=[index,extract]"]))
+    # and two DataLoader processes per task decoding while the model runs: the same batches, in the same order
+    run(make_cfg(root, overrides + ["run_name=cam2", "store.codec=float32", "cluster.n_workers=2", "extract.num_workers=2", "stage=[index,extract]"]))
     one = read_tubes(run_dir, columns=["clip_id", "volume", "pred", "entropy"]).set_index("clip_id").sort_index()
     two = read_tubes(root / "outputs" / "cam2", columns=["clip_id", "volume", "pred", "entropy"]).set_index("clip_id").sort_index()
     # cam2 was indexed with the video present, so it has the clip that cam lost
     assert two.index.is_unique and set(one.index) < set(two.index) and len(two) == len(one) + 1
+    shards = read_tubes(run_dir, columns=["clip_id", "shard"])
+    complete = set(shards.loc[shards.groupby("shard")["clip_id"].transform("size") == 3, "clip_id"])
     for clip_id in one.index:
-        # a worker's torch thread count (cores / workers) changes float summation order, nothing more
-        np.testing.assert_allclose(one.loc[clip_id, "volume"], two.loc[clip_id, "volume"], rtol=1e-5, atol=1e-6)
+        if clip_id in complete:  # a fixed torch thread count and the same batches: same bits
+            assert one.loc[clip_id, "volume"].tobytes() == two.loc[clip_id, "volume"].tobytes()
+            assert one.loc[clip_id, "entropy"] == two.loc[clip_id, "entropy"]
+        else:  # the vanished video's shard has smaller batches (another conv algorithm), nothing more
+            np.testing.assert_allclose(one.loc[clip_id, "volume"], two.loc[clip_id, "volume"], rtol=1e-5, atol=1e-6)
         assert one.loc[clip_id, "pred"] == two.loc[clip_id, "pred"]
 
 
@@ -251,7 +257,8 @@ def test_reindexing_into_fewer_shards_sets_old_parts_aside(cam_run):
     assert len(list((run_dir / "tubes").glob("part-*.parquet"))) == 3
     run(make_cfg(root, [*base, "index.clips_per_shard=8"]))
     assert [p.name for p in (run_dir / "tubes").glob("part-*.parquet")] == ["part-00000.parquet"]
-    assert sorted(p.name for p in (run_dir / "tubes" / ".stale").iterdir()) == ["part-00001.parquet", "part-00002.parquet"]
+    # shards 1 and 2 are gone; shard 0 now holds other clips, so its old part is set aside before the recompute
+    assert sorted(p.name for p in (run_dir / "tubes" / ".stale").iterdir()) == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
     tubes = read_tubes(run_dir, columns=["clip_id", "shard"])
     assert len(tubes) == 8 and tubes["clip_id"].is_unique and (tubes["shard"] == 0).all()
 

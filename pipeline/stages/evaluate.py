@@ -37,7 +37,8 @@ from pipeline.stages.index import read_index
 from pipeline.stages.stats import boxes_path, read_boxes
 from pipeline.store import decode_column, failures_table, file_metadata, read_tubes, write_table_atomic
 from pipeline.video import ResizeCrop
-from pipeline.writer import part_name
+from pipeline.shard import loader_workers, torch_threads
+from pipeline.writer import part_name, shard_parts
 
 log = logging.getLogger(__name__)
 
@@ -130,12 +131,13 @@ def evaluate_batch(net, x, tubes, native, random_native, targets, boxes, crop_bo
 def evaluate_shard(cfg_dict: dict, run_dir: str, shard: int, rows: pd.DataFrame, boxes: pd.DataFrame | None, digest: str) -> dict:
     """Evaluate one shard's clips and publish ``evaluate/part-NNNNN.parquet``. Runs in a Dask worker."""
     cfg = OmegaConf.create(cfg_dict)
+    torch.set_num_threads(torch_threads(cfg))  # as the extractor: a fixed count per task, no oversubscription
     ev = cfg.evaluate
     device = _device(ev.device)
     rows = rows.reset_index(drop=True)
-    # the shard's own part file holds its tubes: no scan of the whole run per shard
+    # the shard's own part file(s) (one per DDP rank) hold its tubes: no scan of the whole run per shard
     wanted = [("clip_id", "in", rows["clip_id"].tolist()), ("target_rank", "=", 0)]
-    stored = pq.ParquetDataset([Path(run_dir) / "tubes" / part_name(shard)], filters=wanted).read(columns=["clip_id", *VOLUME_COLUMNS]).to_pandas()
+    stored = pq.ParquetDataset(shard_parts(Path(run_dir) / "tubes", shard), filters=wanted).read(columns=["clip_id", *VOLUME_COLUMNS]).to_pandas()
     native = dict(zip(stored["clip_id"], decode_column(stored)))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(ev.seed))
@@ -183,7 +185,7 @@ def evaluate_shard(cfg_dict: dict, run_dir: str, shard: int, rows: pd.DataFrame,
 def _loader(cfg, rows: pd.DataFrame) -> DataLoader:
     transform = ResizeCrop(int(cfg.model.input.short_side), tuple(cfg.model.input.size))
     return DataLoader(ClipDataset(rows, transform), batch_size=int(cfg.evaluate.batch_size), collate_fn=collate_clips,
-                      num_workers=int(cfg.extract.num_workers))
+                      num_workers=loader_workers(cfg))
 
 
 def _normalise(cfg, video: torch.Tensor) -> torch.Tensor:

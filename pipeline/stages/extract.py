@@ -1,38 +1,36 @@
 """Extract stage: ``index.parquet`` -> ``tubes/part-NNNNN.parquet`` (+ ``failures/part-NNNNN.parquet``).
 
-Each shard is one Dask task. A task builds the model once per worker process, then runs a Lightning
-``Trainer.predict`` loop over its clips; :class:`~pipeline.writer.TubeWriter` streams the rows to a temporary
-file that is renamed into place when the shard is complete. A shard whose part file exists, was made with the
-same configuration and covers the same clips is never recomputed, so a killed run resumes where it stopped.
+The driver: each shard of the index is one Dask task (:func:`pipeline.shard.run_shard`), asking for one GPU
+when the trainer runs on GPUs. A shard's part file appears only when complete, and ``manifest.json`` records
+the finished shards with their row counts and the configuration's fingerprint. Rerunning skips finished
+shards (a killed run resumes where it stopped) and refuses a run directory made with another configuration.
+Dask retries a failing shard ``extract.retries`` times (a killed worker is retried too); a shard that keeps
+failing becomes failure rows and the run goes on. One progress bar counts clips over all workers.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import threading
-import warnings
+import uuid
 from pathlib import Path
 
 import pandas as pd
-import pytorch_lightning as pl
-import torch
+import pyarrow.parquet as pq
 from dask.distributed import as_completed
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline.clips import ClipDataset, collate_clips
-from pipeline.models import build_model
-from pipeline.module import TARGET_MODES, TubeModule
-from pipeline.saliency import TubeExplainer
+from pipeline import ddp
+from pipeline.cluster import GPU, offers_gpus, open_client
+from pipeline.manifest import Manifest
+from pipeline.module import TARGET_MODES
+from pipeline.shard import digest, build_explainer, run_shard, shard_digest
 from pipeline.stages.index import read_index
-from pipeline.store import CODECS, failures_table, file_metadata, tube_files, write_table_atomic
-from pipeline.video import ResizeCrop
-from pipeline.writer import TubeWriter, part_name
+from pipeline.store import CODECS, failures_table, file_metadata, read_failures, tube_files, write_table_atomic
+from pipeline.writer import part_name, shard_parts
 
 log = logging.getLogger(__name__)
 
@@ -40,124 +38,69 @@ log = logging.getLogger(__name__)
 FINGERPRINT_KEYS = ("dataset", "model", "method", "sampler", "target", "store")
 
 
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def checkpoint_digest(path) -> str | None:
+    """SHA-256 of a checkpoint file's bytes (None when there is none): retraining to the same path is a new config."""
+    if path is None or not Path(str(path)).is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def fingerprint(cfg) -> str:
+    """The hash of everything that decides what a tube is: the config sections and the checkpoint's contents."""
     resolved = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    return _digest({key: resolved.get(key) for key in FINGERPRINT_KEYS})
+    keyed = {key: resolved.get(key) for key in FINGERPRINT_KEYS}
+    keyed["checkpoint_sha256"] = checkpoint_digest(resolved["model"].get("checkpoint"))
+    return digest(keyed)
 
 
-def shard_digest(rows: pd.DataFrame) -> str:
-    return _digest([[c, list(map(int, f))] for c, f in zip(rows["clip_id"], rows["frame_indices"])])
+def published_shard(run_dir: Path, shard: int, config_hash: str) -> dict | None:
+    """What a shard's published parts hold: ``shard_hash`` (None unless complete and consistent) and ``rows``;
+    None when it has no part. A shard is one part, or one part per rank of the DDP run that made it.
 
-
-def shard_is_done(run_dir: Path, shard: int, config_hash: str, rows_hash: str) -> bool:
-    """True when the shard's part file exists for these clips; raises if it was made with another config."""
-    path = run_dir / "tubes" / part_name(shard)
-    if not path.is_file():
-        return False
-    meta = file_metadata(path)
-    if meta.get("config_hash") != config_hash:
-        raise RuntimeError(
-            f"{run_dir} holds tubes made with another configuration ({path.name}: {meta.get('config_hash')} != {config_hash}); "
-            "choose a new run_name or delete the run directory"
-        )
-    return meta.get("shard_hash") == rows_hash
-
-
-_cache = threading.local()
-
-
-def build_explainer(cfg, model_cfg=None) -> TubeExplainer:
-    """The explainer for ``cfg.model`` (or ``model_cfg``) and ``cfg.method``, built and loaded once per thread.
-
-    A worker reuses it for every shard. It is kept per thread because hooks capture activations on the
-    model's own modules: two threads of one process (``cluster.processes=false``) must not share a model.
+    Raises:
+        RuntimeError: a part was made with another configuration.
     """
-    model_cfg = cfg.model if model_cfg is None else model_cfg
-    key = json.dumps([OmegaConf.to_container(model_cfg, resolve=True), OmegaConf.to_container(cfg.method, resolve=True)])
-    if getattr(_cache, "key", None) != key:
-        net = build_model(model_cfg)
-        shape = (3, model_cfg.input.clip_len, *model_cfg.input.size)
-        _cache.explainer = TubeExplainer(net, instantiate(cfg.method), shape, layer=model_cfg.layer, classifier=model_cfg.classifier)
-        _cache.key = key
-    return _cache.explainer
+    parts = shard_parts(run_dir / "tubes", shard)
+    if not parts:
+        return None
+    metas = [file_metadata(path) for path in parts]
+    for path, meta in zip(parts, metas):
+        if meta.get("config_hash") != config_hash:
+            raise RuntimeError(
+                f"{run_dir} holds tubes made with another configuration ({path.name}: {meta.get('config_hash')} != {config_hash}); "
+                "choose a new run_name or delete the run directory"
+            )
+    hashes = {meta.get("shard_hash") for meta in metas}
+    complete = len(hashes) == 1 and all(int(meta.get("ranks", 1)) == len(parts) for meta in metas)
+    return dict(shard_hash=hashes.pop() if complete else None, rows=sum(pq.ParquetFile(path).metadata.num_rows for path in parts))
 
 
-def _torch_threads(cfg) -> int:
-    setting = cfg.extract.torch_threads
-    if setting != "auto":
-        return int(setting)
-    workers = int(cfg.cluster.get("n_workers", 1) or 1)
-    return max(1, (os.cpu_count() or 1) // workers)
+def set_aside(run_dir: Path, shard: int, why: str) -> None:
+    """Move a shard's part files (tubes and failures) to ``.stale/`` so readers never mix them in; nothing is deleted."""
+    for folder in ("tubes", "failures"):
+        for path in shard_parts(run_dir / folder, shard):
+            (run_dir / folder / ".stale").mkdir(exist_ok=True)
+            os.replace(path, run_dir / folder / ".stale" / path.name)
+            log.warning("%s: %s; moved to %s", path, why, path.parent / ".stale")
 
 
-def run_shard(cfg_dict: dict, run_dir: str, shard: int, rows: pd.DataFrame, classes: list[str], config_hash: str) -> dict:
-    """Explain one shard's clips and publish its part file. Runs inside a Dask worker (or in-process)."""
-    cfg = OmegaConf.create(cfg_dict)
-    torch.set_num_threads(_torch_threads(cfg))
-    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")  # Lightning's own use of a deprecated torch API
-    explainer = build_explainer(cfg)
-    rows = rows.reset_index(drop=True)
-    rows_hash = shard_digest(rows)
-    failures = []
-    if cfg.target.mode == "label":
-        unlabeled = rows["label"].isna()
-        failures = [
-            dict(clip_id=r.clip_id, source=r.source, stage="extract", error_type="MissingLabel", message=f"{r.clip_id}: target.mode=label but the clip has no label")
-            for r in rows[unlabeled].itertuples()
-        ]
-        rows = rows[~unlabeled].reset_index(drop=True)
-    labels = torch.tensor(rows["label"].fillna(-1).astype(int).to_numpy())
-    module = TubeModule(explainer, cfg.model.input.mean, cfg.model.input.std, target=cfg.target.mode, k=cfg.target.k, codec=cfg.store.codec, labels=labels)
-    transform = ResizeCrop(int(cfg.model.input.short_side), tuple(cfg.model.input.size))
-    loader = DataLoader(
-        ClipDataset(rows, transform),
-        batch_size=int(cfg.extract.batch_size),
-        num_workers=int(cfg.extract.num_workers),
-        collate_fn=collate_clips,
-        pin_memory=cfg.trainer.accelerator != "cpu",
-    )
-    writer = TubeWriter(
-        run_dir, shard, rows, method=explainer.method.name, layer=explainer.layer_name, class_names=classes,
-        metadata={"config_hash": config_hash, "shard_hash": rows_hash},
-        failures=failures,
-    )
-    trainer = pl.Trainer(
-        accelerator=cfg.trainer.accelerator,
-        devices=cfg.trainer.devices,
-        precision=cfg.trainer.precision,
-        callbacks=[writer],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        inference_mode=not explainer.method.needs_grad,
-    )
-    if len(rows) == 0:  # every clip was dropped above: publish an empty part with the failures, run nothing
-        writer.on_predict_end(None, None)
-        return dict(shard=shard, rows=0, failures=len(writer.failures))
-    try:
-        trainer.predict(module, loader, return_predictions=False)
-    except BaseException:
-        writer.abort()
-        raise
-    return dict(shard=shard, rows=writer.rows_written, failures=len(writer.failures))
+def remove_partial_files(run_dir: Path) -> None:
+    """Delete temporary part files a killed run left behind (never a published part)."""
+    for folder in ("tubes", "failures"):
+        for path in (run_dir / folder).glob(".part-*.parquet.tmp-*"):
+            log.info("removing %s, left by an interrupted run", path)
+            path.unlink(missing_ok=True)
 
 
 def set_aside_stale_parts(run_dir: Path, shards: set[int]) -> None:
-    """Move part files of shards the current index no longer has (it was rebuilt smaller) to ``.stale/``,
-    so readers never mix them in; nothing is deleted."""
-    for folder in ("tubes", "failures"):
-        for path in sorted((run_dir / folder).glob("part-*.parquet")):
-            if int(path.stem.split("-")[1]) not in shards:
-                (run_dir / folder / ".stale").mkdir(exist_ok=True)
-                os.replace(path, run_dir / folder / ".stale" / path.name)
-                log.warning("%s belongs to no shard of the current index; moved to %s", path, path.parent / ".stale")
+    """Set aside part files of shards the current index no longer has (it was rebuilt smaller)."""
+    found = {int(p.stem.split("-")[1]) for folder in ("tubes", "failures") for p in (run_dir / folder).glob("part-*.parquet")}
+    for shard in sorted(found - shards):
+        set_aside(run_dir, shard, "belongs to no shard of the current index")
 
 
 def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
@@ -169,56 +112,163 @@ def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
         raise ValueError(f"target.k must be >= 1, got {cfg.target.k}")
     if cfg.store.codec not in CODECS:
         raise ValueError(f"store.codec must be one of {CODECS}, got {cfg.store.codec!r}")
-    for key in ("batch_size",):
-        if int(cfg.extract[key]) < 1:
-            raise ValueError(f"extract.{key} must be >= 1, got {cfg.extract[key]}")
-    if int(cfg.extract.num_workers) < 0:
-        raise ValueError(f"extract.num_workers must be >= 0, got {cfg.extract.num_workers}")
+    for key, least in (("batch_size", 1), ("prefetch_factor", 1), ("num_workers", 0), ("retries", 0)):
+        if not (key == "num_workers" and cfg.extract[key] == "auto") and int(cfg.extract[key]) < least:
+            raise ValueError(f"extract.{key} must be >= {least}, got {cfg.extract[key]}")
+    threads = cfg.extract.torch_threads
+    if threads != "auto" and (not str(threads).isdigit() or int(threads) < 1):
+        raise ValueError(f"extract.torch_threads must be 'auto' or >= 1, got {threads!r}")
+    if str(cfg.trainer.accelerator) not in ("cpu", "gpu", "cuda"):
+        raise ValueError(f"trainer.accelerator must be cpu or gpu for the extract stage, got {cfg.trainer.accelerator!r}")
+    if str(cfg.trainer.accelerator) != "cpu" and not uses_ddp(cfg) and not offers_gpus(cfg.cluster):
+        raise ValueError(f"trainer.accelerator={cfg.trainer.accelerator} needs GPU workers: set cluster.gpus (local) or cluster.gpus_per_job (slurm)")
+    if uses_ddp(cfg):
+        if upstream or cfg.stage not in ("extract", ["extract"]):
+            raise ValueError("trainer.strategy=ddp runs the extract stage alone (every rank reruns the command): use stage=extract")
+    elif str(cfg.trainer.strategy) != "auto":
+        raise ValueError(f"trainer.strategy must be auto (one device per Dask task) or ddp, got {cfg.trainer.strategy!r}")
+    elif str(cfg.trainer.devices) != "1":
+        raise ValueError(f"trainer.devices must be 1 with Dask (each task uses one device; more devices = more workers), "
+                         f"or use trainer.strategy=ddp on one node; got {cfg.trainer.devices}")
     model = cfg.model
     if "train" in upstream and not Path(str(model.checkpoint)).is_file():
         model = OmegaConf.merge(model, {"checkpoint": None})  # check layer and classifier on random weights
     build_explainer(cfg, model)
 
 
+class ShardProgress:
+    """The one progress bar of the stage: clips handled over all workers, fed by the shards' batch events."""
+
+    def __init__(self, bar: tqdm):
+        self.bar, self.done, self.ended, self.lock = bar, {}, set(), threading.Lock()
+
+    def set(self, shard: int, done: int, end: bool = False) -> None:
+        """``done`` clips of ``shard`` handled so far (a retried shard starts again from 0); after ``end``, a
+        late event of the shard changes nothing."""
+        with self.lock:
+            if shard in self.ended:
+                return
+            self.bar.update(done - self.done.get(shard, 0))
+            self.done[shard] = done
+            if end:
+                self.ended.add(shard)
+
+    def on_event(self, event) -> None:
+        _, msg = event
+        self.set(msg["shard"], msg["done"])
+
+
+def uses_ddp(cfg) -> bool:
+    """Whether the stage runs as one Lightning DDP job over this node's devices instead of on a Dask cluster."""
+    return str(cfg.trainer.get("strategy", "auto")).startswith("ddp")
+
+
 def run(cfg, run_dir: Path, client=None) -> dict:
+    """Explain every shard of the index not finished yet; returns a summary (shards, rows, failures by reason)."""
+    if client is None and not uses_ddp(cfg):
+        with open_client(cfg.cluster) as own:
+            return run(cfg, run_dir, own)
     index, meta = read_index(run_dir)
     config_hash = fingerprint(cfg)
-    cfg_dict = OmegaConf.to_container(cfg, resolve=True)
-    shards = {shard: rows for shard, rows in index.groupby("shard", sort=True)}
-    set_aside_stale_parts(run_dir, set(shards))
-    todo = {s: rows for s, rows in shards.items() if not shard_is_done(run_dir, s, config_hash, shard_digest(rows))}
-    done_clips = sum(len(r) for s, r in shards.items() if s not in todo)
+    manifest = Manifest(run_dir, config_hash)
+    shards = {int(shard): rows for shard, rows in index.groupby("shard", sort=True)}
+    todo = plan(run_dir, shards, config_hash, manifest)
     log.info("extract: %d shards, %d already done, %d to run", len(shards), len(shards) - len(todo), len(todo))
-    summary = dict(shards=len(shards), skipped=len(shards) - len(todo), failed_shards=[])
-    with tqdm(total=len(index), initial=done_clips, desc="extract", unit="clip") as bar:
-        if client is None:
-            results = []
-            for shard, rows in todo.items():
-                results.append(_guarded(run_shard, cfg_dict, str(run_dir), shard, rows, meta["classes"], config_hash))
-                bar.update(len(rows))
-        else:
-            futures = {
-                client.submit(_guarded, run_shard, cfg_dict, str(run_dir), shard, rows, meta["classes"], config_hash, key=f"extract-{config_hash}-{shard}", pure=False): shard
-                for shard, rows in todo.items()
-            }
-            results = []
+    if uses_ddp(cfg):
+        def done(shard, rows):
+            manifest.finish(shard, shard_digest(rows), rows=published_shard(run_dir, shard, config_hash)["rows"], clips=len(rows))
+
+        if ddp.run_shards(cfg, run_dir, todo, meta["classes"], config_hash, done) != 0:
+            return dict(shards=len(shards))  # rank 0 reports
+        failed = {}
+    else:
+        failed = run_on_dask(client, cfg, run_dir, todo, meta["classes"], config_hash, manifest, total=len(index))
+    return summarise(run_dir, shards, manifest, skipped=len(shards) - len(todo), failed=failed)
+
+
+def plan(run_dir: Path, shards: dict[int, pd.DataFrame], config_hash: str, manifest: Manifest) -> dict[int, pd.DataFrame]:
+    """The shards still to compute. Clears what a killed run left (temporary files), sets aside parts that do not
+    belong to the current index, and adopts parts published just before a kill but missing from the manifest."""
+    remove_partial_files(run_dir)
+    set_aside_stale_parts(run_dir, set(shards))
+    manifest.forget(set(shards))
+    todo = {}
+    for shard, rows in shards.items():
+        rows_hash = shard_digest(rows)
+        part = published_shard(run_dir, shard, config_hash)
+        if part is not None and part["shard_hash"] == rows_hash:
+            if not manifest.is_done(shard, rows_hash):
+                manifest.finish(shard, rows_hash, rows=part["rows"], adopted=True)
+            continue
+        if part is not None:  # other clips (the index was rebuilt) or a DDP run's unfinished share
+            set_aside(run_dir, shard, "made for other clips of this shard, or incomplete")
+        todo[shard] = rows
+    return todo
+
+
+def run_on_dask(client, cfg, run_dir: Path, todo: dict[int, pd.DataFrame], classes: list[str], config_hash: str,
+                manifest: Manifest, total: int) -> dict[int, str]:
+    """One task per shard (one GPU each on GPUs); records each shard as it ends. Returns the failed shards' errors.
+
+    Raises:
+        RuntimeError: with ``extract.fail_fast``, at the first failed clip or shard.
+    """
+    fail_fast = bool(cfg.extract.fail_fast)
+    cfg_dict = OmegaConf.to_container(cfg, resolve=True)
+    topic = f"extract-progress-{uuid.uuid4().hex}"
+    resources = {GPU: 1} if str(cfg.trainer.accelerator) != "cpu" else None
+    failed = {}
+    with tqdm(total=total, initial=total - sum(len(r) for r in todo.values()), desc="extract", unit="clip", smoothing=0.1) as bar:
+        progress = ShardProgress(bar)
+        client.subscribe_topic(topic, progress.on_event)
+        futures = {
+            client.submit(
+                run_shard, cfg_dict, str(run_dir), shard, rows, classes, config_hash, topic,
+                key=f"extract-{shard:05d}-{uuid.uuid4().hex[:8]}", pure=False, resources=resources,
+                retries=0 if fail_fast else int(cfg.extract.retries),
+            ): shard
+            for shard, rows in todo.items()
+        }
+        try:
             for future in as_completed(futures):
-                results.append(future.result())
-                bar.update(len(todo[futures[future]]))
-    for result in results:
-        if "error" in result:
-            summary["failed_shards"].append(result["shard"])
-            rows = todo[result["shard"]]
-            failure_rows = [dict(clip_id=c, source=s, stage="extract", error_type=result["error_type"], message=f"shard {result['shard']}: {result['error']}") for c, s in zip(rows["clip_id"], rows["source"])]
-            write_table_atomic(failures_table(failure_rows), run_dir / "failures" / part_name(result["shard"]))
-            log.error("shard %d failed: %s", result["shard"], result["error"])
-    summary["parts"] = len(tube_files(run_dir))
+                shard = futures[future]
+                if future.status == "finished":
+                    result = future.result()
+                    manifest.finish(shard, shard_digest(todo[shard]), rows=result["rows"], clips=result["clips"], failures=result["failures"], seconds=result["seconds"])
+                else:
+                    error = future.exception()
+                    if fail_fast:
+                        raise RuntimeError(f"extract stopped at the first failure (extract.fail_fast=true), shard {shard}: {type(error).__name__}: {error}")
+                    failed[shard] = f"{type(error).__name__}: {error}"
+                    record_failed_shard(run_dir, shard, todo[shard], error, manifest)
+                progress.set(shard, len(todo[shard]), end=True)
+        finally:
+            client.unsubscribe_topic(topic)
+            client.cancel(list(futures))
+    return failed
+
+
+def record_failed_shard(run_dir: Path, shard: int, rows: pd.DataFrame, error: BaseException, manifest: Manifest) -> None:
+    """A shard that failed after its retries: one failure row per clip, noted in the manifest; the run goes on."""
+    message = f"shard {shard} failed after its retries: {type(error).__name__}: {error}"
+    failure_rows = [dict(clip_id=c, source=s, stage="extract", error_type=type(error).__name__, message=message) for c, s in zip(rows["clip_id"], rows["source"])]
+    write_table_atomic(failures_table(failure_rows), run_dir / "failures" / part_name(shard))
+    manifest.fail(shard, shard_digest(rows), f"{type(error).__name__}: {error}")
+    log.error("%s (logs/shard-%05d.log)", message, shard)
+
+
+def summarise(run_dir: Path, shards: dict, manifest: Manifest, skipped: int, failed: dict) -> dict:
+    """The stage's summary: shards done, skipped and failed, rows, and extract failures counted by reason."""
+    failures = read_failures(run_dir)
+    reasons = failures[failures["stage"] == "extract"]["error_type"].value_counts().to_dict()
+    summary = dict(
+        shards=len(shards), skipped=skipped, failed_shards=sorted(failed), parts=len(tube_files(run_dir)),
+        rows=sum(entry.get("rows", 0) for entry in manifest.done.values()), failures=reasons,
+    )
+    log.info(
+        "extract: %d/%d shards done (%d skipped as finished), %d rows; failures: %s",
+        len(manifest.done), len(shards), skipped, summary["rows"], ", ".join(f"{k} {v}" for k, v in reasons.items()) or "none",
+    )
+    if failed:
+        log.error("extract: %d shards failed and will be retried by the next run: %s", len(failed), sorted(failed))
     return summary
-
-
-def _guarded(fn, cfg_dict, run_dir, shard, rows, classes, config_hash) -> dict:
-    """Run a shard; an exception becomes a result naming it, so one bad shard never stops the others."""
-    try:
-        return fn(cfg_dict, run_dir, shard, rows, classes, config_hash)
-    except Exception as err:  # noqa: BLE001 - reported per shard in failures/ and in the summary
-        return dict(shard=shard, error=f"{type(err).__name__}: {err}", error_type=type(err).__name__)

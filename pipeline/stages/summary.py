@@ -32,6 +32,9 @@ def show(run_dir: Path, results: dict, console: Console | None = None) -> None:
         console.print(f"[yellow]{len(failures)} failures[/] (see {run_dir / 'failures'}): " + ", ".join(f"{s}/{e}: {n}" for (s, e), n in counts.items()))
     else:
         console.print("no failures")
+    extract = results.get("extract")
+    if extract and extract.get("failed_shards"):
+        console.print(f"[red]{len(extract['failed_shards'])} shards failed[/] after their retries (rerun to try them again): {extract['failed_shards']}")
     if "train" in results and results["train"].get("trained"):
         console.print(f"demo model trained: test accuracy {_pct(results['train']['test'])}")
     console.print(f"time: {results.get('seconds', 0.0):.1f} s")

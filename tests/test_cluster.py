@@ -1,0 +1,199 @@
+"""Clusters from config, retries and killed workers, SLURM, progress, fail_fast and the run fingerprint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import dask
+import numpy as np
+import pytest
+import torch
+
+from pipeline import cluster
+from pipeline.__main__ import run
+from pipeline.models import DemoNet3D
+from pipeline.shard import make_trainer
+from pipeline.stages import extract
+from pipeline.stages.index import read_index
+from pipeline.store import read_failures, read_tubes
+from tests.conftest import make_cfg
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_slurm_config_renders_a_job_script(tmp_path):
+    cfg = make_cfg(tmp_path, [
+        "cluster=slurm", "cluster.queue=gpu", "cluster.account=vision", "cluster.walltime=02:30:00", "cluster.cores=16",
+        "cluster.memory=120GB", "cluster.gpus_per_job=4", "cluster.job_extra_directives=['--constraint=a100','--qos=low']",
+        "cluster.job_script_prologue=['source ~/venv/bin/activate']",
+    ])
+    cluster.validate(cfg.cluster)
+    settings = {k: v for k, v in dict(cfg.cluster).items() if k not in ("_target_", "jobs", "adapt_min", "adapt_max")}
+    with cluster.slurm_cluster(**settings) as slurm:  # no job is submitted: no SLURM needed
+        script = slurm.job_script()
+    lines = script.splitlines()
+    assert lines[0].startswith("#!")
+    for directive in ("-p gpu", "-A vision", "-t 02:30:00", "--cpus-per-task=16", "--gres=gpu:4", "--constraint=a100", "--qos=low"):
+        assert f"#SBATCH {directive}" in lines, directive
+    assert "source ~/venv/bin/activate" in lines
+    worker = next(line for line in lines if "distributed.cli.dask_worker" in line)
+    assert "--nworkers 4" in worker and "--resources GPU=1" in worker  # one worker per GPU, each offering one
+
+
+def test_bad_cluster_options_fail_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="n_worker.*options: n_workers"):
+        cluster.validate(make_cfg(tmp_path, ["+cluster.n_worker=3"]).cluster)
+    with pytest.raises(ValueError, match="cluster.n_workers must be >= 1"):
+        cluster.validate(make_cfg(tmp_path, ["cluster.n_workers=0"]).cluster)
+    with pytest.raises(ValueError, match="queu"):
+        cluster.validate(make_cfg(tmp_path, ["cluster=slurm", "+cluster.queu=gpu"]).cluster)
+    with pytest.raises(ValueError, match="adapt_max"):
+        cluster.validate(make_cfg(tmp_path, ["cluster=slurm", "cluster.adapt_min=4", "cluster.adapt_max=2"]).cluster)
+    with pytest.raises(ValueError, match="memory_limit"):
+        cluster.validate(make_cfg(tmp_path, ["cluster.memory_limit=lots"]).cluster)
+    with pytest.raises(ValueError, match="needs GPU workers"):
+        extract.validate(make_cfg(tmp_path, ["trainer.accelerator=gpu", "model.checkpoint=null"]))
+
+
+def test_cli_names_a_missing_scheduler_address_in_one_line(tmp_path):
+    args = [sys.executable, "-m", "pipeline", "stage=extract", f"paths.root={tmp_path}", "cluster=address"]
+    done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "cluster.address must be set" in done.stdout + done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "outputs" / "demo" / "tubes").exists()
+
+
+def test_inside_a_slurm_allocation_a_task_uses_one_device(pipeline_overrides, tmp_path, monkeypatch):
+    """SLURM's task variables of a 4-task job must not make Lightning join a 4-process world."""
+    for key, value in dict(SLURM_JOB_ID="4242", SLURM_JOB_NAME="saliency", SLURM_NTASKS="4", SLURM_NTASKS_PER_NODE="4",
+                           SLURM_PROCID="2", SLURM_LOCALID="2", SLURM_NODEID="0", SLURM_NNODES="1").items():
+        monkeypatch.setenv(key, value)
+    seen = []
+    monkeypatch.setattr(extract.ShardProgress, "on_event", lambda self, event, _on=extract.ShardProgress.on_event: (seen.append(event[1]["done"]), _on(self, event)))
+    run(make_cfg(tmp_path, [*pipeline_overrides, "cluster.processes=false", "index.clips_per_shard=8", "run_name=slurm", "stage=[index,extract]"]))
+    tubes = read_tubes(tmp_path / "outputs" / "slurm", columns=["clip_id"])
+    assert len(tubes) == 8 and tubes["clip_id"].is_unique
+    # progress moves per batch of 2 clips, from inside the worker, before the shard is done
+    assert seen == [2, 4, 6, 8]
+    log = (tmp_path / "outputs" / "slurm" / "logs" / "shard-00000.log").read_text()
+    assert "shard 0: 8 clips" in log and "shard 0 done: 8 rows" in log
+    # a task's Trainer is one process, not rank 2 of SLURM's 4, and never installs Lightning's SLURM auto-requeue
+    # handler (on SIGUSR1 it would resubmit the job of the Dask worker it runs in)
+    trainer = make_trainer(make_cfg(tmp_path, pipeline_overrides), [], inference_mode=True)
+    assert trainer.world_size == 1 and trainer.global_rank == 0
+    before = signal.getsignal(signal.SIGUSR1)
+    trainer._signal_connector.register_signal_handlers()
+    try:
+        assert signal.getsignal(signal.SIGUSR1) is before
+    finally:
+        trainer._signal_connector.teardown()
+
+
+@pytest.mark.slow  # worker processes die and restart (about 30 s)
+def test_retries_killed_workers_and_a_rerun(pipeline_overrides, tmp_path):
+    """One forward pass kills its worker process: the shards that worker held (Dask blames every task a dead
+    worker held) become failure rows and the run goes on. One raises: Dask retries that shard and it finishes.
+    The next run computes only the failed shards."""
+    traps = tmp_path / "traps"
+    traps.mkdir()
+    (traps / "exit-1").touch()
+    (traps / "raise-2").touch()
+    overrides = [*pipeline_overrides, "model.net._target_=trapped_net.TrappedNet", f"+model.net.trap={traps}",
+                 "extract.retries=1", "index.clips_per_shard=2", "run_name=traps"]
+    run_dir = tmp_path / "outputs" / "traps"
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        results = run(make_cfg(tmp_path, [*overrides, "stage=[index,extract]"]))
+    assert not list(traps.iterdir())
+    index, _ = read_index(run_dir)
+    killed = results["extract"]["failed_shards"]
+    lost = index["shard"].isin(killed)
+    assert 1 <= len(killed) < index["shard"].nunique() == 4
+    assert results["extract"]["failures"] == {"KilledWorker": int(lost.sum())}
+    failures = read_failures(run_dir)
+    assert set(failures["clip_id"]) == set(index.loc[lost, "clip_id"]) and (failures["error_type"] == "KilledWorker").all()
+    tubes = read_tubes(run_dir, columns=["clip_id"])
+    assert set(tubes["clip_id"]) == set(index.loc[~lost, "clip_id"])
+    logs = {p.name: p.read_text() for p in (run_dir / "logs").glob("*.log")}
+    raised = [name for name, text in logs.items() if "trap raise-2 sprang" in text]
+    assert len(raised) == 1 and " done: " in logs[raised[0]]  # the raising attempt is logged, and its retry finished the shard
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert sorted(map(int, manifest["failed"])) == killed and len(manifest["done"]) == 4 - len(killed)
+
+    before = {p.name: p.stat().st_mtime_ns for p in (run_dir / "tubes").glob("part-*.parquet")}
+    again = run(make_cfg(tmp_path, [*overrides, "stage=extract"]))
+    assert again["extract"]["skipped"] == len(before) and again["extract"]["failed_shards"] == []
+    assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "tubes").glob("part-*.parquet") if p.name in before} == before
+    tubes = read_tubes(run_dir, columns=["clip_id"])
+    assert tubes["clip_id"].is_unique and set(tubes["clip_id"]) == set(index["clip_id"])
+    assert read_failures(run_dir).empty
+
+
+def test_fail_fast_stops_at_the_first_bad_clip(pipeline_overrides, synthetic_root, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root, data)
+    overrides = [*pipeline_overrides, f"dataset.root={data}", "cluster.processes=false"]
+    run(make_cfg(tmp_path, [*overrides, "run_name=ff", "stage=index"]))
+    index, _ = read_index(tmp_path / "outputs" / "ff")
+    bad = Path(index["source"].iloc[-1])
+    bad.write_bytes(bad.read_bytes()[:300])  # truncated after indexing
+    with pytest.raises(RuntimeError, match=f"fail_fast.*{index['clip_id'].iloc[-1]}"):
+        run(make_cfg(tmp_path, [*overrides, "run_name=ff", "extract.fail_fast=true", "stage=extract"]))
+    # without fail_fast the same data finishes, with the bad clip as a failure row
+    results = run(make_cfg(tmp_path, [*overrides, "run_name=ff", "stage=extract"]))
+    assert results["extract"]["failures"] == {"VideoError": 1}
+    assert len(read_tubes(tmp_path / "outputs" / "ff", columns=["clip_id"])) == 7
+    assert len(list((tmp_path / "outputs" / "ff" / "configs").glob("*.yaml"))) == 3  # every invocation's config kept
+
+
+def test_a_retrained_checkpoint_is_another_configuration(pipeline_overrides, random_checkpoint, tmp_path):
+    checkpoint = tmp_path / "model.ckpt"
+    shutil.copy(random_checkpoint, checkpoint)
+    overrides = [*pipeline_overrides, f"model.checkpoint={checkpoint}", "cluster.processes=false", "index.clips_per_shard=8", "run_name=ckpt"]
+    run(make_cfg(tmp_path, [*overrides, "stage=[index,extract]"]))
+    torch.manual_seed(1)  # "retrained" to the same path
+    torch.save({"state_dict": {f"net.{k}": v for k, v in DemoNet3D(num_classes=4).state_dict().items()}}, checkpoint)
+    with pytest.raises(RuntimeError, match="another configuration.*new run_name"):
+        run(make_cfg(tmp_path, [*overrides, "stage=extract"]))
+
+
+@pytest.mark.slow
+def test_lightning_ddp_ranks_write_disjoint_parts(pipeline_overrides, tmp_path):
+    """strategy=ddp with 2 CPU processes: each rank publishes its share of every shard, no clip twice."""
+    overrides = [f"paths.root={tmp_path}", *pipeline_overrides, "cluster.processes=false", "store.codec=float32", "run_name=ddp"]
+    run(make_cfg(tmp_path, [*overrides, "stage=[index,extract]", "run_name=dask"]))
+    run(make_cfg(tmp_path, [*overrides, "stage=index"]))
+    args = [sys.executable, "-m", "pipeline", "stage=extract", *overrides, "trainer.strategy=ddp", "trainer.devices=2"]
+    done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = tmp_path / "outputs" / "ddp"
+    index, _ = read_index(run_dir)
+    parts = sorted(p.name for p in (run_dir / "tubes").glob("part-*.parquet"))
+    assert parts == [f"part-{s:05d}-rank{r}.parquet" for s in range(3) for r in (0, 1)]
+    tubes = read_tubes(run_dir, columns=["clip_id", "volume", "pred"]).set_index("clip_id")
+    assert tubes.index.is_unique and set(tubes.index) == set(index["clip_id"])
+    dask_tubes = read_tubes(tmp_path / "outputs" / "dask", columns=["clip_id", "volume", "pred"]).set_index("clip_id")
+    for clip_id, row in dask_tubes.iterrows():  # other batches than the Dask run's: same tubes up to float rounding
+        np.testing.assert_allclose(tubes.loc[clip_id, "volume"], row["volume"], rtol=1e-5, atol=1e-6)
+        assert tubes.loc[clip_id, "pred"] == row["pred"]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert sum(entry["rows"] for entry in manifest["done"].values()) == 8
+    # a rerun finds every shard finished (all ranks' shares present) and computes nothing
+    again = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert again.returncode == 0 and "3 already done, 0 to run" in again.stdout + again.stderr
+
+
+def test_one_worker_per_gpu_each_offering_one():
+    """cluster.gpus=2: two workers, each offering GPU=1, and each task learns its worker's device."""
+    from dask.distributed import Client
+
+    with cluster.local(gpus=2, processes=False, dashboard_address=None) as gpus, Client(gpus) as client:
+        workers = client.scheduler_info()["workers"]
+        assert sorted(w["resources"][cluster.GPU] for w in workers.values()) == [1, 1]
+        assert all(w["nthreads"] == 1 for w in workers.values())
+        devices = {addr: client.submit(cluster.worker_gpu, 2, workers=[addr], resources={cluster.GPU: 1}, pure=False).result() for addr in workers}
+        assert sorted(devices.values()) == [0, 1]

@@ -1,0 +1,102 @@
+"""A killed extract stage resumes: SIGKILL at several points, rerun, every clip exactly once, nothing recomputed."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.__main__ import run
+from pipeline.stages.index import read_index
+from pipeline.store import read_failures, read_tubes
+from tests.conftest import make_cfg
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _published(run_dir: Path) -> dict[str, tuple]:
+    """Published parts with what would change if they were rewritten: inode, mtime and bytes."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in sorted((run_dir / "tubes").glob("part-*.parquet"))}
+
+
+def _logs(run_dir: Path) -> dict[str, str]:
+    return {p.name: p.read_text() for p in sorted((run_dir / "logs").glob("shard-*.log"))} if (run_dir / "logs").is_dir() else {}
+
+
+def _extract(args: list[str], log_path: Path) -> subprocess.Popen:
+    with open(log_path, "ab") as out:  # the child keeps its own descriptor
+        return subprocess.Popen([sys.executable, "-m", "pipeline", "stage=extract", *args], cwd=REPO, stdout=out, stderr=out, start_new_session=True)
+
+
+def _kill_when(proc: subprocess.Popen, condition, what: str, timeout: float = 120.0) -> None:
+    """Poll ``condition()`` and SIGKILL the whole process group the moment it holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"extract finished before the kill point ({what}) was reached")
+        if time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"kill point not reached in {timeout} s: {what}")
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.slow  # four runs of the extract command (about 45 s)
+def test_sigkill_at_any_point_then_resume(synthetic_root, random_checkpoint, tmp_path):
+    overrides = [
+        f"paths.root={tmp_path}", f"dataset.root={synthetic_root}", "dataset.generate_if_missing=false",
+        f"model.checkpoint={random_checkpoint}", "sampler=uniform", "sampler.num_clips=3", "index.clips_per_shard=2",
+        "extract.batch_size=1", "cluster.n_workers=1", "cluster.processes=false", "run_name=killed",
+    ]
+    run(make_cfg(tmp_path, [*overrides[1:], "stage=index"]))
+    run_dir = tmp_path / "outputs" / "killed"
+    index, _ = read_index(run_dir)
+    assert len(index) == 24 and index["shard"].nunique() == 12
+    console = tmp_path / "extract.log"
+
+    def partial_part():  # a shard is half written: its temporary part file is open
+        return any((run_dir / "tubes").glob(".part-*.tmp-*")) if (run_dir / "tubes").is_dir() else False
+
+    def new_part(seen):  # a shard was just published: between two shards
+        return lambda: len(list((run_dir / "tubes").glob("part-*.parquet"))) > len(seen)
+
+    def model_running(seen):  # an unfinished shard has logged its first batch: mid-shard
+        def check():
+            return any(re.search(r"batch 0:", text) and f"part-{name[6:11]}.parquet" not in seen for name, text in _logs(run_dir).items())
+        return check
+
+    finished: dict[str, tuple] = {}
+    for point in ("during a write", "between shards", "mid-shard"):
+        proc = _extract(overrides, console)
+        condition = {"during a write": partial_part, "between shards": new_part(finished), "mid-shard": model_running(finished)}[point]
+        _kill_when(proc, condition, point)
+        now = _published(run_dir)
+        print(f"killed {point}: {len(now)} parts published, partial: {[p.name for p in (run_dir / 'tubes').glob('.part-*')]}")
+        assert {k: now[k] for k in finished} == finished, f"a finished shard was rewritten by the run killed {point}"
+        finished = now
+
+    assert len(finished) < 12, "the kills left no work for the final run"
+    done = subprocess.run([sys.executable, "-m", "pipeline", "stage=extract", *overrides], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    final = _published(run_dir)
+    assert {k: final[k] for k in finished} == finished  # finished shards were not recomputed
+    assert len(final) == 12 and not list((run_dir / "tubes").glob(".*tmp*"))
+
+    tubes = read_tubes(run_dir, columns=["clip_id", "shard"])
+    assert tubes["clip_id"].is_unique and set(tubes["clip_id"]) == set(index["clip_id"])
+    assert read_failures(run_dir).empty
+    assert sum(pq.ParquetFile(run_dir / "tubes" / name).metadata.num_rows for name in final) == 24
+    # each shard's log: at most one completed computation, however often the run was killed
+    for name, text in _logs(run_dir).items():
+        assert text.count(" done: ") <= 1, name
+    manifest = __import__("json").loads((run_dir / "manifest.json").read_text())
+    assert sorted(map(int, manifest["done"])) == list(range(12))
+    assert all(entry["rows"] == 2 for entry in manifest["done"].values())
