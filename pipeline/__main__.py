@@ -12,6 +12,7 @@ import os
 import sys
 import time
 import warnings
+from datetime import datetime, timezone
 from pathlib import Path
 
 import hydra
@@ -51,7 +52,8 @@ def run(cfg: DictConfig) -> dict:
     (run_dir / "config.yaml").write_text(resolved)
     (run_dir / "configs").mkdir(exist_ok=True)  # every invocation's config is kept (once: not by DDP's extra ranks)
     if os.environ.get("LOCAL_RANK", "0") == "0":
-        (run_dir / "configs" / f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}-{'-'.join(names)}.yaml").write_text(resolved)
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%f")  # microseconds: one process may run stages twice a second
+        (run_dir / "configs" / f"{stamp}-{os.getpid()}-{'-'.join(names)}.yaml").write_text(resolved)
     started = time.perf_counter()
     results: dict = {}
     if NEEDS_CLUSTER & set(names):
