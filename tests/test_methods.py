@@ -158,3 +158,29 @@ def test_gradient_method_refused_under_inference_mode(net, clips):
     explainer = TubeExplainer(copy.deepcopy(net), GradCAM(), SHAPE)
     with torch.inference_mode(), pytest.raises(Exception, match="inference_mode"):
         explainer(clips, top2)
+
+
+@pytest.mark.parametrize("name", ["gradcam", "cam"])
+def test_lightning_bf16_mixed_predict(net, name):
+    """Trainer(precision=bf16-mixed) on CPU: the model runs under autocast, tubes and statistics in fp32;
+    gradient methods need inference_mode=False, cam runs under inference mode."""
+    import pytorch_lightning as pl
+
+    from pipeline.module import TubeModule
+
+    torch.manual_seed(5)
+    batches = [dict(video=torch.rand(2, *SHAPE), positions=torch.arange(2) + 2 * i, failures=[], crop_box=torch.tensor([[0.0, 0.0, 32.0, 32.0]] * 2)) for i in range(2)]
+    method = GradCAM() if name == "gradcam" else CAM()
+    results = {}
+    for precision in ("32-true", "bf16-mixed"):
+        module = TubeModule(TubeExplainer(copy.deepcopy(net), method, SHAPE), [0.45] * 3, [0.225] * 3, codec="float32")
+        trainer = pl.Trainer(accelerator="cpu", devices=1, precision=precision, logger=False, enable_progress_bar=False, enable_model_summary=False, inference_mode=not method.needs_grad)
+        out = trainer.predict(module, torch.utils.data.DataLoader(batches, batch_size=None))
+        results[precision] = out
+    for full, mixed in zip(results["32-true"], results["bf16-mixed"]):
+        assert mixed["tubes"].dtype == torch.float32
+        same = (full["targets"] == mixed["targets"]).flatten()
+        scale = full["tubes"].abs().amax()
+        assert scale > 0
+        assert ((full["tubes"][same] - mixed["tubes"][same]).abs().max() / scale) < 0.1
+        assert not torch.equal(full["tubes"], mixed["tubes"])  # the model really ran in bf16

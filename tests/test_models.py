@@ -227,3 +227,15 @@ def test_oracle_layouts_agree_with_hand_reshape():
     out = to_ncthw((tokens, (2, 3, 4)), "tokens")
     assert out.shape == (2, 5, 2, 3, 4)
     assert out[1, 4, 1, 2, 3] == tokens[1, 1 + 1 * 12 + 2 * 4 + 3, 4]
+
+
+def test_method_configs_instantiate(tmp_path):
+    from hydra.utils import instantiate
+
+    fusion = instantiate(make_cfg(tmp_path, ["model=r3d_18", "method=fusion", "method.combine=max"]).method)
+    assert isinstance(fusion, Fusion) and fusion.layers == ["layer3", "layer4"] and fusion.combine == "max" and fusion.name == "fusion-gradcam"
+    layercam = instantiate(make_cfg(tmp_path, ["model=mvit_v2_s", "method=fusion", "method.method._target_=pipeline.saliency.LayerCAM"]).method)
+    assert isinstance(layercam.method, LayerCAM) and layercam.layers == ["blocks.13", "blocks.14"]
+    assert instantiate(make_cfg(tmp_path, ["method=scorecam", "method.batch_size=5"]).method).batch_size == 5
+    with pytest.raises(Exception, match="at least two layers"):
+        instantiate(make_cfg(tmp_path, ["model=custom", "model.net._target_=x.Y", "method=fusion"]).method)
