@@ -280,7 +280,7 @@ def end_to_end(out_dir: Path, quick: bool) -> list[dict]:
     shutil.rmtree(run_dir, ignore_errors=True)
     run_stages(cfg)
     rows, _ = read_index(run_dir)
-    rows = rows.head(8 if quick else 32)
+    rows = rows.head(8 if quick else 24)
     clips = len(rows)
     user_seconds = _user_loop(rows, cfg, out_dir / "user-loop")
     with initialize_config_dir(config_dir=conf, version_base="1.3"):
