@@ -299,7 +299,7 @@ def end_to_end(out_dir: Path, quick: bool) -> list[dict]:
 
 def run(out_dir: Path, quick: bool) -> str:
     repeats = 1 if quick else 2
-    batch = 2 if quick else 4
+    batch = 2 if quick else 8
     speed_rows = [row for label in MODELS for row in speed(label, batch, repeats)]
     peaks = []
     for label in MODELS:
