@@ -51,11 +51,16 @@ class DemoNet3D(nn.Module):
         return self.fc(self.pool(self.features(x)).flatten(1))
 
 
+PREFIXES = ("", "net.", "model.", "module.", "model.module.", "net.module.")
+
+
 def load_checkpoint(net: nn.Module, path: str | Path) -> None:
     """Load a state_dict or Lightning checkpoint from a local file into ``net`` (weights only, strict).
 
     Lightning checkpoints keep weights under ``state_dict`` with the module's attribute as prefix (``net.``,
-    ``model.``); DataParallel adds ``module.``. The prefix that makes the keys match the model is stripped.
+    ``model.``); DataParallel adds ``module.``. The prefix that makes the keys match the model is stripped. A
+    checkpoint that does not fit is refused with its missing, unexpected and mismatched (shape) keys, read
+    under the prefix that matches the most keys.
     """
     path = Path(path)
     if not path.is_file():
@@ -66,19 +71,24 @@ def load_checkpoint(net: nn.Module, path: str | Path) -> None:
         raise ModelError(f"model.checkpoint: {path} is not a loadable weights file ({err})") from err
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ModelError(f"model.checkpoint: {path} holds a {type(state).__name__}, not a state_dict")
-    expected = set(net.state_dict())
-    for prefix in ("", "net.", "model.", "module.", "model.module.", "net.module."):
-        candidate = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        if set(candidate) == expected:
-            net.load_state_dict(candidate, strict=True)
-            return
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"model.checkpoint: {path} holds a {type(state).__name__} that is not a state_dict of tensors")
+    own = net.state_dict()
+    candidates = [{k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)} for prefix in PREFIXES]
+    best = max(candidates, key=lambda c: len(set(c) & set(own)))
+    mismatched = sorted(k for k in set(best) & set(own) if best[k].shape != own[k].shape)
+    missing, unexpected = sorted(set(own) - set(best)), sorted(set(best) - set(own))
+    if not (missing or unexpected or mismatched):
+        net.load_state_dict(best, strict=True)
+        return
+
+    def listing(keys: list[str]) -> str:
+        return f"{keys[:10]}{f' ... ({len(keys)} in all)' if len(keys) > 10 else ''}"
+
+    shapes = [f"{k}: {tuple(best[k].shape)} in the file, {tuple(own[k].shape)} in the model" for k in mismatched]
     raise ModelError(
-        f"model.checkpoint: {path} does not fit {type(net).__name__}: "
-        f"missing keys {missing[:10]}{' ...' if len(missing) > 10 else ''}, "
-        f"unexpected keys {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}"
+        f"model.checkpoint: {path} does not fit {type(net).__name__}: missing keys {listing(missing)}, "
+        f"unexpected keys {listing(unexpected)}, mismatched keys {listing(shapes)}"
     )
 
 
@@ -128,9 +138,16 @@ def find_layer(net: nn.Module, input_shape: tuple[int, ...]) -> str:
     return order[-1]
 
 
+def is_linear_head(module: nn.Module) -> bool:
+    """An ``nn.Linear`` or a 1x1(x1) convolution without groups (S3D's classifier): linear over channels."""
+    if isinstance(module, nn.Linear):
+        return True
+    return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and set(module.kernel_size) == {1} and module.groups == 1
+
+
 def find_classifier(net: nn.Module) -> str:
-    """Name of the last ``nn.Linear`` in the model, the usual classifier of a pooled 3D CNN."""
-    linear = [name for name, module in net.named_modules() if isinstance(module, nn.Linear)]
+    """Name of the last linear head in the model (:func:`is_linear_head`), the usual classifier."""
+    linear = [name for name, module in net.named_modules() if name and is_linear_head(module)]
     if not linear:
-        raise ModelError(f"{type(net).__name__} has no nn.Linear classifier; set model.classifier")
+        raise ModelError(f"{type(net).__name__} has no nn.Linear (or 1x1x1 convolution) classifier; set model.classifier")
     return linear[-1]

@@ -58,7 +58,9 @@ def build_explainer(cfg, model_cfg=None) -> TubeExplainer:
     if getattr(_cache, "key", None) != key:
         net = build_model(model_cfg)
         shape = (3, model_cfg.input.clip_len, *model_cfg.input.size)
-        _cache.explainer = TubeExplainer(net, instantiate(cfg.method), shape, layer=model_cfg.layer, classifier=model_cfg.classifier)
+        _cache.explainer = TubeExplainer(
+            net, instantiate(cfg.method), shape, layer=model_cfg.layer, classifier=model_cfg.classifier, layout=model_cfg.get("layout", "auto")
+        )
         _cache.key = key
     return _cache.explainer
 

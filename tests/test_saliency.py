@@ -108,19 +108,32 @@ def test_cam_refused_without_linear_head_over_layer(net):
         TubeExplainer(net, CAM(), SHAPE, layer="features.block2")
 
     class ConvHead(nn.Module):
-        def __init__(self):
+        def __init__(self, kernel):
             super().__init__()
             self.features = nn.Conv3d(3, 4, 3, padding=1)
-            self.head = nn.Conv3d(4, 5, 1)
+            self.head = nn.Conv3d(4, 5, kernel, padding=kernel // 2)
 
         def forward(self, x):
             return self.head(self.features(x)).mean(dim=(2, 3, 4))
 
-    with pytest.raises(ModelError, match="nn.Linear"):
-        TubeExplainer(ConvHead().eval(), CAM(), SHAPE)
+    with pytest.raises(ModelError, match="1x1x1 convolution.*'head' is a Conv3d"):
+        TubeExplainer(ConvHead(3).eval(), CAM(), SHAPE, classifier="head")
     # gradient methods do not need a linear head
-    out = TubeExplainer(ConvHead().eval(), GradCAM(), SHAPE, layer="features")(torch.randn(1, *SHAPE), by_pred)
+    out = TubeExplainer(ConvHead(3).eval(), GradCAM(), SHAPE, layer="features")(torch.randn(1, *SHAPE), by_pred)
     assert out.tubes.shape == (1, 1, *SHAPE[1:])
+
+
+def test_cam_with_a_1x1x1_convolution_head():
+    """A 1x1x1 convolution before averaging (S3D's head) is linear over channels: the tube's mean plus the bias
+    is the logit."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv3d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv3d(6, 5, 1), nn.AdaptiveAvgPool3d(1), nn.Flatten()).eval()
+    x = torch.randn(2, *SHAPE)
+    out = TubeExplainer(net, CAM(), SHAPE, layer="1")(x, by_pred)
+    with torch.no_grad():
+        logits = net(x)
+    bias = net[2].bias[out.targets]
+    torch.testing.assert_close(out.tubes.mean(dim=(2, 3, 4)) + bias, logits.gather(1, out.targets), rtol=1e-4, atol=1e-5)
 
 
 def test_unknown_layer_lists_candidates(net):
@@ -156,6 +169,6 @@ def test_layer_followed_by_an_in_place_op(net, clips):
     explainer = TubeExplainer(net, GradCAM(), SHAPE, layer="features.block3.1")
     out = explainer(clips, by_pred)  # must not raise on the in-place ReLU
     assert out.tubes.shape == (3, 1, *bn_out.shape[2:]) and (out.tubes >= 0).all()
-    captured = explainer._capture(clips)[1]
+    captured = explainer._capture(clips, cut=False)[1][0].tensor
     assert captured.min() < 0  # pre-ReLU values were kept
     torch.testing.assert_close(captured, bn_out)
