@@ -93,8 +93,17 @@ def load_checkpoint(net: nn.Module, path: str | Path) -> None:
 
 
 def build_model(cfg) -> nn.Module:
-    """Instantiate ``cfg.net`` and load ``cfg.checkpoint`` if given; returns the model in eval mode."""
-    net = instantiate(cfg.net)
+    """Instantiate ``cfg.net`` and load ``cfg.checkpoint`` if given; returns the model in eval mode.
+
+    Without a checkpoint the weights are random but seeded (``cfg.init_seed``, default 0), so every worker,
+    DDP rank and resumed run builds the same network.
+    """
+    if cfg.get("checkpoint"):
+        net = instantiate(cfg.net)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(cfg.get("init_seed") or 0))
+            net = instantiate(cfg.net)
     if not isinstance(net, nn.Module):
         raise ModelError(f"model.net._target_ built a {type(net).__name__}, not a torch.nn.Module")
     if cfg.get("checkpoint"):

@@ -69,8 +69,10 @@ def torch_threads(cfg) -> int:
     setting = cfg.extract.torch_threads
     if setting != "auto":
         return int(setting)
-    workers = int(cfg.cluster.get("n_workers", 1) or 1)
-    return max(1, (os.cpu_count() or 1) // workers)
+    cluster = cfg.cluster  # cores shared by the workers of one machine (or one SLURM job)
+    cores = int(cluster.get("cores") or os.cpu_count() or 1)
+    workers = int(cluster.get("gpus") or cluster.get("gpus_per_job") or cluster.get("n_workers") or 1)
+    return max(1, cores // workers)
 
 
 def loader_workers(cfg) -> int:

@@ -68,7 +68,7 @@ def test_randomisation_check_against_a_hand_made_cam(evaluated):
     _, run_dir, _, _ = evaluated
     clips = pd.concat([pd.read_parquet(p) for p in sorted((run_dir / "evaluate").glob("part-*.parquet"))]).set_index("clip_id")
     tubes = read_tubes(run_dir, columns=["clip_id", "source", "frame_indices", "target", "volume"], filters=[("target_rank", "=", 0)]).set_index("clip_id")
-    torch.manual_seed(0)  # evaluate.seed: the same fresh initialisation as the stage's
+    torch.manual_seed(1)  # evaluate.seed + 1 (init_seed of the randomised model): the stage's fresh initialisation
     random_net = DemoNet3D(num_classes=4).eval()
     for clip_id in tubes.index[:3]:
         row = tubes.loc[clip_id]

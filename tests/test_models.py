@@ -242,3 +242,17 @@ def test_method_configs_instantiate(tmp_path):
     assert instantiate(make_cfg(tmp_path, ["method=scorecam", "method.batch_size=5"]).method).batch_size == 5
     with pytest.raises(Exception, match="at least two layers"):
         instantiate(make_cfg(tmp_path, ["model=custom", "model.net._target_=x.Y", "method=fusion"]).method)
+
+
+def test_random_weights_are_the_same_network_in_every_process(tmp_path):
+    """Without a checkpoint every worker, rank and resumed run must build one network: seeded by init_seed."""
+    cfg = make_cfg(tmp_path, ["model.checkpoint=null"]).model
+    torch.manual_seed(123)  # the global generator must not matter, and must not be consumed
+    before = torch.random.get_rng_state()
+    first = build_model(cfg).state_dict()
+    assert torch.equal(torch.random.get_rng_state(), before)
+    torch.manual_seed(456)
+    second = build_model(cfg).state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    other = build_model(OmegaConf.merge(OmegaConf.to_container(cfg), {"init_seed": 1})).state_dict()
+    assert not torch.equal(first["fc.weight"], other["fc.weight"])

@@ -102,3 +102,16 @@ def test_distributions_are_histograms_of_the_clips(runs):
         for stat in ("top10_mass", "entropy", "border_mass"):
             counts = [sum(min(int(v * 10), 9) == b for v in mine[stat]) for b in range(10)]  # tenths of [0, 1]
             np.testing.assert_allclose(per_class.loc[name, f"{stat}_hist"], np.array(counts) / len(mine), atol=1e-7)
+
+
+def test_a_run_where_every_clip_failed_says_so(tmp_path):
+    """Empty part files (every clip of every shard failed) give one clear error with the failure reasons."""
+    from pipeline.store import TUBE_SCHEMA, failures_table, write_table_atomic
+    from pipeline.writer import part_name
+
+    run_dir = tmp_path / "failed"
+    write_table_atomic(TUBE_SCHEMA.empty_table(), run_dir / "tubes" / part_name(0))
+    write_table_atomic(failures_table([dict(clip_id="a:000000", source="a.mp4", stage="extract", error_type="VideoError", message="a.mp4: broken")]),
+                       run_dir / "failures" / part_name(0))
+    with pytest.raises(RuntimeError, match=r"no clip has a tube.*VideoError"):
+        stats.run(config(), run_dir)

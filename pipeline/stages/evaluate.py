@@ -6,7 +6,7 @@ same curves for a random tube of the same resolution (the baseline a tube has to
 correlation between the stored tube and the tube of the same network with re-initialised weights (the
 randomisation sanity check), and, where the dataset has ground-truth boxes, the tube's IoU with them.
 
-The stage reuses the extractor's pieces: the explainer of :func:`pipeline.stages.extract.build_explainer`
+The stage reuses the extractor's pieces: the explainer of :func:`pipeline.shard.build_explainer`
 (trained and randomised), :class:`pipeline.clips.ClipDataset` to decode clips and
 :func:`pipeline.store.read_tubes` for the stored tubes. Like extract it runs one Dask task per shard, batched
 on the device, and a finished shard is not recomputed.
@@ -32,12 +32,13 @@ from tqdm import tqdm
 from pipeline import faithfulness as fm
 from pipeline.clips import ClipDataset, collate_clips
 from pipeline.saliency import upsample
-from pipeline.stages.extract import build_explainer, fingerprint
+from pipeline.stages.extract import fingerprint
 from pipeline.stages.index import read_index
-from pipeline.stages.stats import boxes_path, read_boxes
+from pipeline.stages.stats import UNLABELLED, boxes_path, read_boxes
 from pipeline.store import decode_column, failures_table, file_metadata, read_tubes, write_table_atomic
 from pipeline.video import ResizeCrop
-from pipeline.shard import loader_workers, torch_threads
+from pipeline.cluster import GPU, offers_gpus, worker_gpu
+from pipeline.shard import build_explainer, loader_workers, torch_threads
 from pipeline.writer import part_name, shard_parts
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
         raise ValueError(f"evaluate.iou_level must be in (0, 1], got {ev.iou_level}")
     if ev.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"evaluate.device must be auto, cpu or cuda, got {ev.device!r}")
+    if not cfg.model.get("checkpoint"):
+        raise ValueError("stage=evaluate needs trained weights (model.checkpoint): the randomisation check compares them with random ones")
 
 
 def pick_clips(run_dir: Path, per_class: int | None, seed: int) -> pd.DataFrame:
@@ -80,14 +83,16 @@ def _digest(obj) -> str:
 
 
 def _device(setting: str) -> torch.device:
+    """The task's device: on a GPU cluster, the GPU of the Dask worker running it (one worker per GPU)."""
     if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
+        return torch.device("cuda", worker_gpu(torch.cuda.device_count()))
     return torch.device("cpu")
 
 
 def _randomised(cfg):
-    """The model config with no checkpoint: the same network with freshly initialised weights."""
-    return OmegaConf.merge(cfg.model, {"checkpoint": None})
+    """The model config with no checkpoint: the same network with freshly initialised weights (seeded by
+    ``evaluate.seed``, so the check is reproducible)."""
+    return OmegaConf.merge(OmegaConf.to_container(cfg.model, resolve=True), {"checkpoint": None, "init_seed": int(cfg.evaluate.seed) + 1})
 
 
 def clip_boxes(rows: pd.DataFrame, boxes: pd.DataFrame | None) -> torch.Tensor:
@@ -202,7 +207,7 @@ def aggregate(run_dir: Path) -> pd.DataFrame:
     """
     files = sorted((run_dir / "evaluate").glob("part-*.parquet"))
     clips = pd.concat([pd.read_parquet(f, columns=[*GROUP, *METRICS, *CURVES]) for f in files], ignore_index=True)
-    clips["label"] = clips["label"].fillna(-1).astype("int64")
+    clips["label"] = clips["label"].fillna(UNLABELLED).astype("int64")
     clips["label_name"] = clips["label_name"].fillna("(unlabelled)").astype(object)
     tables = []
     for data in (clips, clips.assign(label=-1, label_name="(all)")):
@@ -232,6 +237,9 @@ def run(cfg, run_dir: Path, client=None) -> dict:
     for stale in (run_dir / "evaluate").glob("part-*.parquet"):  # shards with no evaluated clip any more
         if int(stale.stem.split("-")[1]) not in shards:
             stale.unlink()
+            (run_dir / "failures" / f"evaluate-{stale.stem.split('-')[1]}.parquet").unlink(missing_ok=True)
+    for shard in todo:  # results of older settings must not outlive a rerun that fails
+        (run_dir / "evaluate" / part_name(shard)).unlink(missing_ok=True)
     log.info("evaluate: %d clips in %d shards, %d to run", len(rows), len(shards), len(todo))
 
     def shard_boxes(part):
@@ -245,7 +253,10 @@ def run(cfg, run_dir: Path, client=None) -> dict:
                 outcomes.append(_guarded(cfg_dict, str(run_dir), shard, part, shard_boxes(part), digest))
                 bar.update(len(part))
         else:
-            futures = [client.submit(_guarded, cfg_dict, str(run_dir), s, p, shard_boxes(p), d, pure=False) for s, (p, d) in todo.items()]
+            # as the extractor: on GPU workers each task holds one worker's GPU=1 resource, so tasks never share a device
+            gpu = ev.device != "cpu" and str(cfg.trainer.accelerator) != "cpu" and offers_gpus(cfg.cluster)
+            futures = [client.submit(_guarded, cfg_dict, str(run_dir), s, p, shard_boxes(p), d, pure=False, resources={GPU: 1} if gpu else None)
+                       for s, (p, d) in todo.items()]
             outcomes = []
             for future in as_completed(futures):
                 outcomes.append(future.result())

@@ -202,6 +202,8 @@ def plan(run_dir: Path, shards: dict[int, pd.DataFrame], config_hash: str, manif
             continue
         if part is not None:  # other clips (the index was rebuilt) or a DDP run's unfinished share
             set_aside(run_dir, shard, "made for other clips of this shard, or incomplete")
+        for stale in shard_parts(run_dir / "failures", shard):  # the recompute writes its own (maybe per rank)
+            stale.unlink()
         todo[shard] = rows
     return todo
 

@@ -38,7 +38,7 @@ import torch
 from pipeline.faithfulness import spearman
 from pipeline.saliency import upsample
 from pipeline.stages.index import read_index
-from pipeline.store import decode_column, tube_files, write_table_atomic
+from pipeline.store import decode_column, read_failures, tube_files, write_table_atomic
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ HISTOGRAMS = ["top10_mass", "entropy", "border_mass"]
 HIST_BINS = 10
 COLUMNS = ["clip_id", "video_id", "label", "label_name", "split", "method", "target_rank", "pred", "frame_indices", "crop_box", "frame_peak_x", "frame_peak_y", *LIST_STATS, *SCALAR_STATS]
 GROUP = ["method", "label", "label_name"]
+UNLABELLED = -2  # the label of clips that have none; -1 marks the totals rows, named "(all)"
 POINTING_SCHEMA = pa.schema([("method", pa.string()), ("label", pa.int64()), ("label_name", pa.string()), ("split", pa.string()),
                              ("clip_id", pa.string()), ("frame", pa.int64()), ("hit", pa.float64()), ("chance", pa.float64())])
 
@@ -57,7 +58,7 @@ def _prepare(part: pd.DataFrame, lengths: dict[str, int]) -> pd.DataFrame:
     """Per-partition: first targets only, a correctness flag and each list statistic as one column per element."""
     part = part[part["target_rank"] == 0]
     out = part[GROUP + ["split"] + [c for c in SCALAR_STATS if c in part.columns]].copy()
-    out["label"] = out["label"].fillna(-1).astype("int64")
+    out["label"] = out["label"].fillna(UNLABELLED).astype("int64")
     out["label_name"] = out["label_name"].fillna("(unlabelled)").astype(object)
     out["split"] = out["split"].fillna("(none)").astype(object)
     out["correct"] = (part["pred"] == part["label"]).astype("float64").where(part["label"].notna())
@@ -78,7 +79,7 @@ def pointing_rows(part: pd.DataFrame, boxes: pd.DataFrame, tolerance: float) -> 
     part = part[part["target_rank"] == 0]
     crop = np.stack(part["crop_box"].to_numpy()) if len(part) else np.zeros((0, 4))
     steps = part[["method", "label", "label_name", "split", "clip_id", "video_id", "frame_indices", "frame_peak_x", "frame_peak_y"]].assign(
-        label=part["label"].fillna(-1).astype("int64"), label_name=part["label_name"].fillna("(unlabelled)").astype(object),
+        label=part["label"].fillna(UNLABELLED).astype("int64"), label_name=part["label_name"].fillna("(unlabelled)").astype(object),
         split=part["split"].fillna("(none)").astype(object),
         cx0=crop[:, 0], cy0=crop[:, 1], cx1=crop[:, 2], cy1=crop[:, 3],
     )
@@ -194,7 +195,7 @@ def tube_agreement(part_file: Path, other_dir: Path, other_run: str) -> pd.DataF
             ta, tb = upsample(ta, size), upsample(tb, size)
         rho[i] = float(spearman(ta, tb)[0])
     return pd.DataFrame(dict(
-        clip_id=pairs["clip_id"], label=pairs["label"].fillna(-1).astype("int64"), label_name=pairs["label_name"].fillna("(unlabelled)").astype(object),
+        clip_id=pairs["clip_id"], label=pairs["label"].fillna(UNLABELLED).astype("int64"), label_name=pairs["label_name"].fillna("(unlabelled)").astype(object),
         method=pairs["method"], other_run=other_run, other_method=pairs["method_other"], target=pairs["target"].astype("int64"), spearman=rho,
     ))
 
@@ -239,6 +240,10 @@ def run(cfg, run_dir: Path, client=None) -> dict:
     files = tube_files(run_dir)
     if not files:
         raise FileNotFoundError(f"{run_dir / 'tubes'}: no tube files; run the extract stage first")
+    if all(pq.read_metadata(f).num_rows == 0 for f in files):
+        failures = read_failures(run_dir)
+        reasons = failures["error_type"].value_counts().to_dict() if len(failures) else {}
+        raise RuntimeError(f"{run_dir}: no clip has a tube, so there is nothing to aggregate; failures by reason: {reasons} (see {run_dir / 'failures'})")
     lengths = _list_lengths(files)
     present = set(pq.read_schema(files[0]).names)
     tubes = dd.read_parquet([str(f) for f in files], columns=[c for c in COLUMNS if c in present])
