@@ -1,4 +1,4 @@
-"""The one-screen summary printed after a run: clips, failures, accuracy, pointing game, time, report path."""
+"""The one-screen summary printed after a run: clips, accuracy, pointing game, faithfulness, failures, time, report path."""
 
 from __future__ import annotations
 
@@ -26,6 +26,14 @@ def show(run_dir: Path, results: dict, console: Console | None = None) -> None:
                 _pct(pointing), _pct(chance),
             )
     console.print(table)
+    faith_path = run_dir / "stats" / "faithfulness.parquet"
+    if faith_path.is_file():  # written by stage=evaluate; the totals rows are label -1
+        for row in pd.read_parquet(faith_path).query("label == -1").itertuples():
+            console.print(
+                f"faithfulness of {row.method}: deletion AUC {row.deletion_auc:.3f} (random tube {row.random_deletion_auc:.3f}, lower is better), "
+                f"insertion AUC {row.insertion_auc:.3f} (random {row.random_insertion_auc:.3f}, higher is better), "
+                f"randomised-model Spearman {row.randomisation_spearman:.3f}"
+            )
     failures = read_failures(run_dir)
     if len(failures):
         counts = failures.groupby(["stage", "error_type"]).size()
