@@ -14,8 +14,6 @@ on the device, and a finished shard is not recomputed.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 
@@ -38,7 +36,7 @@ from pipeline.stages.stats import UNLABELLED, boxes_path, read_boxes
 from pipeline.store import decode_column, failures_table, file_metadata, read_tubes, write_table_atomic
 from pipeline.video import ResizeCrop
 from pipeline.cluster import GPU, offers_gpus, worker_gpu
-from pipeline.shard import build_explainer, loader_workers, torch_threads
+from pipeline.shard import build_explainer, digest, loader_workers, torch_threads
 from pipeline.writer import part_name, shard_parts
 
 log = logging.getLogger(__name__)
@@ -76,10 +74,6 @@ def pick_clips(run_dir: Path, per_class: int | None, seed: int) -> pd.DataFrame:
     if per_class is not None:
         rows = rows.sample(frac=1.0, random_state=seed).groupby(rows["label_name"].fillna("(unlabelled)"), sort=False).head(per_class)
     return rows.sort_values("clip_id").reset_index(drop=True)
-
-
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _device(setting: str) -> torch.device:
@@ -133,7 +127,7 @@ def evaluate_batch(net, x, tubes, native, random_native, targets, boxes, crop_bo
     return out
 
 
-def evaluate_shard(cfg_dict: dict, run_dir: str, shard: int, rows: pd.DataFrame, boxes: pd.DataFrame | None, digest: str) -> dict:
+def evaluate_shard(cfg_dict: dict, run_dir: str, shard: int, rows: pd.DataFrame, boxes: pd.DataFrame | None, settings_hash: str) -> dict:
     """Evaluate one shard's clips and publish ``evaluate/part-NNNNN.parquet``. Runs in a Dask worker."""
     cfg = OmegaConf.create(cfg_dict)
     torch.set_num_threads(torch_threads(cfg))  # as the extractor: a fixed count per task, no oversubscription
@@ -178,7 +172,7 @@ def evaluate_shard(cfg_dict: dict, run_dir: str, shard: int, rows: pd.DataFrame,
                 part[name] = list(value.astype(np.float32)) if value.ndim == 2 else value.astype(np.float64)
             results.append(part)
     table = pd.concat(results, ignore_index=True) if results else pd.DataFrame(columns=[*CLIP_COLUMNS[:6], "method", "target", *METRICS, *CURVES])
-    write_table_atomic(pa.Table.from_pandas(table, preserve_index=False), Path(run_dir) / "evaluate" / part_name(shard), {"evaluate_hash": digest})
+    write_table_atomic(pa.Table.from_pandas(table, preserve_index=False), Path(run_dir) / "evaluate" / part_name(shard), {"evaluate_hash": settings_hash})
     failure_path = Path(run_dir) / "failures" / f"evaluate-{shard:05d}.parquet"
     if failures:
         write_table_atomic(failures_table(failures), failure_path)
@@ -229,11 +223,11 @@ def run(cfg, run_dir: Path, client=None) -> dict:
     cfg_dict = OmegaConf.to_container(cfg, resolve=True)
     todo, shards = {}, {}
     for shard, part in rows.groupby("shard", sort=True):
-        digest = _digest([settings, part["clip_id"].tolist()])
+        settings_hash = digest([settings, part["clip_id"].tolist()])
         shards[shard] = part
         out = run_dir / "evaluate" / part_name(shard)
-        if not (out.is_file() and file_metadata(out).get("evaluate_hash") == digest):
-            todo[shard] = (part, digest)
+        if not (out.is_file() and file_metadata(out).get("evaluate_hash") == settings_hash):
+            todo[shard] = (part, settings_hash)
     for stale in (run_dir / "evaluate").glob("part-*.parquet"):  # shards with no evaluated clip any more
         if int(stale.stem.split("-")[1]) not in shards:
             stale.unlink()
@@ -249,8 +243,8 @@ def run(cfg, run_dir: Path, client=None) -> dict:
     with tqdm(total=len(rows), desc="evaluate", unit="clip") as bar:
         if client is None:
             outcomes = []
-            for shard, (part, digest) in todo.items():
-                outcomes.append(_guarded(cfg_dict, str(run_dir), shard, part, shard_boxes(part), digest))
+            for shard, (part, settings_hash) in todo.items():
+                outcomes.append(_guarded(cfg_dict, str(run_dir), shard, part, shard_boxes(part), settings_hash))
                 bar.update(len(part))
         else:
             # as the extractor: on GPU workers each task holds one worker's GPU=1 resource, so tasks never share a device
@@ -280,9 +274,9 @@ def run(cfg, run_dir: Path, client=None) -> dict:
                 overall=overall.drop(columns=CURVES).to_dict("records"))
 
 
-def _guarded(cfg_dict, run_dir, shard, part, boxes, digest) -> dict:
+def _guarded(cfg_dict, run_dir, shard, part, boxes, settings_hash) -> dict:
     """One shard; an exception becomes a result naming it, so one bad shard never stops the others."""
     try:
-        return evaluate_shard(cfg_dict, run_dir, shard, part, boxes, digest)
+        return evaluate_shard(cfg_dict, run_dir, shard, part, boxes, settings_hash)
     except Exception as err:  # noqa: BLE001 - reported per shard in failures/ and in the result
         return dict(shard=shard, error=f"{type(err).__name__}: {err}", error_type=type(err).__name__)
