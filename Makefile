@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install demo test test-fast bench index extract stats evaluate report all train clean
+.PHONY: help install lint demo test test-fast bench index extract stats evaluate report all train clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -23,7 +23,11 @@ $(VENV)/.installed: pyproject.toml
 demo: install ## synthetic data + demo model (if missing), the whole pipeline, then a summary
 	$(PY) -m pipeline stage=demo $(ARGS)
 
-test: install ## the whole test suite
+lint: install ## ruff: lint rules and formatting (pyproject.toml)
+	$(VENV)/bin/ruff check pipeline tests
+	$(VENV)/bin/ruff format --check pipeline tests
+
+test: install lint ## lint, then the whole test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: install ## the test suite without the slow end-to-end tests

@@ -20,26 +20,39 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from pipeline import cluster
-from pipeline.cluster import open_client
-from pipeline.datasets import DatasetError
+from pipeline.data.datasets import DatasetError
 from pipeline.models import ModelError
+from pipeline.runtime import cluster
+from pipeline.runtime.cluster import open_client
 from pipeline.stages import evaluate, extract, index, report, stats, summary, train
 
 log = logging.getLogger("pipeline")
 warnings.filterwarnings("ignore", message=r".*LeafSpec.*")  # Lightning's own use of a deprecated torch API
 
 STAGES = {"train": train, "index": index, "extract": extract, "stats": stats, "evaluate": evaluate, "report": report}
-SEQUENCES = {"all": ["index", "extract", "stats", "report"], "demo": ["train", "index", "extract", "stats", "evaluate", "report"]}
+SEQUENCES = {
+    "all": ["index", "extract", "stats", "report"],
+    "demo": ["train", "index", "extract", "stats", "evaluate", "report"],
+}
 NEEDS_CLUSTER = {"index", "extract", "evaluate"}
-USER_ERRORS = (DatasetError, ModelError, FileNotFoundError, ValueError, RuntimeError, InstantiationException, MissingMandatoryValue)
+USER_ERRORS = (
+    DatasetError,
+    ModelError,
+    FileNotFoundError,
+    ValueError,
+    RuntimeError,
+    InstantiationException,
+    MissingMandatoryValue,
+)
 
 
 def stages_of(stage) -> list[str]:
     names = SEQUENCES.get(stage, [stage]) if isinstance(stage, str) else list(stage)
     unknown = [s for s in names if s not in STAGES]
     if unknown:
-        raise ValueError(f"stage={stage!r}: unknown stage {unknown[0]!r}; choose from {sorted(STAGES) + sorted(SEQUENCES)}")
+        raise ValueError(
+            f"stage={stage!r}: unknown stage {unknown[0]!r}; choose from {sorted(STAGES) + sorted(SEQUENCES)}"
+        )
     return names
 
 
@@ -52,7 +65,9 @@ def run(cfg: DictConfig) -> dict:
     (run_dir / "config.yaml").write_text(resolved)
     (run_dir / "configs").mkdir(exist_ok=True)  # every invocation's config is kept (once: not by DDP's extra ranks)
     if os.environ.get("LOCAL_RANK", "0") == "0":
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%f")  # microseconds: one process may run stages twice a second
+        stamp = datetime.now(timezone.utc).strftime(
+            "%Y%m%dT%H%M%S.%f"
+        )  # microseconds: one process may run stages twice a second
         (run_dir / "configs" / f"{stamp}-{os.getpid()}-{'-'.join(names)}.yaml").write_text(resolved)
     started = time.perf_counter()
     results: dict = {}

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from pipeline.datasets.synthetic import SyntheticSpec, generate
+from pipeline.data.datasets.synthetic import SyntheticSpec, generate
 from pipeline.models import DemoNet3D
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")

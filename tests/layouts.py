@@ -7,8 +7,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipeline.data.video import write_video
 from pipeline.stages import index
-from pipeline.video import write_video
+from pipeline.store import read_index
+
 
 def run_index(tmp_path: Path, overrides: list[str]):
     """Run the real index stage with the project's config plus ``overrides``: (index rows, metadata, run dir)."""
@@ -18,7 +20,7 @@ def run_index(tmp_path: Path, overrides: list[str]):
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     index.run(cfg, run_dir)
-    return (*index.read_index(run_dir), run_dir)
+    return (*read_index(run_dir), run_dir)
 
 
 BITS = 10  # frame indices up to 1023
@@ -63,13 +65,46 @@ EPIC_FPS = 60000 / 1001
 EPIC_VERBS = ["take", "put", "open"]
 EPIC_NOUNS = ["cup", "plate", "knife", "door"]
 EPIC_100_COLUMNS = [
-    "narration_id", "participant_id", "video_id", "narration_timestamp", "start_timestamp", "stop_timestamp",
-    "start_frame", "stop_frame", "narration", "verb", "verb_class", "noun", "noun_class", "all_nouns", "all_noun_classes",
+    "narration_id",
+    "participant_id",
+    "video_id",
+    "narration_timestamp",
+    "start_timestamp",
+    "stop_timestamp",
+    "start_frame",
+    "stop_frame",
+    "narration",
+    "verb",
+    "verb_class",
+    "noun",
+    "noun_class",
+    "all_nouns",
+    "all_noun_classes",
 ]
-EPIC_100_TEST_COLUMNS = ["narration_id", "participant_id", "video_id", "start_timestamp", "stop_timestamp", "start_frame", "stop_frame"]
+EPIC_100_TEST_COLUMNS = [
+    "narration_id",
+    "participant_id",
+    "video_id",
+    "start_timestamp",
+    "stop_timestamp",
+    "start_frame",
+    "stop_frame",
+]
 EPIC_55_COLUMNS = [
-    "uid", "participant_id", "video_id", "narration", "start_timestamp", "stop_timestamp", "start_frame", "stop_frame",
-    "verb", "verb_class", "noun", "noun_class", "all_nouns", "all_noun_classes",
+    "uid",
+    "participant_id",
+    "video_id",
+    "narration",
+    "start_timestamp",
+    "stop_timestamp",
+    "start_frame",
+    "stop_frame",
+    "verb",
+    "verb_class",
+    "noun",
+    "noun_class",
+    "all_nouns",
+    "all_noun_classes",
 ]
 #: video id -> frame count of the test videos (P01_01 and P01_02 exist as MP4 and as frame folders)
 EPIC_VIDEOS = {"P01_01": 120, "P01_02": 90}
@@ -83,11 +118,22 @@ def _stamp(frame) -> str:
 def epic_row(narration_id, video_id, start, stop, verb, noun, columns=EPIC_100_COLUMNS):
     """One EPIC action CSV row in the release's column order (frames are 1-based, both ends included)."""
     values = dict(
-        narration_id=narration_id, uid=narration_id, participant_id=video_id[:3], video_id=video_id,
-        narration_timestamp=_stamp(start), start_timestamp=_stamp(start), stop_timestamp=_stamp(stop),
-        start_frame=start, stop_frame=stop, narration=f"{EPIC_VERBS[verb] if verb < 3 else 'x'} thing",
-        verb=EPIC_VERBS[verb] if verb < 3 else "x", verb_class=verb, noun=EPIC_NOUNS[noun] if noun < 4 else "y", noun_class=noun,
-        all_nouns=f'"[\'{EPIC_NOUNS[noun] if noun < 4 else "y"}\']"', all_noun_classes=f'"[{noun}]"',
+        narration_id=narration_id,
+        uid=narration_id,
+        participant_id=video_id[:3],
+        video_id=video_id,
+        narration_timestamp=_stamp(start),
+        start_timestamp=_stamp(start),
+        stop_timestamp=_stamp(stop),
+        start_frame=start,
+        stop_frame=stop,
+        narration=f"{EPIC_VERBS[verb] if verb < 3 else 'x'} thing",
+        verb=EPIC_VERBS[verb] if verb < 3 else "x",
+        verb_class=verb,
+        noun=EPIC_NOUNS[noun] if noun < 4 else "y",
+        noun_class=noun,
+        all_nouns=f"\"['{EPIC_NOUNS[noun] if noun < 4 else 'y'}']\"",
+        all_noun_classes=f'"[{noun}]"',
     )
     return [values[c] for c in columns]
 
@@ -96,30 +142,59 @@ def make_epic_media(root: Path) -> None:
     """MP4 videos (H.264 with B-frames at 59.94 fps) and JPEG frame folders of the same frames."""
     for k, (video_id, n) in enumerate(EPIC_VIDEOS.items()):
         frames = barcode_frames(n, height=72, width=128, seed=k)
-        write_video(root / "P01" / "videos" / f"{video_id}.MP4", frames, fps=EPIC_FPS, g="30", bf="3", crf="18", preset="veryfast")
+        write_video(
+            root / "P01" / "videos" / f"{video_id}.MP4",
+            frames,
+            fps=EPIC_FPS,
+            g="30",
+            bf="3",
+            crf="18",
+            preset="veryfast",
+        )
         write_frame_folder(root / "P01" / "rgb_frames" / video_id, frames)
 
 
 def make_epic100_annotations(folder: Path) -> None:
-    write_csv(folder / "EPIC_100_verb_classes.csv", ["id", "key", "instances", "category"],
-              [[i, v, f'"[\'{v}\']"', "manipulation"] for i, v in enumerate(EPIC_VERBS)])
-    write_csv(folder / "EPIC_100_noun_classes.csv", ["id", "key", "instances", "category"],
-              [[i, n, f'"[\'{n}\']"', "cutlery"] for i, n in enumerate(EPIC_NOUNS)])
-    write_csv(folder / "EPIC_100_video_info.csv", ["video_id", "duration", "fps", "resolution"],
-              [[v, round(n / EPIC_FPS, 3), EPIC_FPS, "128x72"] for v, n in EPIC_VIDEOS.items()])
-    write_csv(folder / "EPIC_100_train.csv", EPIC_100_COLUMNS, [
-        epic_row("P01_01_0", "P01_01", 11, 40, 0, 0),     # take cup: frames [10, 40)
-        epic_row("P01_01_1", "P01_01", 61, 120, 1, 1),    # put plate: up to the last frame
-        epic_row("P01_02_0", "P01_02", 1, 3, 2, 3),       # open door: 3 frames, padded
-        epic_row("P01_02_1", "P01_02", 50, 89, 0, 1),     # take plate
-    ])
-    write_csv(folder / "EPIC_100_validation.csv", EPIC_100_COLUMNS, [
-        epic_row("P01_02_5", "P01_02", 21, 60, 0, 0),     # take cup (pair seen in train)
-        epic_row("P01_02_6", "P01_02", 61, 80, 2, 2),     # open knife (pair never in train)
-    ])
-    write_csv(folder / "EPIC_100_test_timestamps.csv", EPIC_100_TEST_COLUMNS, [
-        ["P01_01_9", "P01", "P01_01", _stamp(31), _stamp(70), 31, 70],
-    ])
+    write_csv(
+        folder / "EPIC_100_verb_classes.csv",
+        ["id", "key", "instances", "category"],
+        [[i, v, f"\"['{v}']\"", "manipulation"] for i, v in enumerate(EPIC_VERBS)],
+    )
+    write_csv(
+        folder / "EPIC_100_noun_classes.csv",
+        ["id", "key", "instances", "category"],
+        [[i, n, f"\"['{n}']\"", "cutlery"] for i, n in enumerate(EPIC_NOUNS)],
+    )
+    write_csv(
+        folder / "EPIC_100_video_info.csv",
+        ["video_id", "duration", "fps", "resolution"],
+        [[v, round(n / EPIC_FPS, 3), EPIC_FPS, "128x72"] for v, n in EPIC_VIDEOS.items()],
+    )
+    write_csv(
+        folder / "EPIC_100_train.csv",
+        EPIC_100_COLUMNS,
+        [
+            epic_row("P01_01_0", "P01_01", 11, 40, 0, 0),  # take cup: frames [10, 40)
+            epic_row("P01_01_1", "P01_01", 61, 120, 1, 1),  # put plate: up to the last frame
+            epic_row("P01_02_0", "P01_02", 1, 3, 2, 3),  # open door: 3 frames, padded
+            epic_row("P01_02_1", "P01_02", 50, 89, 0, 1),  # take plate
+        ],
+    )
+    write_csv(
+        folder / "EPIC_100_validation.csv",
+        EPIC_100_COLUMNS,
+        [
+            epic_row("P01_02_5", "P01_02", 21, 60, 0, 0),  # take cup (pair seen in train)
+            epic_row("P01_02_6", "P01_02", 61, 80, 2, 2),  # open knife (pair never in train)
+        ],
+    )
+    write_csv(
+        folder / "EPIC_100_test_timestamps.csv",
+        EPIC_100_TEST_COLUMNS,
+        [
+            ["P01_01_9", "P01", "P01_01", _stamp(31), _stamp(70), 31, 70],
+        ],
+    )
 
 
 # ------------------------------------------------------------------------------------------------ UCF-101
@@ -138,8 +213,9 @@ def write_avi(path: Path, frames: np.ndarray, fps: float, audio: bool) -> None:
     if not audio:
         write_video(path, frames, fps=fps, codec="mpeg4", qscale="2")
         return
-    import av
     from fractions import Fraction
+
+    import av
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), mode="w") as container:

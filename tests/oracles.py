@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 
 def to_ncthw(output, layout: str) -> torch.Tensor:
-    """The explained tensor of a layer's output as (N, C, t, h, w), written independently of pipeline.layers."""
+    """The explained tensor of a layer's output as (N, C, t, h, w), written independently of pipeline.explain.layouts."""
     if layout == "tokens":
         tokens, (t, h, w) = output
         if tokens.shape[1] == t * h * w + 1:
@@ -74,7 +74,9 @@ def oracle_tubes(method, acts, grads, targets, weight=None) -> np.ndarray:
     for i in range(n):
         for j in range(k):
             t = int(targets[i, j])
-            out[i, j] = oracle_tube(method, acts[i], None if grads is None else grads[i, j], None if weight is None else weight[t])
+            out[i, j] = oracle_tube(
+                method, acts[i], None if grads is None else grads[i, j], None if weight is None else weight[t]
+            )
     return out
 
 

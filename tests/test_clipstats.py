@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from pipeline.clipstats import clip_statistics
+from pipeline.explain.clipstats import clip_statistics
 
 T, H, W = 4, 5, 6
 BOX = [16.0, 0.0, 112.0, 96.0]
@@ -20,7 +20,17 @@ def scalar(stats, name):
 def test_output_shapes():
     tubes = torch.rand(3, T, H, W)
     stats = clip_statistics(tubes, torch.tensor([BOX] * 3))
-    for name in ("mass", "peak_t", "peak_y", "peak_x", "centroid_t", "centroid_y", "centroid_x", "top10_mass", "entropy"):
+    for name in (
+        "mass",
+        "peak_t",
+        "peak_y",
+        "peak_x",
+        "centroid_t",
+        "centroid_y",
+        "centroid_x",
+        "top10_mass",
+        "entropy",
+    ):
         assert stats[name].shape == (3,), name
     for name in ("temporal_profile", "frame_peak_x", "frame_peak_y"):
         assert stats[name].shape == (3, T), name

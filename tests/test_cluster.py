@@ -14,31 +14,47 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import cluster
 from pipeline.__main__ import run
 from pipeline.models import DemoNet3D
-from pipeline.shard import make_trainer
+from pipeline.runtime import cluster
+from pipeline.runtime.shard import make_trainer
 from pipeline.stages import extract
-from pipeline.stages.index import read_index
-from pipeline.store import read_failures, read_tubes
+from pipeline.store import read_failures, read_index, read_tubes
 from tests.conftest import make_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_slurm_config_renders_a_job_script(tmp_path):
-    cfg = make_cfg(tmp_path, [
-        "cluster=slurm", "cluster.queue=gpu", "cluster.account=vision", "cluster.walltime=02:30:00", "cluster.cores=16",
-        "cluster.memory=120GB", "cluster.gpus_per_job=4", "cluster.job_extra_directives=['--constraint=a100','--qos=low']",
-        "cluster.job_script_prologue=['source ~/venv/bin/activate']",
-    ])
+    cfg = make_cfg(
+        tmp_path,
+        [
+            "cluster=slurm",
+            "cluster.queue=gpu",
+            "cluster.account=vision",
+            "cluster.walltime=02:30:00",
+            "cluster.cores=16",
+            "cluster.memory=120GB",
+            "cluster.gpus_per_job=4",
+            "cluster.job_extra_directives=['--constraint=a100','--qos=low']",
+            "cluster.job_script_prologue=['source ~/venv/bin/activate']",
+        ],
+    )
     cluster.validate(cfg.cluster)
     settings = {k: v for k, v in dict(cfg.cluster).items() if k not in ("_target_", "jobs", "adapt_min", "adapt_max")}
     with cluster.slurm_cluster(**settings) as slurm:  # no job is submitted: no SLURM needed
         script = slurm.job_script()
     lines = script.splitlines()
     assert lines[0].startswith("#!")
-    for directive in ("-p gpu", "-A vision", "-t 02:30:00", "--cpus-per-task=16", "--gres=gpu:4", "--constraint=a100", "--qos=low"):
+    for directive in (
+        "-p gpu",
+        "-A vision",
+        "-t 02:30:00",
+        "--cpus-per-task=16",
+        "--gres=gpu:4",
+        "--constraint=a100",
+        "--qos=low",
+    ):
         assert f"#SBATCH {directive}" in lines, directive
     assert "source ~/venv/bin/activate" in lines
     worker = next(line for line in lines if "distributed.cli.dask_worker" in line)
@@ -70,12 +86,35 @@ def test_cli_names_a_missing_scheduler_address_in_one_line(tmp_path):
 
 def test_inside_a_slurm_allocation_a_task_uses_one_device(pipeline_overrides, tmp_path, monkeypatch):
     """SLURM's task variables of a 4-task job must not make Lightning join a 4-process world."""
-    for key, value in dict(SLURM_JOB_ID="4242", SLURM_JOB_NAME="saliency", SLURM_NTASKS="4", SLURM_NTASKS_PER_NODE="4",
-                           SLURM_PROCID="2", SLURM_LOCALID="2", SLURM_NODEID="0", SLURM_NNODES="1").items():
+    for key, value in dict(
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NAME="saliency",
+        SLURM_NTASKS="4",
+        SLURM_NTASKS_PER_NODE="4",
+        SLURM_PROCID="2",
+        SLURM_LOCALID="2",
+        SLURM_NODEID="0",
+        SLURM_NNODES="1",
+    ).items():
         monkeypatch.setenv(key, value)
     seen = []
-    monkeypatch.setattr(extract.ShardProgress, "on_event", lambda self, event, _on=extract.ShardProgress.on_event: (seen.append(event[1]["done"]), _on(self, event)))
-    run(make_cfg(tmp_path, [*pipeline_overrides, "cluster.processes=false", "index.clips_per_shard=8", "run_name=slurm", "stage=[index,extract]"]))
+    monkeypatch.setattr(
+        extract.ShardProgress,
+        "on_event",
+        lambda self, event, _on=extract.ShardProgress.on_event: (seen.append(event[1]["done"]), _on(self, event)),
+    )
+    run(
+        make_cfg(
+            tmp_path,
+            [
+                *pipeline_overrides,
+                "cluster.processes=false",
+                "index.clips_per_shard=8",
+                "run_name=slurm",
+                "stage=[index,extract]",
+            ],
+        )
+    )
     tubes = read_tubes(tmp_path / "outputs" / "slurm", columns=["clip_id"])
     assert len(tubes) == 8 and tubes["clip_id"].is_unique
     # progress moves per batch of 2 clips, from inside the worker, before the shard is done
@@ -103,8 +142,14 @@ def test_retries_killed_workers_and_a_rerun(pipeline_overrides, tmp_path):
     traps.mkdir()
     (traps / "exit-1").touch()
     (traps / "raise-2").touch()
-    overrides = [*pipeline_overrides, "model.net._target_=trapped_net.TrappedNet", f"+model.net.trap={traps}",
-                 "extract.retries=1", "index.clips_per_shard=2", "run_name=traps"]
+    overrides = [
+        *pipeline_overrides,
+        "model.net._target_=trapped_net.TrappedNet",
+        f"+model.net.trap={traps}",
+        "extract.retries=1",
+        "index.clips_per_shard=2",
+        "run_name=traps",
+    ]
     run_dir = tmp_path / "outputs" / "traps"
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
         results = run(make_cfg(tmp_path, [*overrides, "stage=[index,extract]"]))
@@ -115,19 +160,25 @@ def test_retries_killed_workers_and_a_rerun(pipeline_overrides, tmp_path):
     assert 1 <= len(killed) < index["shard"].nunique() == 4
     assert results["extract"]["failures"] == {"KilledWorker": int(lost.sum())}
     failures = read_failures(run_dir)
-    assert set(failures["clip_id"]) == set(index.loc[lost, "clip_id"]) and (failures["error_type"] == "KilledWorker").all()
+    assert (
+        set(failures["clip_id"]) == set(index.loc[lost, "clip_id"]) and (failures["error_type"] == "KilledWorker").all()
+    )
     tubes = read_tubes(run_dir, columns=["clip_id"])
     assert set(tubes["clip_id"]) == set(index.loc[~lost, "clip_id"])
     logs = {p.name: p.read_text() for p in (run_dir / "logs").glob("*.log")}
     raised = [name for name, text in logs.items() if "trap raise-2 sprang" in text]
-    assert len(raised) == 1 and " done: " in logs[raised[0]]  # the raising attempt is logged, and its retry finished the shard
+    assert (
+        len(raised) == 1 and " done: " in logs[raised[0]]
+    )  # the raising attempt is logged, and its retry finished the shard
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert sorted(map(int, manifest["failed"])) == killed and len(manifest["done"]) == 4 - len(killed)
 
     before = {p.name: p.stat().st_mtime_ns for p in (run_dir / "tubes").glob("part-*.parquet")}
     again = run(make_cfg(tmp_path, [*overrides, "stage=extract"]))
     assert again["extract"]["skipped"] == len(before) and again["extract"]["failed_shards"] == []
-    assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "tubes").glob("part-*.parquet") if p.name in before} == before
+    assert {
+        p.name: p.stat().st_mtime_ns for p in (run_dir / "tubes").glob("part-*.parquet") if p.name in before
+    } == before
     tubes = read_tubes(run_dir, columns=["clip_id"])
     assert tubes["clip_id"].is_unique and set(tubes["clip_id"]) == set(index["clip_id"])
     assert read_failures(run_dir).empty
@@ -153,7 +204,13 @@ def test_fail_fast_stops_at_the_first_bad_clip(pipeline_overrides, synthetic_roo
 def test_a_retrained_checkpoint_is_another_configuration(pipeline_overrides, random_checkpoint, tmp_path):
     checkpoint = tmp_path / "model.ckpt"
     shutil.copy(random_checkpoint, checkpoint)
-    overrides = [*pipeline_overrides, f"model.checkpoint={checkpoint}", "cluster.processes=false", "index.clips_per_shard=8", "run_name=ckpt"]
+    overrides = [
+        *pipeline_overrides,
+        f"model.checkpoint={checkpoint}",
+        "cluster.processes=false",
+        "index.clips_per_shard=8",
+        "run_name=ckpt",
+    ]
     run(make_cfg(tmp_path, [*overrides, "stage=[index,extract]"]))
     torch.manual_seed(1)  # "retrained" to the same path
     torch.save({"state_dict": {f"net.{k}": v for k, v in DemoNet3D(num_classes=4).state_dict().items()}}, checkpoint)
@@ -164,7 +221,13 @@ def test_a_retrained_checkpoint_is_another_configuration(pipeline_overrides, ran
 @pytest.mark.slow
 def test_lightning_ddp_ranks_write_disjoint_parts(pipeline_overrides, tmp_path):
     """strategy=ddp with 2 CPU processes: each rank publishes its share of every shard, no clip twice."""
-    overrides = [f"paths.root={tmp_path}", *pipeline_overrides, "cluster.processes=false", "store.codec=float32", "run_name=ddp"]
+    overrides = [
+        f"paths.root={tmp_path}",
+        *pipeline_overrides,
+        "cluster.processes=false",
+        "store.codec=float32",
+        "run_name=ddp",
+    ]
     run(make_cfg(tmp_path, [*overrides, "stage=[index,extract]", "run_name=dask"]))
     run(make_cfg(tmp_path, [*overrides, "stage=index"]))
     args = [sys.executable, "-m", "pipeline", "stage=extract", *overrides, "trainer.strategy=ddp", "trainer.devices=2"]
@@ -195,5 +258,8 @@ def test_one_worker_per_gpu_each_offering_one():
         workers = client.scheduler_info()["workers"]
         assert sorted(w["resources"][cluster.GPU] for w in workers.values()) == [1, 1]
         assert all(w["nthreads"] == 1 for w in workers.values())
-        devices = {addr: client.submit(cluster.worker_gpu, 2, workers=[addr], resources={cluster.GPU: 1}, pure=False).result() for addr in workers}
+        devices = {
+            addr: client.submit(cluster.worker_gpu, 2, workers=[addr], resources={cluster.GPU: 1}, pure=False).result()
+            for addr in workers
+        }
         assert sorted(devices.values()) == [0, 1]

@@ -12,9 +12,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from pipeline.__main__ import stages_of
+from pipeline.data.sampling import CenterSampler, UniformSampler
+from pipeline.explain.explainer import CAM, GradCAM, TubeExplainer
 from pipeline.models import build_model
-from pipeline.saliency import CAM, GradCAM, TubeExplainer
-from pipeline.sampling import CenterSampler, UniformSampler
 from tests.conftest import CONF_DIR, make_cfg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,10 +47,17 @@ def test_a_users_own_model_from_config(tmp_path):
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     torch.save(torchvision.models.video.r3d_18(num_classes=3).state_dict(), tmp_path / "r3d.pt")
-    cfg = make_cfg(tmp_path, [
-        "model=custom", "model.net._target_=torchvision.models.video.r3d_18", "+model.net.num_classes=3",
-        f"model.checkpoint={tmp_path / 'r3d.pt'}", "model.input.clip_len=4", "model.input.size=[32,32]",
-    ])
+    cfg = make_cfg(
+        tmp_path,
+        [
+            "model=custom",
+            "model.net._target_=torchvision.models.video.r3d_18",
+            "+model.net.num_classes=3",
+            f"model.checkpoint={tmp_path / 'r3d.pt'}",
+            "model.input.clip_len=4",
+            "model.input.size=[32,32]",
+        ],
+    )
     net = build_model(cfg.model)
     explainer = TubeExplainer(net, CAM(), (3, 4, 32, 32))
     assert explainer.layer_name == "layer4" and explainer.classifier_name == "fc"
@@ -67,8 +74,17 @@ def test_unknown_stage_is_named():
 
 def test_cli_runs_a_stage_and_saves_its_config(tmp_path, synthetic_root):
     """The real command line: index a dataset, then a typo in a group option fails with Hydra's message."""
-    args = [sys.executable, "-m", "pipeline", "stage=index", f"paths.root={tmp_path}", f"dataset.root={synthetic_root}",
-            "dataset.generate_if_missing=false", "cluster.n_workers=1", "cluster.processes=false"]
+    args = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "stage=index",
+        f"paths.root={tmp_path}",
+        f"dataset.root={synthetic_root}",
+        "dataset.generate_if_missing=false",
+        "cluster.n_workers=1",
+        "cluster.processes=false",
+    ]
     done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     run_dir = tmp_path / "outputs" / "demo"

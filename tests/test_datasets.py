@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.datasets.base import DatasetError, RecordError, VideoRecord
-from pipeline.datasets.synthetic import (
+from pipeline.data.datasets.base import DatasetError, RecordError, VideoRecord
+from pipeline.data.datasets.synthetic import (
     ACTOR_COLOUR,
     DIRECTIONS,
     Synthetic,
@@ -14,11 +14,15 @@ from pipeline.datasets.synthetic import (
     generate,
     render_video,
 )
-from pipeline.datasets.ucf101 import UCF101
-from pipeline.video import probe, read_frames
+from pipeline.data.datasets.ucf101 import UCF101
+from pipeline.data.video import probe, read_frames
 
 CLASSES = ["ApplyEyeMakeup", "Archery", "Basketball"]
-TRAIN = ["ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1", "Archery/v_Archery_g09_c02.avi 2", "Basketball/v_Basketball_g10_c03.avi 3"]
+TRAIN = [
+    "ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1",
+    "Archery/v_Archery_g09_c02.avi 2",
+    "Basketball/v_Basketball_g10_c03.avi 3",
+]
 TEST = ["Archery/v_Archery_g01_c01.avi", "Basketball/v_Basketball_g02_c04.avi"]
 
 
@@ -53,7 +57,13 @@ def test_ucf_train_records(ucf):
     records, errors = UCF101(str(ucf), split="train").records()
     assert errors == []
     assert records == [
-        VideoRecord("v_ApplyEyeMakeup_g08_c01", str(ucf / "ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi"), 0, "ApplyEyeMakeup", "train"),
+        VideoRecord(
+            "v_ApplyEyeMakeup_g08_c01",
+            str(ucf / "ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi"),
+            0,
+            "ApplyEyeMakeup",
+            "train",
+        ),
         VideoRecord("v_Archery_g09_c02", str(ucf / "Archery/v_Archery_g09_c02.avi"), 1, "Archery", "train"),
         VideoRecord("v_Basketball_g10_c03", str(ucf / "Basketball/v_Basketball_g10_c03.avi"), 2, "Basketball", "train"),
     ]
@@ -104,7 +114,9 @@ def test_ucf_other_fold(tmp_path):
 
 def test_ucf_windows_line_endings_and_blank_lines(tmp_path):
     (tmp_path / "classInd.txt").write_text("1 Archery\r\n2 Basketball\r\n\r\n")
-    (tmp_path / "testlist01.txt").write_text("Basketball/v_Basketball_g01_c01.avi\r\n\r\nArchery/v_Archery_g01_c02.avi\r\n")
+    (tmp_path / "testlist01.txt").write_text(
+        "Basketball/v_Basketball_g01_c01.avi\r\n\r\nArchery/v_Archery_g01_c02.avi\r\n"
+    )
     reader = UCF101(str(tmp_path))
     assert reader.classes == ["Archery", "Basketball"]
     records, errors = reader.records()
@@ -171,7 +183,9 @@ def video_ids(split_lines):
 
 def test_synthetic_layout(synthetic):
     classes = list(DIRECTIONS)
-    assert (synthetic / "classInd.txt").read_text().split() == [t for i, c in enumerate(classes, 1) for t in (str(i), c)]
+    assert (synthetic / "classInd.txt").read_text().split() == [
+        t for i, c in enumerate(classes, 1) for t in (str(i), c)
+    ]
     train = (synthetic / "trainlist01.txt").read_text().splitlines()
     test = (synthetic / "testlist01.txt").read_text().splitlines()
     assert sorted(train) == sorted(f"{c}/v_{c}_g02_c01.mp4 {i}" for i, c in enumerate(classes, 1))
@@ -204,7 +218,10 @@ def test_synthetic_generate_is_skipped_for_same_spec(synthetic):
 def test_synthetic_boxes_one_row_per_frame(synthetic):
     boxes = pd.read_csv(synthetic / "boxes.csv")
     assert list(boxes.columns) == ["video_id", "frame", "x0", "y0", "x1", "y1"]
-    ids = video_ids((synthetic / "trainlist01.txt").read_text().splitlines() + (synthetic / "testlist01.txt").read_text().splitlines())
+    ids = video_ids(
+        (synthetic / "trainlist01.txt").read_text().splitlines()
+        + (synthetic / "testlist01.txt").read_text().splitlines()
+    )
     assert sorted(boxes["video_id"].unique()) == sorted(ids)
     for path in synthetic.rglob("*.mp4"):
         rows = boxes[boxes["video_id"] == path.stem]
@@ -279,7 +296,9 @@ def test_render_video_exact_actor_and_determinism():
 
 
 def test_synthetic_reader(synthetic):
-    reader = Synthetic(str(synthetic), split="all", generate_if_missing=True, groups=2, clips_per_group=1, test_groups=1)
+    reader = Synthetic(
+        str(synthetic), split="all", generate_if_missing=True, groups=2, clips_per_group=1, test_groups=1
+    )
     records, errors = reader.records()
     assert errors == []
     assert len(records) == 8

@@ -22,7 +22,9 @@ def test_demo_trains_explains_and_resumes(tmp_path, capsys):
     # faithfulness: the trained model's tubes beat a random tube and depend on its weights
     faith = pd.read_parquet(run_dir / "stats" / "faithfulness.parquet").set_index("label_name").loc["(all)"]
     assert faith["clips"] == overall["clips"]
-    assert faith["deletion_auc"] < faith["random_deletion_auc"] and faith["insertion_auc"] > faith["random_insertion_auc"]
+    assert (
+        faith["deletion_auc"] < faith["random_deletion_auc"] and faith["insertion_auc"] > faith["random_insertion_auc"]
+    )
     assert faith["randomisation_spearman"] < 0.5
     html = (run_dir / "report" / "index.html").read_text()
     assert f"{faith['deletion_auc']:.3f}" in html and f"{faith['randomisation_spearman']:.3f}" in html

@@ -15,11 +15,11 @@ from layouts import (
     write_csv,
 )
 
-from pipeline.clips import ClipDataset
-from pipeline.datasets.base import DatasetError
-from pipeline.datasets.epic_kitchens import Epic55, Epic100
+from pipeline.data.clips import ClipDataset
+from pipeline.data.datasets.base import DatasetError
+from pipeline.data.datasets.epic_kitchens import Epic55, Epic100
+from pipeline.data.video import ResizeCrop, read_frames
 from pipeline.store import read_failures
-from pipeline.video import ResizeCrop, read_frames
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,9 @@ def test_action_classes_are_the_train_pairs(epic):
 def test_test_timestamps_have_no_labels(epic):
     records, errors = reader(epic, split="test", label="noun").records()
     assert errors == []
-    assert [(r.segment_id, r.label, r.label_name, r.split, r.start_frame, r.end_frame) for r in records] == [("P01_01_9", None, None, "test", 30, 70)]
+    assert [(r.segment_id, r.label, r.label_name, r.split, r.start_frame, r.end_frame) for r in records] == [
+        ("P01_01_9", None, None, "test", 30, 70)
+    ]
 
 
 def test_frames_media_points_at_the_frame_folder(epic):
@@ -85,7 +87,11 @@ def test_frames_media_points_at_the_frame_folder(epic):
 
 @pytest.mark.parametrize(
     "kwargs,message",
-    [(dict(split="val"), "dataset.split"), (dict(label="verbs"), "dataset.label"), (dict(media="flow"), "dataset.media")],
+    [
+        (dict(split="val"), "dataset.split"),
+        (dict(label="verbs"), "dataset.label"),
+        (dict(media="flow"), "dataset.media"),
+    ],
 )
 def test_bad_settings(epic, kwargs, message):
     with pytest.raises(DatasetError, match=message):
@@ -102,10 +108,10 @@ def test_bad_rows_become_record_errors(epic, tmp_path):
     make_epic100_annotations(annotations)
     rows = [
         epic_row("P01_01_0", "P01_01", 11, 40, 0, 0),
-        epic_row("P01_01_2", "P01_01", 50, 45, 0, 0),   # line 3: stops before it starts
-        epic_row("P01_01_3", "P01_01", 11, 40, 7, 0),   # line 4: verb class not in the class file
+        epic_row("P01_01_2", "P01_01", 50, 45, 0, 0),  # line 3: stops before it starts
+        epic_row("P01_01_3", "P01_01", 11, 40, 7, 0),  # line 4: verb class not in the class file
         epic_row("P01_01_4", "P01_01", "abc", 40, 0, 0),  # line 5: not a frame number
-        epic_row("P01_01_5", "P01_01", 0, 40, 0, 0),    # line 6: frames start at 1
+        epic_row("P01_01_5", "P01_01", 0, 40, 0, 0),  # line 6: frames start at 1
     ]
     write_csv(annotations / "EPIC_100_train.csv", EPIC_100_COLUMNS, rows)
     with open(annotations / "EPIC_100_train.csv", "a") as handle:
@@ -127,10 +133,19 @@ def test_bad_rows_become_record_errors(epic, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ index + decode
 def index_epic(tmp_path, epic, *overrides):
-    return run_index(tmp_path, [
-        "dataset=epic100", f"dataset.root={epic['media']}", f"dataset.annotations_dir={epic['annotations']}",
-        "dataset.split=train", "sampler.clip_len=4", "sampler.frame_stride=2", "index.clips_per_shard=2", *overrides,
-    ])
+    return run_index(
+        tmp_path,
+        [
+            "dataset=epic100",
+            f"dataset.root={epic['media']}",
+            f"dataset.annotations_dir={epic['annotations']}",
+            "dataset.split=train",
+            "sampler.clip_len=4",
+            "sampler.frame_stride=2",
+            "index.clips_per_shard=2",
+            *overrides,
+        ],
+    )
 
 
 @pytest.mark.parametrize("media", ["videos", "frames"])
@@ -144,7 +159,10 @@ def test_index_and_decode_epic(tmp_path, epic, media):
         "P01_02_0:000000": ("P01_02", 3, [0, 2, 2, 2], 2, 0, 3),
         "P01_02_1:000065": ("P01_02", 1, [65, 67, 69, 71], 0, 49, 89),
     }
-    got = {r.clip_id: (r.video_id, r.label, list(r.frame_indices), r.padded, r.start_frame, r.end_frame) for r in rows.itertuples()}
+    got = {
+        r.clip_id: (r.video_id, r.label, list(r.frame_indices), r.padded, r.start_frame, r.end_frame)
+        for r in rows.itertuples()
+    }
     assert got == expected
     assert (rows["segment_id"] == rows["clip_id"].str.split(":").str[0]).all()
     assert rows["fps"].to_numpy() == pytest.approx(EPIC_FPS)
@@ -155,7 +173,7 @@ def test_index_and_decode_epic(tmp_path, epic, media):
 
     transform = ResizeCrop(48, (48, 48))
     dataset = ClipDataset(rows, transform)
-    for i, row in enumerate(rows.itertuples()):
+    for i in range(len(rows)):
         item = dataset[i]
         assert item["ok"], item.get("message")
         # 128x72 source, short side 72 -> 48: scale 2/3, resized 85x48, crop starts at column (85 - 48) // 2 = 18
@@ -172,8 +190,8 @@ def test_index_epic_bad_inputs(tmp_path, epic):
     rows = [
         epic_row("P01_01_0", "P01_01", 11, 40, 0, 0),
         epic_row("P01_01_7", "P01_01", 100, 130, 0, 0),  # beyond the video's 120 frames
-        epic_row("P02_01_0", "P02_01", 1, 30, 0, 0),     # no such video
-        epic_row("P01_01_0", "P01_01", 11, 40, 0, 0),    # listed twice
+        epic_row("P02_01_0", "P02_01", 1, 30, 0, 0),  # no such video
+        epic_row("P01_01_0", "P01_01", 11, 40, 0, 0),  # listed twice
     ]
     write_csv(annotations / "EPIC_100_train.csv", EPIC_100_COLUMNS, rows)
     other = dict(epic, annotations=annotations)
@@ -182,7 +200,10 @@ def test_index_epic_bad_inputs(tmp_path, epic):
     failures = read_failures(run_dir).set_index("clip_id")
     assert failures.loc["P01_01_7", "error_type"] == "FrameRangeError"
     assert "beyond the video's 120 frames" in failures.loc["P01_01_7", "message"]
-    assert failures.loc["P02_01_0", "error_type"] == "VideoError" and "P02_01.MP4: no such file" in failures.loc["P02_01_0", "message"]
+    assert (
+        failures.loc["P02_01_0", "error_type"] == "VideoError"
+        and "P02_01.MP4: no such file" in failures.loc["P02_01_0", "message"]
+    )
     assert failures.loc["P01_01_0", "error_type"] == "DuplicateClip"
     assert len(failures) == 3
 
@@ -196,18 +217,36 @@ def test_target_fps_uses_each_videos_rate(tmp_path, epic):
 # ------------------------------------------------------------------------------------------------ EPIC-55
 def test_epic55_reader(epic, tmp_path):
     annotations = tmp_path / "epic55"
-    write_csv(annotations / "EPIC_verb_classes.csv", ["verb_id", "class_key", "verbs"], [[i, v, f'"[\'{v}\']"'] for i, v in enumerate(EPIC_VERBS)])
-    write_csv(annotations / "EPIC_noun_classes.csv", ["noun_id", "class_key", "nouns"], [[i, n, f'"[\'{n}\']"'] for i, n in enumerate(EPIC_NOUNS)])
-    write_csv(annotations / "EPIC_train_action_labels.csv", EPIC_55_COLUMNS, [
-        epic_row(0, "P01_01", 11, 40, 1, 2, columns=EPIC_55_COLUMNS),
-        epic_row(1, "P01_02", 5, 9, 2, 3, columns=EPIC_55_COLUMNS),
-    ])
-    write_csv(annotations / "EPIC_test_s1_timestamps.csv", ["uid", "participant_id", "video_id", "start_timestamp", "stop_timestamp", "start_frame", "stop_frame"],
-              [[7, "P01", "P01_01", "00:00:01.00", "00:00:02.00", 61, 120]])
+    write_csv(
+        annotations / "EPIC_verb_classes.csv",
+        ["verb_id", "class_key", "verbs"],
+        [[i, v, f"\"['{v}']\""] for i, v in enumerate(EPIC_VERBS)],
+    )
+    write_csv(
+        annotations / "EPIC_noun_classes.csv",
+        ["noun_id", "class_key", "nouns"],
+        [[i, n, f"\"['{n}']\""] for i, n in enumerate(EPIC_NOUNS)],
+    )
+    write_csv(
+        annotations / "EPIC_train_action_labels.csv",
+        EPIC_55_COLUMNS,
+        [
+            epic_row(0, "P01_01", 11, 40, 1, 2, columns=EPIC_55_COLUMNS),
+            epic_row(1, "P01_02", 5, 9, 2, 3, columns=EPIC_55_COLUMNS),
+        ],
+    )
+    write_csv(
+        annotations / "EPIC_test_s1_timestamps.csv",
+        ["uid", "participant_id", "video_id", "start_timestamp", "stop_timestamp", "start_frame", "stop_frame"],
+        [[7, "P01", "P01_01", "00:00:01.00", "00:00:02.00", 61, 120]],
+    )
     data = Epic55(str(epic["media"]), str(annotations), label="noun", media="frames", fps=59.94)
     records, errors = data.records()
     assert errors == [] and data.classes == EPIC_NOUNS
-    assert [(r.segment_id, r.label_name, r.start_frame, r.end_frame, r.fps) for r in records] == [("0", "knife", 10, 40, 59.94), ("1", "door", 4, 9, 59.94)]
+    assert [(r.segment_id, r.label_name, r.start_frame, r.end_frame, r.fps) for r in records] == [
+        ("0", "knife", 10, 40, 59.94),
+        ("1", "door", 4, 9, 59.94),
+    ]
     test, _ = Epic55(str(epic["media"]), str(annotations), split="test_s1").records()
     assert [(r.segment_id, r.label, r.split, r.start_frame) for r in test] == [("7", None, "test_s1", 60)]
     with pytest.raises(DatasetError, match="test_s1"):

@@ -9,9 +9,9 @@ import torch
 from scipy.stats import spearmanr
 
 from pipeline.__main__ import run
+from pipeline.data.video import ResizeCrop, read_frames
 from pipeline.models import DemoNet3D, load_checkpoint
 from pipeline.store import read_tubes
-from pipeline.video import ResizeCrop, read_frames
 from tests.conftest import make_cfg
 
 MEAN, STD = 0.45, 0.225
@@ -22,9 +22,19 @@ STEPS = 4
 def evaluated(synthetic_root, random_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
     overrides = [
-        f"dataset.root={synthetic_root}", "dataset.generate_if_missing=false", f"model.checkpoint={random_checkpoint}",
-        "index.clips_per_shard=3", "extract.batch_size=2", "cluster.n_workers=1", "report.clips_per_class=1", "store.codec=float32",
-        "target.mode=topk", "target.k=2", f"evaluate.steps={STEPS}", "evaluate.baseline=mean", "evaluate.batch_size=3",
+        f"dataset.root={synthetic_root}",
+        "dataset.generate_if_missing=false",
+        f"model.checkpoint={random_checkpoint}",
+        "index.clips_per_shard=3",
+        "extract.batch_size=2",
+        "cluster.n_workers=1",
+        "report.clips_per_class=1",
+        "store.codec=float32",
+        "target.mode=topk",
+        "target.k=2",
+        f"evaluate.steps={STEPS}",
+        "evaluate.baseline=mean",
+        "evaluate.batch_size=3",
     ]
     results = run(make_cfg(root, overrides + ["stage=[index,extract,stats,evaluate,report]"]))
     return root, root / "outputs" / "demo", overrides, results
@@ -38,8 +48,14 @@ def _clip(row) -> torch.Tensor:
 @pytest.mark.slow
 def test_curves_start_and_end_where_they_must(evaluated, random_checkpoint):
     _, run_dir, _, _ = evaluated
-    clips = pd.concat([pd.read_parquet(p) for p in sorted((run_dir / "evaluate").glob("part-*.parquet"))]).set_index("clip_id")
-    tubes = read_tubes(run_dir, columns=["clip_id", "source", "frame_indices", "target", "target_prob"], filters=[("target_rank", "=", 0)]).set_index("clip_id")
+    clips = pd.concat([pd.read_parquet(p) for p in sorted((run_dir / "evaluate").glob("part-*.parquet"))]).set_index(
+        "clip_id"
+    )
+    tubes = read_tubes(
+        run_dir,
+        columns=["clip_id", "source", "frame_indices", "target", "target_prob"],
+        filters=[("target_rank", "=", 0)],
+    ).set_index("clip_id")
     assert sorted(clips.index) == sorted(tubes.index) and len(clips) == 8
     net = DemoNet3D(num_classes=4)
     load_checkpoint(net, random_checkpoint)
@@ -66,8 +82,12 @@ def test_curves_start_and_end_where_they_must(evaluated, random_checkpoint):
 @pytest.mark.slow
 def test_randomisation_check_against_a_hand_made_cam(evaluated):
     _, run_dir, _, _ = evaluated
-    clips = pd.concat([pd.read_parquet(p) for p in sorted((run_dir / "evaluate").glob("part-*.parquet"))]).set_index("clip_id")
-    tubes = read_tubes(run_dir, columns=["clip_id", "source", "frame_indices", "target", "volume"], filters=[("target_rank", "=", 0)]).set_index("clip_id")
+    clips = pd.concat([pd.read_parquet(p) for p in sorted((run_dir / "evaluate").glob("part-*.parquet"))]).set_index(
+        "clip_id"
+    )
+    tubes = read_tubes(
+        run_dir, columns=["clip_id", "source", "frame_indices", "target", "volume"], filters=[("target_rank", "=", 0)]
+    ).set_index("clip_id")
     torch.manual_seed(1)  # evaluate.seed + 1 (init_seed of the randomised model): the stage's fresh initialisation
     random_net = DemoNet3D(num_classes=4).eval()
     for clip_id in tubes.index[:3]:
@@ -93,8 +113,12 @@ def test_class_aggregates_report_and_resume(evaluated):
     html = (run_dir / "report" / "index.html").read_text()
     assert f"{everyone['deletion_auc']:.3f}" in html and f"{everyone['random_insertion_auc']:.3f}" in html
     # topk=2: the gallery's misclassified clip (one per class) shows the true class's tube when it is the second target
-    pages = " ".join(p.read_text().split("<h2>Misclassified clips</h2>")[1] for p in (run_dir / "report").glob("c-*.html"))
-    tubes = read_tubes(run_dir, columns=["clip_id", "label", "label_name", "pred", "pred_prob", "target", "target_rank"])
+    pages = " ".join(
+        p.read_text().split("<h2>Misclassified clips</h2>")[1] for p in (run_dir / "report").glob("c-*.html")
+    )
+    tubes = read_tubes(
+        run_dir, columns=["clip_id", "label", "label_name", "pred", "pred_prob", "target", "target_rank"]
+    )
     first = tubes[tubes["target_rank"] == 0].sort_values("pred_prob", ascending=False)
     shown = first[first["pred"] != first["label"]].groupby("label_name").head(1)["clip_id"]
     explained = set(tubes.loc[tubes["target"] == tubes["label"], "clip_id"])
@@ -105,7 +129,14 @@ def test_class_aggregates_report_and_resume(evaluated):
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # finished shards are not recomputed
 
 
-@pytest.mark.parametrize("override, message", [("evaluate.baseline=zeros", "evaluate.baseline"), ("evaluate.steps=0", "evaluate.steps"), ("evaluate.iou_level=2", "evaluate.iou_level")])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("evaluate.baseline=zeros", "evaluate.baseline"),
+        ("evaluate.steps=0", "evaluate.steps"),
+        ("evaluate.iou_level=2", "evaluate.iou_level"),
+    ],
+)
 def test_bad_settings_are_named(tmp_path, override, message):
     from pipeline.stages import evaluate
 
@@ -113,10 +144,15 @@ def test_bad_settings_are_named(tmp_path, override, message):
         evaluate.validate(make_cfg(tmp_path, [override]))
 
 
-@pytest.mark.parametrize("override, message", [
-    ("report.clips_per_class=0", "report.clips_per_class"), ("stats.pointing_tolerance=-1", "stats.pointing_tolerance"),
-    ("stats.compare_runs=demo", "stats.compare_runs"), ("stats.compare_runs=[demo]", "this run itself"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("report.clips_per_class=0", "report.clips_per_class"),
+        ("stats.pointing_tolerance=-1", "stats.pointing_tolerance"),
+        ("stats.compare_runs=demo", "stats.compare_runs"),
+        ("stats.compare_runs=[demo]", "this run itself"),
+    ],
+)
 def test_bad_stats_and_report_settings_are_named(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
         run(make_cfg(tmp_path, ["stage=[stats,report]", override]))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from pipeline import faithfulness as fm
+from pipeline.explain import faithfulness as fm
 
 
 class SumModel(torch.nn.Module):
@@ -51,7 +51,7 @@ def test_deletion_and_insertion_curves_match_a_hand_computation():
     expected_ins = [sigmoid(v) for v in (0, 6, 7, 7, 7)]
     np.testing.assert_allclose(deletion[0].numpy(), expected_del, rtol=1e-6)
     np.testing.assert_allclose(insertion[0].numpy(), expected_ins, rtol=1e-6)
-    trapezoid = lambda ys: sum((a + b) / 2 for a, b in zip(ys, ys[1:])) / (len(ys) - 1)  # noqa: E731
+    trapezoid = lambda ys: sum((a + b) / 2 for a, b in zip(ys, ys[1:])) / (len(ys) - 1)
     assert float(fm.curve_auc(deletion)[0]) == pytest.approx(trapezoid(expected_del), rel=1e-6)
     assert float(fm.curve_auc(insertion)[0]) == pytest.approx(trapezoid(expected_ins), rel=1e-6)
 

@@ -8,11 +8,11 @@ import pytest
 from dask.distributed import Client, LocalCluster
 from layouts import barcode_frames, write_frame_folder
 
-from pipeline.datasets.base import VideoRecord
-from pipeline.sampling import SlidingSampler
-from pipeline import probing
-from pipeline.stages import index
-from pipeline.video import VideoError, VideoInfo, probe, write_video
+from pipeline.data import probing
+from pipeline.data.clip_index import assign_shards, build_clips
+from pipeline.data.datasets.base import VideoRecord
+from pipeline.data.sampling import SlidingSampler
+from pipeline.data.video import VideoError, VideoInfo, probe, write_video
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,10 @@ def same(a, b):
 
 def test_probe_on_dask_matches_probing_here(sources):
     serial = probing.probe_all(sources, progress=False)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
         parallel = probing.probe_all(sources + sources[:2], client=client, progress=False, batch_size=3)
     assert list(parallel) == sources  # distinct sources, in order
     assert all(same(serial[s], parallel[s]) for s in sources)
@@ -62,12 +65,12 @@ def test_probe_cache_skips_unchanged_files(sources, tmp_path, monkeypatch):
 
 
 def test_shards_balanced_by_clip_count():
-    shards = index.assign_shards(10, 4)
+    shards = assign_shards(10, 4)
     assert np.bincount(shards).tolist() == [4, 3, 3]
     assert (np.diff(shards) >= 0).all()
-    assert index.assign_shards(0, 4).tolist() == []
+    assert assign_shards(0, 4).tolist() == []
     with pytest.raises(ValueError):
-        index.assign_shards(5, 0)
+        assign_shards(5, 0)
 
 
 def test_clip_ids_are_stable_and_unique():
@@ -79,14 +82,27 @@ def test_clip_ids_are_stable_and_unique():
     ]
     probes = {"a.mp4": info, "b.mp4": info}
     sampler = SlidingSampler(4, frame_stride=2, clip_stride=5)
-    first, failures = index.build_clips(records, probes, sampler)
-    again, _ = index.build_clips(records, probes, sampler)
+    first, failures = build_clips(records, probes, sampler)
+    again, _ = build_clips(records, probes, sampler)
     assert failures == [] and first["clip_id"].tolist() == again["clip_id"].tolist()
     assert first["clip_id"].is_unique
     assert first["clip_id"].tolist() == [
-        "P01_01_0:000000", "P01_01_0:000005", "P01_01_0:000010", "P01_01_0:000013",
-        "P01_01_1:000010", "P01_01_1:000015", "P01_01_1:000020", "P01_01_1:000023",
-        "v_b:000000", "v_b:000005", "v_b:000010", "v_b:000015", "v_b:000020", "v_b:000025", "v_b:000030", "v_b:000033",
+        "P01_01_0:000000",
+        "P01_01_0:000005",
+        "P01_01_0:000010",
+        "P01_01_0:000013",
+        "P01_01_1:000010",
+        "P01_01_1:000015",
+        "P01_01_1:000020",
+        "P01_01_1:000023",
+        "v_b:000000",
+        "v_b:000005",
+        "v_b:000010",
+        "v_b:000015",
+        "v_b:000020",
+        "v_b:000025",
+        "v_b:000030",
+        "v_b:000033",
     ]
     assert (first["video_id"] == ["P01_01"] * 8 + ["v_b"] * 8).all()
 
@@ -94,7 +110,7 @@ def test_clip_ids_are_stable_and_unique():
 def test_frame_folder_without_fps_and_target_fps_is_a_failure_row():
     info = VideoInfo(num_frames=40, fps=math.nan, width=64, height=48, codec="jpeg")
     records = [VideoRecord("f", "frames/f", 0, "x", "train"), VideoRecord("g", "frames/g", 0, "x", "train", fps=50.0)]
-    rows, failures = index.build_clips(records, {"frames/f": info, "frames/g": info}, SlidingSampler(2, target_fps=25))
+    rows, failures = build_clips(records, {"frames/f": info, "frames/g": info}, SlidingSampler(2, target_fps=25))
     assert rows["video_id"].unique().tolist() == ["g"] and rows["fps"].unique().tolist() == [50.0]
     assert [(f["clip_id"], f["error_type"]) for f in failures] == [("f", "SamplingError")]
     assert "frame rate" in failures[0]["message"] and "frames/f" in failures[0]["message"]

@@ -6,12 +6,12 @@ import pytest
 from layouts import barcode_frames, read_barcode, run_index, write_frame_folder
 from rich.console import Console
 
-from pipeline.clips import ClipDataset, collate_clips
-from pipeline.datasets.base import DatasetError
-from pipeline.datasets.manifest import Manifest
+from pipeline.data.clips import ClipDataset, collate_clips
+from pipeline.data.datasets.base import DatasetError
+from pipeline.data.datasets.manifest import Manifest
+from pipeline.data.video import ResizeCrop, read_frames, write_video
 from pipeline.stages import summary
 from pipeline.store import read_failures
-from pipeline.video import ResizeCrop, read_frames, write_video
 
 
 @pytest.fixture(scope="module")
@@ -33,18 +33,24 @@ HEADER = "path,label,start_frame,end_frame,start_sec,end_sec,video_id,split"
 
 
 def test_manifest_records(media, tmp_path):
-    csv = write_manifest(tmp_path, [
-        HEADER,
-        f"{media}/videos/jump_01.mp4,jump,,,,,,val",
-        f"{media}/videos/jump_01.mp4,run,,,0.5,1.2,,val",
-        f"{media}/frames/wave_01,wave,4,12,,,wave_a,train",
-        f"{media}/videos/run_01.mp4,,,,,,,",
-    ])
+    csv = write_manifest(
+        tmp_path,
+        [
+            HEADER,
+            f"{media}/videos/jump_01.mp4,jump,,,,,,val",
+            f"{media}/videos/jump_01.mp4,run,,,0.5,1.2,,val",
+            f"{media}/frames/wave_01,wave,4,12,,,wave_a,train",
+            f"{media}/videos/run_01.mp4,,,,,,,",
+        ],
+    )
     data = Manifest(str(csv))
     assert data.classes == ["jump", "run", "wave"]
     records, errors = data.records()
     assert errors == []
-    got = [(r.video_id, r.label, r.label_name, r.split, r.segment_id, r.start_frame, r.end_frame, r.start_sec, r.end_sec) for r in records]
+    got = [
+        (r.video_id, r.label, r.label_name, r.split, r.segment_id, r.start_frame, r.end_frame, r.start_sec, r.end_sec)
+        for r in records
+    ]
     assert got == [
         ("jump_01", 0, "jump", "val", None, 0, None, None, None),
         ("jump_01", 1, "run", "val", "jump_01/0.5s-1.2s", 0, None, 0.5, 1.2),
@@ -62,7 +68,9 @@ def test_manifest_relative_paths_and_class_file(media, tmp_path):
     records, errors = data.records()
     assert errors == []
     assert [(r.source, r.label, r.label_name) for r in records] == [
-        (str(media / "videos/jump_01.mp4"), 1, "jump"), (str(media / "frames/wave_01"), 0, "wave"), (str(media / "videos/run_01.mp4"), 1, "jump"),
+        (str(media / "videos/jump_01.mp4"), 1, "jump"),
+        (str(media / "frames/wave_01"), 0, "wave"),
+        (str(media / "videos/run_01.mp4"), 1, "jump"),
     ]
 
 
@@ -85,23 +93,28 @@ def test_manifest_file_errors(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ index
 def index_manifest(tmp_path, csv, *overrides):
-    rows, _, run_dir = run_index(tmp_path, ["dataset=manifest", f"dataset.csv={csv}", "sampler.clip_len=4", "sampler.frame_stride=2", *overrides])
+    rows, _, run_dir = run_index(
+        tmp_path, ["dataset=manifest", f"dataset.csv={csv}", "sampler.clip_len=4", "sampler.frame_stride=2", *overrides]
+    )
     return rows, run_dir
 
 
 def test_index_manifest_segments(media, tmp_path):
-    csv = write_manifest(tmp_path, [
-        HEADER,
-        f"{media}/videos/jump_01.mp4,jump,,,0.5,1.2,,",      # 30 fps: frames [15, 36)
-        f"{media}/frames/wave_01,wave,4,12,,,,",            # frames [4, 12)
-        f"{media}/videos/run_01.mp4,run,,,,,,",             # the whole video
-    ])
+    csv = write_manifest(
+        tmp_path,
+        [
+            HEADER,
+            f"{media}/videos/jump_01.mp4,jump,,,0.5,1.2,,",  # 30 fps: frames [15, 36)
+            f"{media}/frames/wave_01,wave,4,12,,,,",  # frames [4, 12)
+            f"{media}/videos/run_01.mp4,run,,,,,,",  # the whole video
+        ],
+    )
     rows, run_dir = index_manifest(tmp_path, csv, "dataset.fps=50")
     assert len(read_failures(run_dir)) == 0
     got = {r.clip_id: (list(r.frame_indices), r.start_frame, r.end_frame, r.fps) for r in rows.itertuples()}
     assert got == {
         "jump_01/0.5s-1.2s:000022": ([22, 24, 26, 28], 15, 36, 30.0),  # 15 + (21 - 7) // 2
-        "wave_01/4-12:000004": ([4, 6, 8, 10], 4, 12, 50.0),          # frame folder: fps from the config
+        "wave_01/4-12:000004": ([4, 6, 8, 10], 4, 12, 50.0),  # frame folder: fps from the config
         "run_01:000016": ([16, 18, 20, 22], 0, 40, 25.0),
     }
     for row in rows.itertuples():
@@ -119,30 +132,46 @@ def test_every_bad_input_is_a_failure_row(media, tmp_path):
     write_frame_folder(folder, barcode_frames(12, seed=4))
     (folder / "frame_0000000005.jpg").write_bytes(b"\xff\xd8\xff\xe0 broken")
     (tmp_path / "classes.txt").write_text("jump\nrun\nwave\n")
-    csv = write_manifest(tmp_path, [
-        "path,label,start_frame,end_frame",
-        f"{media}/videos/jump_01.mp4,jump,,",       # 2: fine
-        f"{bad}/missing.mp4,jump,,",                # 3: missing file
-        f"{bad}/empty.mp4,jump,,",                  # 4: zero bytes
-        f"{bad}/truncated.mp4,jump,,",              # 5: truncated
-        f"{bad}/garbage.avi,jump,,",                # 6: not a video
-        f"{media}/videos/run_01.mp4,run,30,80",     # 7: beyond the video's 40 frames
-        f"{media}/videos/run_01.mp4,run,20,10",     # 8: stops before it starts
-        f"{media}/videos/run_01.mp4,run,x,10",      # 9: malformed row
-        f"{media}/videos/run_01.mp4,swim,,",        # 10: class not in the class file
-        f"{folder},wave,,",                         # 11: a frame folder with an unreadable JPEG
-        f"{media}/videos/run_01.mp4,run,,,extra",   # 12: more fields than the header
-    ])
+    csv = write_manifest(
+        tmp_path,
+        [
+            "path,label,start_frame,end_frame",
+            f"{media}/videos/jump_01.mp4,jump,,",  # 2: fine
+            f"{bad}/missing.mp4,jump,,",  # 3: missing file
+            f"{bad}/empty.mp4,jump,,",  # 4: zero bytes
+            f"{bad}/truncated.mp4,jump,,",  # 5: truncated
+            f"{bad}/garbage.avi,jump,,",  # 6: not a video
+            f"{media}/videos/run_01.mp4,run,30,80",  # 7: beyond the video's 40 frames
+            f"{media}/videos/run_01.mp4,run,20,10",  # 8: stops before it starts
+            f"{media}/videos/run_01.mp4,run,x,10",  # 9: malformed row
+            f"{media}/videos/run_01.mp4,swim,,",  # 10: class not in the class file
+            f"{folder},wave,,",  # 11: a frame folder with an unreadable JPEG
+            f"{media}/videos/run_01.mp4,run,,,extra",  # 12: more fields than the header
+        ],
+    )
     rows, run_dir = index_manifest(tmp_path, csv, f"dataset.classes={tmp_path / 'classes.txt'}")
     assert sorted(rows["video_id"]) == ["broken_frames", "jump_01"]
     failures = read_failures(run_dir)
-    by_source = {Path(s).name: (e, m) for s, e, m in zip(failures["source"], failures["error_type"], failures["message"])}
+    by_source = {
+        Path(s).name: (e, m) for s, e, m in zip(failures["source"], failures["error_type"], failures["message"])
+    }
     assert by_source["missing.mp4"] == ("VideoError", f"{bad}/missing.mp4: no such file")
     assert by_source["empty.mp4"] == ("VideoError", f"{bad}/empty.mp4: file is empty (0 bytes)")
-    assert by_source["truncated.mp4"][0] == "VideoError" and by_source["truncated.mp4"][1].startswith(f"{bad}/truncated.mp4: ")
-    assert by_source["garbage.avi"][0] == "VideoError" and "garbage.avi: cannot be opened" in by_source["garbage.avi"][1]
-    rows_by_line = {s: (e, m) for s, e, m in zip(failures["clip_id"], failures["error_type"], failures["message"]) if s.startswith("manifest.csv:")}
-    assert rows_by_line["manifest.csv:8"][0] == "FrameRangeError" and "before its start" in rows_by_line["manifest.csv:8"][1]
+    assert by_source["truncated.mp4"][0] == "VideoError" and by_source["truncated.mp4"][1].startswith(
+        f"{bad}/truncated.mp4: "
+    )
+    assert (
+        by_source["garbage.avi"][0] == "VideoError" and "garbage.avi: cannot be opened" in by_source["garbage.avi"][1]
+    )
+    rows_by_line = {
+        s: (e, m)
+        for s, e, m in zip(failures["clip_id"], failures["error_type"], failures["message"])
+        if s.startswith("manifest.csv:")
+    }
+    assert (
+        rows_by_line["manifest.csv:8"][0] == "FrameRangeError"
+        and "before its start" in rows_by_line["manifest.csv:8"][1]
+    )
     assert rows_by_line["manifest.csv:9"] == ("MalformedRow", "manifest.csv:9: start_frame must be an integer, got 'x'")
     assert rows_by_line["manifest.csv:10"][0] == "UnknownClass" and "'swim'" in rows_by_line["manifest.csv:10"][1]
     assert rows_by_line["manifest.csv:12"][0] == "MalformedRow"

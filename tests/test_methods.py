@@ -17,9 +17,19 @@ from pytorch_grad_cam import XGradCAM as PgcXGradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from pipeline.cams import MethodError
+from pipeline.explain.explainer import (
+    CAM,
+    Fusion,
+    GradCAM,
+    GradCAMPlusPlus,
+    LayerCAM,
+    ScoreCAM,
+    TubeExplainer,
+    XGradCAM,
+    upsample,
+)
+from pipeline.explain.methods import MethodError
 from pipeline.models import DemoNet3D
-from pipeline.saliency import CAM, Fusion, GradCAM, GradCAMPlusPlus, LayerCAM, ScoreCAM, TubeExplainer, XGradCAM, upsample
 
 SHAPE = (3, 8, 32, 32)
 GRADIENT_METHODS = {"gradcam": GradCAM, "gradcampp": GradCAMPlusPlus, "xgradcam": XGradCAM, "layercam": LayerCAM}
@@ -59,7 +69,9 @@ def test_method_matches_its_formula(net, clips, name):
 def test_gradient_methods_match_pytorch_grad_cam(net, clips, name, monkeypatch):
     """pytorch-grad-cam on the same 5-D layer, with its min-max scaling and resizing switched off (raw maps)."""
     monkeypatch.setattr(grad_cam_base, "scale_cam_image", lambda cam, target_size=None: cam)
-    out = TubeExplainer(copy.deepcopy(net), GRADIENT_METHODS[name](), SHAPE)(clips, lambda logits: logits.argmin(1, keepdim=True))
+    out = TubeExplainer(copy.deepcopy(net), GRADIENT_METHODS[name](), SHAPE)(
+        clips, lambda logits: logits.argmin(1, keepdim=True)
+    )
     peer_net = copy.deepcopy(net)
     with PEERS[name](model=peer_net, target_layers=[peer_net.features]) as peer:
         theirs = peer(input_tensor=clips.clone(), targets=[ClassifierOutputTarget(int(t)) for t in out.targets[:, 0]])
@@ -122,15 +134,24 @@ def test_gradients_flow_only_above_the_layer(net, clips):
 def test_fusion_of_two_layers(net, clips, combine):
     layers = ["features.block2", "features.block3"]
     out = TubeExplainer(copy.deepcopy(net), Fusion(LayerCAM(), layers, combine), SHAPE)(clips, top2)
-    block2, block3 = (reference_evidence(net, net.features.get_submodule(name.split(".")[1]), clips, out.targets) for name in layers)
-    fine, coarse = oracle_tubes("layercam", *block2[:2], out.targets), oracle_tubes("layercam", *block3[:2], out.targets)
+    block2, block3 = (
+        reference_evidence(net, net.features.get_submodule(name.split(".")[1]), clips, out.targets) for name in layers
+    )
+    fine, coarse = (
+        oracle_tubes("layercam", *block2[:2], out.targets),
+        oracle_tubes("layercam", *block3[:2], out.targets),
+    )
     size = fine.shape[2:]
     coarse = upsample(torch.from_numpy(coarse), size).double().numpy()
 
     def unit(v):
         return v / np.maximum(v.reshape(*v.shape[:2], -1).max(-1)[..., None, None, None], 1e-12)
 
-    fused = {"product": unit(fine) * unit(coarse), "mean": (unit(fine) + unit(coarse)) / 2, "max": np.maximum(unit(fine), unit(coarse))}[combine]
+    fused = {
+        "product": unit(fine) * unit(coarse),
+        "mean": (unit(fine) + unit(coarse)) / 2,
+        "max": np.maximum(unit(fine), unit(coarse)),
+    }[combine]
     assert out.tubes.shape == (2, 2, *size)
     assert_tubes_close(out.tubes, unit(fused))
 
@@ -166,15 +187,31 @@ def test_lightning_bf16_mixed_predict(net, name):
     gradient methods need inference_mode=False, cam runs under inference mode."""
     import pytorch_lightning as pl
 
-    from pipeline.module import TubeModule
+    from pipeline.runtime.module import TubeModule
 
     torch.manual_seed(5)
-    batches = [dict(video=torch.rand(2, *SHAPE), positions=torch.arange(2) + 2 * i, failures=[], crop_box=torch.tensor([[0.0, 0.0, 32.0, 32.0]] * 2)) for i in range(2)]
+    batches = [
+        dict(
+            video=torch.rand(2, *SHAPE),
+            positions=torch.arange(2) + 2 * i,
+            failures=[],
+            crop_box=torch.tensor([[0.0, 0.0, 32.0, 32.0]] * 2),
+        )
+        for i in range(2)
+    ]
     method = GradCAM() if name == "gradcam" else CAM()
     results = {}
     for precision in ("32-true", "bf16-mixed"):
         module = TubeModule(TubeExplainer(copy.deepcopy(net), method, SHAPE), [0.45] * 3, [0.225] * 3, codec="float32")
-        trainer = pl.Trainer(accelerator="cpu", devices=1, precision=precision, logger=False, enable_progress_bar=False, enable_model_summary=False, inference_mode=not method.needs_grad)
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            precision=precision,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            inference_mode=not method.needs_grad,
+        )
         out = trainer.predict(module, torch.utils.data.DataLoader(batches, batch_size=None))
         results[precision] = out
     for full, mixed in zip(results["32-true"], results["bf16-mixed"]):

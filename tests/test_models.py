@@ -8,16 +8,26 @@ import copy
 import pytest
 import torch
 import torchvision.models.video as tv
-from omegaconf import OmegaConf
 from conftest import make_cfg
+from omegaconf import OmegaConf
 from oracles import assert_tubes_close, oracle_scorecam, oracle_tubes, reference_evidence, to_ncthw
 from torch import nn
 from torchvision.models.video.mvit import MSBlockConfig
 
-from pipeline.mfnet import MFNet3D
+from pipeline.explain.explainer import (
+    CAM,
+    Fusion,
+    GradCAM,
+    GradCAMPlusPlus,
+    LayerCAM,
+    ScoreCAM,
+    TubeExplainer,
+    XGradCAM,
+    classifier_weight,
+)
 from pipeline.models import ModelError, build_model, load_checkpoint
-from pipeline.saliency import CAM, Fusion, GradCAM, GradCAMPlusPlus, LayerCAM, ScoreCAM, TubeExplainer, XGradCAM, classifier_weight
-from pipeline.zoo import mvit
+from pipeline.models.mfnet import MFNet3D
+from pipeline.models.zoo import mvit
 
 #: the configs users get; the transformers at full width run in the slow tests
 ZOO = ["r3d_18", "s3d", "mfnet3d", "demo"]
@@ -38,8 +48,18 @@ _built: dict = {}
 def small_transformer(name: str):
     """(model config, net) of a reduced MViT (v1- or v2-style blocks, pooling twice) or Swin3D."""
     if name == "swin3d_small":
-        net = tv.SwinTransformer3d(patch_size=[2, 4, 4], embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=[2, 4, 4], stochastic_depth_prob=0.0, num_classes=5)
-        return OmegaConf.create(dict(layer="norm", classifier="head", layout="nthwc", fusion_layers=["features.4", "norm"])), net
+        net = tv.SwinTransformer3d(
+            patch_size=[2, 4, 4],
+            embed_dim=16,
+            depths=[1, 1, 1, 1],
+            num_heads=[1, 1, 2, 2],
+            window_size=[2, 4, 4],
+            stochastic_depth_prob=0.0,
+            num_classes=5,
+        )
+        return OmegaConf.create(
+            dict(layer="norm", classifier="head", layout="nthwc", fusion_layers=["features.4", "norm"])
+        ), net
     blocks = [  # heads, channels in/out, pooling of queries / keys and values
         MSBlockConfig(1, 16, 16, [3, 3, 3], [3, 3, 3], [1, 1, 1], [1, 4, 4]),
         MSBlockConfig(2, 16, 32, [3, 3, 3], [3, 3, 3], [1, 2, 2], [1, 2, 2]),
@@ -47,8 +67,19 @@ def small_transformer(name: str):
         MSBlockConfig(4, 32, 64, [3, 3, 3], [3, 3, 3], [1, 2, 2], [1, 1, 1]),
     ]
     v2 = name == "mvit_v2_small"
-    net = tv.MViT(spatial_size=CLIP[1:], temporal_size=CLIP[0], block_setting=blocks, residual_pool=v2, residual_with_cls_embed=False, rel_pos_embed=v2, proj_after_attn=v2, num_classes=5)
-    return OmegaConf.create(dict(layer="blocks.2", classifier="head.1", layout="tokens", fusion_layers=["blocks.0", "blocks.2"])), net
+    net = tv.MViT(
+        spatial_size=CLIP[1:],
+        temporal_size=CLIP[0],
+        block_setting=blocks,
+        residual_pool=v2,
+        residual_with_cls_embed=False,
+        rel_pos_embed=v2,
+        proj_after_attn=v2,
+        num_classes=5,
+    )
+    return OmegaConf.create(
+        dict(layer="blocks.2", classifier="head.1", layout="tokens", fusion_layers=["blocks.0", "blocks.2"])
+    ), net
 
 
 def zoo_model(name: str, clip=None):
@@ -60,7 +91,15 @@ def zoo_model(name: str, clip=None):
         if name in SMALL:
             cfg, net = small_transformer(name)
         else:
-            cfg = make_cfg("/tmp", [f"model={name}", f"model.input.clip_len={clip[0]}", f"model.input.size=[{clip[1]},{clip[2]}]", "model.checkpoint=null"]).model
+            cfg = make_cfg(
+                "/tmp",
+                [
+                    f"model={name}",
+                    f"model.input.clip_len={clip[0]}",
+                    f"model.input.size=[{clip[1]},{clip[2]}]",
+                    "model.checkpoint=null",
+                ],
+            ).model
             net = build_model(cfg)
         if name == "s3d" and clip[1] < 224:
             # S3D's head averages a fixed 2x7x7 window, which needs 224 x 224 clips; small test clips get a
@@ -78,16 +117,22 @@ def explain_and_reference(name, method, clip=None, n=2, k=2):
     clip = clip or CLIPS.get(name, CLIP)
     cfg, net = zoo_model(name, clip)
     shape = (3, *clip)
-    explainer = TubeExplainer(copy.deepcopy(net), method, shape, layer=cfg.layer, classifier=cfg.classifier, layout=cfg.layout)
+    explainer = TubeExplainer(
+        copy.deepcopy(net), method, shape, layer=cfg.layer, classifier=cfg.classifier, layout=cfg.layout
+    )
     torch.manual_seed(1)
     x = torch.randn(n, *shape)
     out = explainer(x, lambda logits: logits.topk(k, dim=1).indices)
-    acts, grads, logits = reference_evidence(net, net.get_submodule(explainer.layer_names[0]), x, out.targets, cfg.layout)
+    acts, grads, logits = reference_evidence(
+        net, net.get_submodule(explainer.layer_names[0]), x, out.targets, cfg.layout
+    )
     torch.testing.assert_close(out.logits, logits, rtol=1e-4, atol=1e-4)
     return cfg, net, explainer, x, out, acts, grads
 
 
-@pytest.mark.parametrize("name", ZOO + SMALL + [pytest.param(name, marks=pytest.mark.slow) for name in MORE_RESNETS + FULL_TRANSFORMERS])
+@pytest.mark.parametrize(
+    "name", ZOO + SMALL + [pytest.param(name, marks=pytest.mark.slow) for name in MORE_RESNETS + FULL_TRANSFORMERS]
+)
 def test_every_model_runs_every_method(name):
     """One explainer per model (the method swapped between runs; cam gets its own, it resolves the classifier),
     the reference evidence captured once for the same targets."""
@@ -131,12 +176,16 @@ def test_fusion_of_the_last_two_stages(name):
     torch.manual_seed(1)
     x = torch.randn(2, 3, *clip)
     out = explainer(x, lambda logits: logits.topk(2, dim=1).indices)
-    per_layer = [reference_evidence(net, net.get_submodule(layer), x, out.targets, cfg.layout) for layer in cfg.fusion_layers]
+    per_layer = [
+        reference_evidence(net, net.get_submodule(layer), x, out.targets, cfg.layout) for layer in cfg.fusion_layers
+    ]
     tubes = [torch.from_numpy(oracle_tubes("gradcam", a, g, out.targets)) for a, g, _ in per_layer]
     assert tubes[0].shape[2:].numel() > tubes[1].shape[2:].numel(), "the two stages should differ in resolution"
     size = tubes[0].shape[2:]
     fine = tubes[0] / tubes[0].flatten(2).amax(2).clamp(min=1e-12)[..., None, None, None]
-    coarse = torch.nn.functional.interpolate(tubes[1].reshape(4, 1, *tubes[1].shape[2:]), size=size, mode="trilinear", align_corners=False).reshape(2, 2, *size)
+    coarse = torch.nn.functional.interpolate(
+        tubes[1].reshape(4, 1, *tubes[1].shape[2:]), size=size, mode="trilinear", align_corners=False
+    ).reshape(2, 2, *size)
     coarse = coarse / coarse.flatten(2).amax(2).clamp(min=1e-12)[..., None, None, None]
     fused = fine * coarse
     fused = fused / fused.flatten(2).amax(2).clamp(min=1e-12)[..., None, None, None]
@@ -148,7 +197,12 @@ def test_token_layout_reads_each_blocks_grid():
     """MViT's blocks pool tokens: their outputs have different (t, h, w), read from each call."""
     _, net = zoo_model("mvit_v2_small")
     grids = {}
-    handles = [net.get_submodule(name).register_forward_hook(lambda _m, _i, out, name=name: grids.__setitem__(name, tuple(out[1]))) for name in ("blocks.0", "blocks.1", "blocks.3")]
+    handles = [
+        net.get_submodule(name).register_forward_hook(
+            lambda _m, _i, out, name=name: grids.__setitem__(name, tuple(out[1]))
+        )
+        for name in ("blocks.0", "blocks.1", "blocks.3")
+    ]
     with torch.no_grad():
         net(torch.zeros(1, 3, *CLIP))
     for handle in handles:
@@ -156,7 +210,9 @@ def test_token_layout_reads_each_blocks_grid():
     assert len(set(grids.values())) == 3, grids
     for name, grid in grids.items():
         explainer = TubeExplainer(copy.deepcopy(net), GradCAM(), (3, *CLIP), layer=name, layout="tokens")
-        assert explainer(torch.randn(1, 3, *CLIP), lambda logits: logits.argmax(1, keepdim=True)).tubes.shape[2:] == grid
+        assert (
+            explainer(torch.randn(1, 3, *CLIP), lambda logits: logits.argmax(1, keepdim=True)).tubes.shape[2:] == grid
+        )
 
 
 @pytest.mark.slow
@@ -212,9 +268,15 @@ def test_mfnet_loads_a_dataparallel_checkpoint(tmp_path):
 def test_s3d_real_head_at_full_size():
     """S3D as shipped (2x7x7 average window, 1x1x1 conv classifier) on one 16 x 224 x 224 clip."""
     for method in ("cam", "gradcam"):
-        cfg, net, explainer, _, out, acts, grads = explain_and_reference("s3d", METHODS[method](), clip=(16, 224, 224), n=1, k=1)
+        cfg, net, explainer, _, out, acts, grads = explain_and_reference(
+            "s3d", METHODS[method](), clip=(16, 224, 224), n=1, k=1
+        )
         assert isinstance(net.avgpool, nn.AvgPool3d)
-        weight = classifier_weight(explainer.classifier, cfg.classifier).double().detach().numpy() if method == "cam" else None
+        weight = (
+            classifier_weight(explainer.classifier, cfg.classifier).double().detach().numpy()
+            if method == "cam"
+            else None
+        )
         assert_tubes_close(out.tubes, oracle_tubes(method, acts, grads, out.targets, weight))
 
 
@@ -236,8 +298,17 @@ def test_method_configs_instantiate(tmp_path):
     from hydra.utils import instantiate
 
     fusion = instantiate(make_cfg(tmp_path, ["model=r3d_18", "method=fusion", "method.combine=max"]).method)
-    assert isinstance(fusion, Fusion) and fusion.layers == ["layer3", "layer4"] and fusion.combine == "max" and fusion.name == "fusion-gradcam"
-    layercam = instantiate(make_cfg(tmp_path, ["model=mvit_v2_s", "method=fusion", "method.method._target_=pipeline.saliency.LayerCAM"]).method)
+    assert (
+        isinstance(fusion, Fusion)
+        and fusion.layers == ["layer3", "layer4"]
+        and fusion.combine == "max"
+        and fusion.name == "fusion-gradcam"
+    )
+    layercam = instantiate(
+        make_cfg(
+            tmp_path, ["model=mvit_v2_s", "method=fusion", "method.method._target_=pipeline.explain.methods.LayerCAM"]
+        ).method
+    )
     assert isinstance(layercam.method, LayerCAM) and layercam.layers == ["blocks.13", "blocks.14"]
     assert instantiate(make_cfg(tmp_path, ["method=scorecam", "method.batch_size=5"]).method).batch_size == 5
     with pytest.raises(Exception, match="at least two layers"):

@@ -11,12 +11,11 @@ import pytest
 import torch
 
 from pipeline.__main__ import run
+from pipeline.data.video import ResizeCrop, read_frames
+from pipeline.explain.explainer import upsample
 from pipeline.models import DemoNet3D, load_checkpoint
-from pipeline.saliency import upsample
-from pipeline.stages.index import read_index
-from pipeline.store import INDEX_SCHEMA, TUBE_SCHEMA, dequantise, read_failures, read_tubes
-from pipeline.video import ResizeCrop, read_frames
-from pipeline.writer import TubeWriter
+from pipeline.runtime.writer import TubeWriter
+from pipeline.store import INDEX_SCHEMA, TUBE_SCHEMA, dequantise, read_failures, read_index, read_tubes
 from tests.conftest import make_cfg
 
 MEAN, STD = 0.45, 0.225
@@ -51,8 +50,13 @@ def cam_run(dataset, random_checkpoint, tmp_path_factory):
 
 def _overrides(dataset, checkpoint) -> list[str]:
     return [
-        f"dataset.root={dataset}", "dataset.generate_if_missing=false", f"model.checkpoint={checkpoint}",
-        "index.clips_per_shard=3", "extract.batch_size=2", "cluster.n_workers=1", "report.clips_per_class=1",
+        f"dataset.root={dataset}",
+        "dataset.generate_if_missing=false",
+        f"model.checkpoint={checkpoint}",
+        "index.clips_per_shard=3",
+        "extract.batch_size=2",
+        "cluster.n_workers=1",
+        "report.clips_per_class=1",
     ]
 
 
@@ -120,12 +124,19 @@ def test_stored_tubes_equal_in_memory_tubes(cam_run, monkeypatch):
 
     def spy(self, trainer, pl_module, prediction, *args, **kwargs):
         decoded = dequantise(prediction["tubes"], prediction["scale"])[:, 0]
-        for position, volume, peak_t in zip(prediction["positions"].tolist(), decoded, prediction["stats"]["peak_t"].tolist()):
+        for position, volume, peak_t in zip(
+            prediction["positions"].tolist(), decoded, prediction["stats"]["peak_t"].tolist()
+        ):
             seen[self.rows.iloc[position]["clip_id"]] = (volume, peak_t)
         return original(self, trainer, pl_module, prediction, *args, **kwargs)
 
     monkeypatch.setattr(TubeWriter, "write_on_batch_end", spy)  # a threads-only cluster shares this process
-    run(make_cfg(root, overrides + ["run_name=mem", "store.codec=float16", "cluster.processes=false", "stage=[index,extract]"]))
+    run(
+        make_cfg(
+            root,
+            overrides + ["run_name=mem", "store.codec=float16", "cluster.processes=false", "stage=[index,extract]"],
+        )
+    )
     native = read_tubes(root / "outputs" / "mem").set_index("clip_id")
     upsampled = read_tubes(root / "outputs" / "mem", upsample=True).set_index("clip_id")
     assert set(seen) == set(native.index) and len(seen) == 8
@@ -179,9 +190,25 @@ def test_pointing_game_recomputed_from_boxes(cam_run, dataset):
 def test_two_workers_give_the_same_rows(cam_run):
     root, run_dir, overrides = cam_run
     # and two DataLoader processes per task decoding while the model runs: the same batches, in the same order
-    run(make_cfg(root, overrides + ["run_name=cam2", "store.codec=float32", "cluster.n_workers=2", "extract.num_workers=2", "stage=[index,extract]"]))
+    run(
+        make_cfg(
+            root,
+            overrides
+            + [
+                "run_name=cam2",
+                "store.codec=float32",
+                "cluster.n_workers=2",
+                "extract.num_workers=2",
+                "stage=[index,extract]",
+            ],
+        )
+    )
     one = read_tubes(run_dir, columns=["clip_id", "volume", "pred", "entropy"]).set_index("clip_id").sort_index()
-    two = read_tubes(root / "outputs" / "cam2", columns=["clip_id", "volume", "pred", "entropy"]).set_index("clip_id").sort_index()
+    two = (
+        read_tubes(root / "outputs" / "cam2", columns=["clip_id", "volume", "pred", "entropy"])
+        .set_index("clip_id")
+        .sort_index()
+    )
     # cam2 was indexed with the video present, so it has the clip that cam lost
     assert two.index.is_unique and set(one.index) < set(two.index) and len(two) == len(one) + 1
     shards = read_tubes(run_dir, columns=["clip_id", "shard"])
@@ -227,16 +254,44 @@ def test_other_config_is_refused_in_the_same_run(cam_run):
 
 def test_gradcam_topk_and_label_targets(cam_run, random_checkpoint):
     root, _, overrides = cam_run
-    run(make_cfg(root, overrides + ["run_name=grad", "method=gradcam", "target.mode=topk", "target.k=2", "cluster.processes=false", "stage=[index,extract]"]))
+    run(
+        make_cfg(
+            root,
+            overrides
+            + [
+                "run_name=grad",
+                "method=gradcam",
+                "target.mode=topk",
+                "target.k=2",
+                "cluster.processes=false",
+                "stage=[index,extract]",
+            ],
+        )
+    )
     tubes = read_tubes(root / "outputs" / "grad")
-    assert (tubes.groupby("clip_id")["target_rank"].apply(sorted) == pd.Series([[0, 1]] * 8, index=sorted(tubes["clip_id"].unique()))).all()
+    assert (
+        tubes.groupby("clip_id")["target_rank"].apply(sorted)
+        == pd.Series([[0, 1]] * 8, index=sorted(tubes["clip_id"].unique()))
+    ).all()
     first = tubes[tubes["target_rank"] == 0]
     assert (first["target"] == first["pred"]).all() and (tubes["method"] == "gradcam").all()
     assert all((v >= 0).all() for v in tubes["volume"])  # Grad-CAM tubes pass through ReLU
     second = tubes[tubes["target_rank"] == 1].set_index("clip_id")
     assert (second["target_prob"] <= first.set_index("clip_id").loc[second.index, "target_prob"]).all()
 
-    run(make_cfg(root, overrides + ["run_name=label", "method=gradcam", "target.mode=label", "cluster.processes=false", "stage=[index,extract]"]))
+    run(
+        make_cfg(
+            root,
+            overrides
+            + [
+                "run_name=label",
+                "method=gradcam",
+                "target.mode=label",
+                "cluster.processes=false",
+                "stage=[index,extract]",
+            ],
+        )
+    )
     labelled = read_tubes(root / "outputs" / "label", columns=["target", "label"])
     assert (labelled["target"] == labelled["label"]).all()
 
@@ -246,7 +301,11 @@ def test_bad_config_fails_before_work(cam_run, tmp_path):
     with pytest.raises(ValueError, match="unknown stage 'extrct'"):
         run(make_cfg(tmp_path, overrides + ["stage=extrct"]))
     with pytest.raises(Exception, match="model.layer='nope'"):
-        run(make_cfg(root, overrides + ["run_name=badlayer", "model.layer=nope", "stage=extract", "cluster.processes=false"]))
+        run(
+            make_cfg(
+                root, overrides + ["run_name=badlayer", "model.layer=nope", "stage=extract", "cluster.processes=false"]
+            )
+        )
 
 
 def test_reindexing_into_fewer_shards_sets_old_parts_aside(cam_run):
@@ -258,7 +317,11 @@ def test_reindexing_into_fewer_shards_sets_old_parts_aside(cam_run):
     run(make_cfg(root, [*base, "index.clips_per_shard=8"]))
     assert [p.name for p in (run_dir / "tubes").glob("part-*.parquet")] == ["part-00000.parquet"]
     # shards 1 and 2 are gone; shard 0 now holds other clips, so its old part is set aside before the recompute
-    assert sorted(p.name for p in (run_dir / "tubes" / ".stale").iterdir()) == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert sorted(p.name for p in (run_dir / "tubes" / ".stale").iterdir()) == [
+        "part-00000.parquet",
+        "part-00001.parquet",
+        "part-00002.parquet",
+    ]
     tubes = read_tubes(run_dir, columns=["clip_id", "shard"])
     assert len(tubes) == 8 and tubes["clip_id"].is_unique and (tubes["shard"] == 0).all()
 
@@ -266,7 +329,20 @@ def test_reindexing_into_fewer_shards_sets_old_parts_aside(cam_run):
 def test_worker_threads_of_one_process_do_not_share_a_model(cam_run):
     """Two Dask worker threads in one process: each builds its own model, so hooks never cross."""
     root, run_dir, overrides = cam_run
-    run(make_cfg(root, overrides + ["run_name=threads", "store.codec=float32", "cluster.n_workers=2", "cluster.processes=false", "index.clips_per_shard=1", "stage=[index,extract]"]))
+    run(
+        make_cfg(
+            root,
+            overrides
+            + [
+                "run_name=threads",
+                "store.codec=float32",
+                "cluster.n_workers=2",
+                "cluster.processes=false",
+                "index.clips_per_shard=1",
+                "stage=[index,extract]",
+            ],
+        )
+    )
     threads = read_tubes(root / "outputs" / "threads", columns=["clip_id", "volume"]).set_index("clip_id")
     one = read_tubes(run_dir, columns=["clip_id", "volume"]).set_index("clip_id")
     assert len(threads) == 8

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import render
-from pipeline.video import probe, read_frames
+from pipeline.data.video import probe, read_frames
+from pipeline.report import render
 
 
 @pytest.fixture
@@ -56,9 +56,15 @@ def test_pictures_are_drawn(clip, tmp_path):
     render.tube_picture(frames, tube, tmp_path / "tube.png", title="t")
     render.isosurface(tube, tmp_path / "iso.png")
     render.side_by_side(frames, {"cam": tube, "gradcam": tube[:, ::-1]}, tmp_path / "methods.png")
-    render.tube_strip(frames, render._resize_tube(tube, (8, 40, 48)), range(0, 16, 2), tmp_path / "strip.png", title="x")
-    render.class_plots(np.full(8, 1 / 8), np.full(8, 1 / 8), np.random.default_rng(0).random(64), tmp_path / "class.png")
-    render.curve_plot({"deletion": np.linspace(1, 0, 11), "random deletion": np.linspace(1, 0.5, 11)}, tmp_path / "curves.png")
+    render.tube_strip(
+        frames, render._resize_tube(tube, (8, 40, 48)), range(0, 16, 2), tmp_path / "strip.png", title="x"
+    )
+    render.class_plots(
+        np.full(8, 1 / 8), np.full(8, 1 / 8), np.random.default_rng(0).random(64), tmp_path / "class.png"
+    )
+    render.curve_plot(
+        {"deletion": np.linspace(1, 0, 11), "random deletion": np.linspace(1, 0.5, 11)}, tmp_path / "curves.png"
+    )
     for name in ("tube", "iso", "methods", "strip", "class", "curves"):
         assert _not_blank(tmp_path / f"{name}.png"), name
     # the strip has one tile per frame, 96 pixels each with 4 between them

@@ -64,11 +64,13 @@ def test_label_names_and_config_are_escaped(built):
 
 def test_galleries_pick_the_right_clips(built):
     run_dir, _ = built
-    tubes = read_tubes(run_dir, columns=["clip_id", "label", "label_name", "pred", "pred_prob"]).sort_values("pred_prob", ascending=False)
+    tubes = read_tubes(run_dir, columns=["clip_id", "label", "label_name", "pred", "pred_prob"]).sort_values(
+        "pred_prob", ascending=False
+    )
     pages = _pages(run_dir)
     for name, mine in tubes.groupby("label_name"):
         page = next(html for html in pages.values() if f"<h1>{escape(name)} " in html)
-        shown = lambda title: re.findall(r"<b>(clip\d+)</b>", _section(page, title))  # noqa: E731
+        shown = lambda title, page=page: re.findall(r"<b>(clip\d+)</b>", _section(page, title))
         assert shown("Most confident") == mine["clip_id"].head(PER_CLASS).tolist()
         assert shown("Least confident") == mine["clip_id"].tail(PER_CLASS).iloc[::-1].tolist()
         wrong = mine[mine["pred"] != mine["label"]]
@@ -92,14 +94,28 @@ def _chromium() -> str:
             return shutil.which(name)
     if os.environ.get("SALIENCY_TUBES_SKIP_BROWSER") == "1":
         pytest.skip("no Chromium and SALIENCY_TUBES_SKIP_BROWSER=1")
-    pytest.fail("headless Chromium is needed to check the report (apt-get install chromium; .ci/run does it); "
-                "set SALIENCY_TUBES_SKIP_BROWSER=1 to skip this test")
+    pytest.fail(
+        "headless Chromium is needed to check the report (apt-get install chromium; .ci/run does it); "
+        "set SALIENCY_TUBES_SKIP_BROWSER=1 to skip this test"
+    )
 
 
 def _open(page, tmp_path, *args) -> subprocess.CompletedProcess:
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
-             "--window-size=1280,1800", "--virtual-time-budget=3000"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--enable-logging=stderr",
+        "--v=0",
+        "--window-size=1280,1800",
+        "--virtual-time-budget=3000",
+    ]
     return subprocess.run([_chromium(), *flags, *args, page.as_uri()], capture_output=True, text=True, timeout=120)
 
 

@@ -14,8 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.__main__ import run
-from pipeline.stages.index import read_index
-from pipeline.store import read_failures, read_tubes
+from pipeline.store import read_failures, read_index, read_tubes
 from tests.conftest import make_cfg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,16 +22,29 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _published(run_dir: Path) -> dict[str, tuple]:
     """Published parts with what would change if they were rewritten: inode, mtime and bytes."""
-    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in sorted((run_dir / "tubes").glob("part-*.parquet"))}
+    return {
+        p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes())
+        for p in sorted((run_dir / "tubes").glob("part-*.parquet"))
+    }
 
 
 def _logs(run_dir: Path) -> dict[str, str]:
-    return {p.name: p.read_text() for p in sorted((run_dir / "logs").glob("shard-*.log"))} if (run_dir / "logs").is_dir() else {}
+    return (
+        {p.name: p.read_text() for p in sorted((run_dir / "logs").glob("shard-*.log"))}
+        if (run_dir / "logs").is_dir()
+        else {}
+    )
 
 
 def _extract(args: list[str], log_path: Path) -> subprocess.Popen:
     with open(log_path, "ab") as out:  # the child keeps its own descriptor
-        return subprocess.Popen([sys.executable, "-m", "pipeline", "stage=extract", *args], cwd=REPO, stdout=out, stderr=out, start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "stage=extract", *args],
+            cwd=REPO,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+        )
 
 
 def _kill_when(proc: subprocess.Popen, condition, what: str, timeout: float = 120.0) -> None:
@@ -52,9 +64,17 @@ def _kill_when(proc: subprocess.Popen, condition, what: str, timeout: float = 12
 @pytest.mark.slow  # four runs of the extract command (about 45 s)
 def test_sigkill_at_any_point_then_resume(synthetic_root, random_checkpoint, tmp_path):
     overrides = [
-        f"paths.root={tmp_path}", f"dataset.root={synthetic_root}", "dataset.generate_if_missing=false",
-        f"model.checkpoint={random_checkpoint}", "sampler=uniform", "sampler.num_clips=3", "index.clips_per_shard=2",
-        "extract.batch_size=1", "cluster.n_workers=1", "cluster.processes=false", "run_name=killed",
+        f"paths.root={tmp_path}",
+        f"dataset.root={synthetic_root}",
+        "dataset.generate_if_missing=false",
+        f"model.checkpoint={random_checkpoint}",
+        "sampler=uniform",
+        "sampler.num_clips=3",
+        "index.clips_per_shard=2",
+        "extract.batch_size=1",
+        "cluster.n_workers=1",
+        "cluster.processes=false",
+        "run_name=killed",
     ]
     run(make_cfg(tmp_path, [*overrides[1:], "stage=index"]))
     run_dir = tmp_path / "outputs" / "killed"
@@ -70,21 +90,37 @@ def test_sigkill_at_any_point_then_resume(synthetic_root, random_checkpoint, tmp
 
     def model_running(seen):  # an unfinished shard has logged its first batch: mid-shard
         def check():
-            return any(re.search(r"batch 0:", text) and f"part-{name[6:11]}.parquet" not in seen for name, text in _logs(run_dir).items())
+            return any(
+                re.search(r"batch 0:", text) and f"part-{name[6:11]}.parquet" not in seen
+                for name, text in _logs(run_dir).items()
+            )
+
         return check
 
     finished: dict[str, tuple] = {}
     for point in ("during a write", "between shards", "mid-shard"):
         proc = _extract(overrides, console)
-        condition = {"during a write": partial_part, "between shards": new_part(finished), "mid-shard": model_running(finished)}[point]
+        condition = {
+            "during a write": partial_part,
+            "between shards": new_part(finished),
+            "mid-shard": model_running(finished),
+        }[point]
         _kill_when(proc, condition, point)
         now = _published(run_dir)
-        print(f"killed {point}: {len(now)} parts published, partial: {[p.name for p in (run_dir / 'tubes').glob('.part-*')]}")
+        print(
+            f"killed {point}: {len(now)} parts published, partial: {[p.name for p in (run_dir / 'tubes').glob('.part-*')]}"
+        )
         assert {k: now[k] for k in finished} == finished, f"a finished shard was rewritten by the run killed {point}"
         finished = now
 
     assert len(finished) < 12, "the kills left no work for the final run"
-    done = subprocess.run([sys.executable, "-m", "pipeline", "stage=extract", *overrides], cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "stage=extract", *overrides],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     final = _published(run_dir)
     assert {k: final[k] for k in finished} == finished  # finished shards were not recomputed

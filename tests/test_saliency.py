@@ -9,8 +9,8 @@ import torch
 from captum.attr import LayerAttribution, LayerGradCam
 from torch import nn
 
+from pipeline.explain.explainer import CAM, GradCAM, TubeExplainer, upsample
 from pipeline.models import DemoNet3D, ModelError, find_classifier, find_layer, load_checkpoint
-from pipeline.saliency import CAM, GradCAM, TubeExplainer, upsample
 
 SHAPE = (3, 8, 64, 64)
 
@@ -127,13 +127,17 @@ def test_cam_with_a_1x1x1_convolution_head():
     """A 1x1x1 convolution before averaging (S3D's head) is linear over channels: the tube's mean plus the bias
     is the logit."""
     torch.manual_seed(3)
-    net = nn.Sequential(nn.Conv3d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv3d(6, 5, 1), nn.AdaptiveAvgPool3d(1), nn.Flatten()).eval()
+    net = nn.Sequential(
+        nn.Conv3d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv3d(6, 5, 1), nn.AdaptiveAvgPool3d(1), nn.Flatten()
+    ).eval()
     x = torch.randn(2, *SHAPE)
     out = TubeExplainer(net, CAM(), SHAPE, layer="1")(x, by_pred)
     with torch.no_grad():
         logits = net(x)
     bias = net[2].bias[out.targets]
-    torch.testing.assert_close(out.tubes.mean(dim=(2, 3, 4)) + bias, logits.gather(1, out.targets), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        out.tubes.mean(dim=(2, 3, 4)) + bias, logits.gather(1, out.targets), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_unknown_layer_lists_candidates(net):

@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.sampling import CenterSampler, Clip, ClipSampler, SlidingSampler, UniformSampler
+from pipeline.data.sampling import CenterSampler, Clip, ClipSampler, SlidingSampler, UniformSampler
 
 
 def frames_of(clips):

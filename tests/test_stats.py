@@ -21,14 +21,28 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     write_synthetic_run(root / "a", 90, CLASSES, clips_per_part=40, videos=3)
     write_synthetic_run(root / "same", 90, CLASSES, clips_per_part=40, videos=3, method="gradcam")
-    write_synthetic_run(root / "other", 90, CLASSES, clips_per_part=30, videos=3, volumes=lambda rng, n: -blob_tubes(rng, n))
+    write_synthetic_run(
+        root / "other", 90, CLASSES, clips_per_part=30, videos=3, volumes=lambda rng, n: -blob_tubes(rng, n)
+    )
     stats.run(config(compare_runs=["same", "other"]), root / "a")
     return root
 
 
 def test_per_class_and_overall_means(runs):
     run_dir = runs / "a"
-    tubes = read_tubes(run_dir, columns=["label_name", "label", "pred", "pred_prob", "top10_mass", "border_mass", "density", "temporal_profile"])
+    tubes = read_tubes(
+        run_dir,
+        columns=[
+            "label_name",
+            "label",
+            "pred",
+            "pred_prob",
+            "top10_mass",
+            "border_mass",
+            "density",
+            "temporal_profile",
+        ],
+    )
     per_class = pd.read_parquet(run_dir / "stats" / "per_class.parquet").set_index("label_name")
     overall = pd.read_parquet(run_dir / "stats" / "overall.parquet").iloc[0]
     assert overall["clips"] == 90 and list(per_class.index) == CLASSES
@@ -106,12 +120,23 @@ def test_distributions_are_histograms_of_the_clips(runs):
 
 def test_a_run_where_every_clip_failed_says_so(tmp_path):
     """Empty part files (every clip of every shard failed) give one clear error with the failure reasons."""
-    from pipeline.store import TUBE_SCHEMA, failures_table, write_table_atomic
-    from pipeline.writer import part_name
+    from pipeline.store import TUBE_SCHEMA, failures_table, part_name, write_table_atomic
 
     run_dir = tmp_path / "failed"
     write_table_atomic(TUBE_SCHEMA.empty_table(), run_dir / "tubes" / part_name(0))
-    write_table_atomic(failures_table([dict(clip_id="a:000000", source="a.mp4", stage="extract", error_type="VideoError", message="a.mp4: broken")]),
-                       run_dir / "failures" / part_name(0))
+    write_table_atomic(
+        failures_table(
+            [
+                dict(
+                    clip_id="a:000000",
+                    source="a.mp4",
+                    stage="extract",
+                    error_type="VideoError",
+                    message="a.mp4: broken",
+                )
+            ]
+        ),
+        run_dir / "failures" / part_name(0),
+    )
     with pytest.raises(RuntimeError, match=r"no clip has a tube.*VideoError"):
         stats.run(config(), run_dir)

@@ -147,7 +147,9 @@ def test_read_failures_empty(tmp_path):
 def test_read_failures_concatenates_files(tmp_path):
     row = dict(clip_id="c1", source="/x.mp4", stage="index", error_type="VideoError", message="/x.mp4: bad")
     write_table_atomic(failures_table([row]), tmp_path / "failures" / "index.parquet")
-    write_table_atomic(failures_table([{**row, "clip_id": "c2", "stage": "extract"}]), tmp_path / "failures" / "extract-00000.parquet")
+    write_table_atomic(
+        failures_table([{**row, "clip_id": "c2", "stage": "extract"}]), tmp_path / "failures" / "extract-00000.parquet"
+    )
     frame = read_failures(tmp_path)
     assert list(frame.columns) == FAILURE_SCHEMA.names
     assert sorted(zip(frame["clip_id"], frame["stage"])) == [("c1", "index"), ("c2", "extract")]
@@ -214,7 +216,9 @@ def run_dir(tmp_path):
     }
     rows = {k: tube_row(k, tubes[k], *specs[k]) for k in tubes}
     (tmp_path / "tubes").mkdir()
-    pq.write_table(pa.Table.from_pylist([rows["a"], rows["b"]], schema=TUBE_SCHEMA), tmp_path / "tubes" / "part-00000.parquet")
+    pq.write_table(
+        pa.Table.from_pylist([rows["a"], rows["b"]], schema=TUBE_SCHEMA), tmp_path / "tubes" / "part-00000.parquet"
+    )
     pq.write_table(pa.Table.from_pylist([rows["c"]], schema=TUBE_SCHEMA), tmp_path / "tubes" / "part-00001.parquet")
     expected = {}
     for k, tube in tubes.items():

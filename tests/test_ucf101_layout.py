@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from layouts import UCF_CLASSES, UCF_VIDEOS, make_ucf101, read_barcode, run_index
 
-from pipeline.clips import ClipDataset
+from pipeline.data.clips import ClipDataset
+from pipeline.data.video import ResizeCrop, probe, read_frames
 from pipeline.store import read_failures
-from pipeline.video import ResizeCrop, probe, read_frames
 
 
 @pytest.fixture(scope="module")
@@ -18,10 +18,19 @@ def ucf(tmp_path_factory):
 
 
 def index_ucf(tmp_path, ucf, *overrides):
-    rows, _, run_dir = run_index(tmp_path, [
-        "dataset=ucf101", f"dataset.root={ucf['root']}", f"dataset.splits_dir={ucf['splits']}",
-        "sampler=uniform", "sampler.num_clips=2", "sampler.clip_len=4", "sampler.frame_stride=3", *overrides,
-    ])
+    rows, _, run_dir = run_index(
+        tmp_path,
+        [
+            "dataset=ucf101",
+            f"dataset.root={ucf['root']}",
+            f"dataset.splits_dir={ucf['splits']}",
+            "sampler=uniform",
+            "sampler.num_clips=2",
+            "sampler.clip_len=4",
+            "sampler.frame_stride=3",
+            *overrides,
+        ],
+    )
     return rows, run_dir
 
 
@@ -34,12 +43,15 @@ def test_videos_are_what_ucf101_ships(ucf):
             assert len(container.streams.audio) == int(audio)
 
 
-@pytest.mark.parametrize("fold,split,expected", [
-    (1, "train", ["v_ApplyEyeMakeup_g08_c01", "v_Archery_g01_c01", "v_Archery_g09_c02"]),
-    (1, "test", ["v_Basketball_g02_c04"]),
-    (2, "train", ["v_Archery_g09_c02", "v_Basketball_g02_c04"]),
-    (2, "test", ["v_ApplyEyeMakeup_g08_c01", "v_Archery_g01_c01"]),
-])
+@pytest.mark.parametrize(
+    "fold,split,expected",
+    [
+        (1, "train", ["v_ApplyEyeMakeup_g08_c01", "v_Archery_g01_c01", "v_Archery_g09_c02"]),
+        (1, "test", ["v_Basketball_g02_c04"]),
+        (2, "train", ["v_Archery_g09_c02", "v_Basketball_g02_c04"]),
+        (2, "test", ["v_ApplyEyeMakeup_g08_c01", "v_Archery_g01_c01"]),
+    ],
+)
 def test_index_ucf_folds_labels_frames(tmp_path, ucf, fold, split, expected):
     rows, run_dir = index_ucf(tmp_path, ucf, f"dataset.fold={fold}", f"dataset.split={split}")
     assert len(read_failures(run_dir)) == 0

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.video import ResizeCrop, VideoError, frame_file, probe, read_frames, source_to_input, write_video
+from pipeline.data.video import ResizeCrop, VideoError, frame_file, probe, read_frames, source_to_input, write_video
 
 NUM_FRAMES = 12
 HEIGHT, WIDTH = 48, 64
@@ -312,11 +312,19 @@ def test_h264_has_b_frames(long_videos):
 
 @pytest.mark.parametrize("kind", ["h264_5994", "mpeg4_2997", "mpeg4_25"])
 def test_seeking_returns_the_pixels_of_a_full_decode(long_videos, kind):
-    from pipeline.video import _decode_by_timestamp
+    from pipeline.data.video import _decode_by_timestamp
 
     reference = decode_all(long_videos[kind])
     assert len(reference) == 150
-    clips = [[0, 1, 2], [23, 24, 25, 26], [37], [70, 72, 74, 76, 78], [149], [140, 100, 120, 100], list(range(96, 150, 4))]
+    clips = [
+        [0, 1, 2],
+        [23, 24, 25, 26],
+        [37],
+        [70, 72, 74, 76, 78],
+        [149],
+        [140, 100, 120, 100],
+        list(range(96, 150, 4)),
+    ]
     for indices in clips:
         got = read_frames(long_videos[kind], indices)
         for row, index in zip(got, indices):
@@ -338,11 +346,13 @@ def test_every_frame_by_seeking(long_videos, kind):
 
 def test_seek_and_count_agree(long_videos):
     indices = [55, 61, 67, 73]
-    assert np.array_equal(read_frames(long_videos["h264_5994"], indices), read_frames(long_videos["h264_5994"], indices, seek=False))
+    assert np.array_equal(
+        read_frames(long_videos["h264_5994"], indices), read_frames(long_videos["h264_5994"], indices, seek=False)
+    )
 
 
 def test_variable_frame_rate_falls_back_to_counting(long_videos):
-    from pipeline.video import _decode_by_timestamp
+    from pipeline.data.video import _decode_by_timestamp
 
     reference = decode_all(long_videos["vfr"])
     assert len(reference) == 60

@@ -7,22 +7,37 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from pipeline.explain.explainer import CAM, TubeExplainer
 from pipeline.models import DemoNet3D
-from pipeline.module import TubeModule
-from pipeline.saliency import CAM, TubeExplainer
-from pipeline.writer import ClipFailure, TubeWriter
+from pipeline.runtime.module import TubeModule
+from pipeline.runtime.writer import ClipFailure, TubeWriter
 
 
 def test_unlabelled_clips_are_written_with_null_labels(tmp_path):
     torch.manual_seed(0)
-    rows = pd.DataFrame(dict(
-        clip_id=["a:000000", "b:000000"], video_id=["a", "b"], source=["/x/a.mp4", "/x/b.mp4"],
-        label=pd.array([None, 2], dtype="Int32"), label_name=[None, "C"], split=["test", "test"],
-        frame_indices=[list(range(8)), list(range(8))], padded=[0, 0], shard=[0, 0],
-    ))
+    rows = pd.DataFrame(
+        dict(
+            clip_id=["a:000000", "b:000000"],
+            video_id=["a", "b"],
+            source=["/x/a.mp4", "/x/b.mp4"],
+            label=pd.array([None, 2], dtype="Int32"),
+            label_name=[None, "C"],
+            split=["test", "test"],
+            frame_indices=[list(range(8)), list(range(8))],
+            padded=[0, 0],
+            shard=[0, 0],
+        )
+    )
     module = TubeModule(TubeExplainer(DemoNet3D(num_classes=4).eval(), CAM(), (3, 8, 64, 64)), [0.45] * 3, [0.225] * 3)
-    batch = dict(positions=torch.arange(2), video=torch.rand(2, 3, 8, 64, 64), crop_box=torch.tensor([[16.0, 0, 112, 96]] * 2), failures=[])
-    writer = TubeWriter(tmp_path, 0, rows, "cam", module.explainer.layer_name, ["A", "B", "C", "D"], {"config_hash": "x"})
+    batch = dict(
+        positions=torch.arange(2),
+        video=torch.rand(2, 3, 8, 64, 64),
+        crop_box=torch.tensor([[16.0, 0, 112, 96]] * 2),
+        failures=[],
+    )
+    writer = TubeWriter(
+        tmp_path, 0, rows, "cam", module.explainer.layer_name, ["A", "B", "C", "D"], {"config_hash": "x"}
+    )
     writer.write_on_batch_end(None, module, module.predict_step(batch, 0), None, batch, 0)
     writer.on_predict_end(None, module)
     table = pq.read_table(tmp_path / "tubes" / "part-00000.parquet").to_pandas()
@@ -32,25 +47,58 @@ def test_unlabelled_clips_are_written_with_null_labels(tmp_path):
 
 def test_progress_counts_clips_and_fail_fast_stops_at_a_bad_clip(tmp_path):
     torch.manual_seed(0)
-    rows = pd.DataFrame(dict(
-        clip_id=["a:0", "b:0", "c:0"], video_id=["a", "b", "c"], source=["/x/a.mp4", "/x/b.mp4", "/x/c.mp4"],
-        label=pd.array([0, 1, 2], dtype="Int32"), label_name=["A", "B", "C"], split=["test"] * 3,
-        frame_indices=[list(range(8))] * 3, padded=[0] * 3, shard=[4] * 3,
-    ))
+    rows = pd.DataFrame(
+        dict(
+            clip_id=["a:0", "b:0", "c:0"],
+            video_id=["a", "b", "c"],
+            source=["/x/a.mp4", "/x/b.mp4", "/x/c.mp4"],
+            label=pd.array([0, 1, 2], dtype="Int32"),
+            label_name=["A", "B", "C"],
+            split=["test"] * 3,
+            frame_indices=[list(range(8))] * 3,
+            padded=[0] * 3,
+            shard=[4] * 3,
+        )
+    )
     module = TubeModule(TubeExplainer(DemoNet3D(num_classes=4).eval(), CAM(), (3, 8, 64, 64)), [0.45] * 3, [0.225] * 3)
-    batch = dict(positions=torch.tensor([0, 2]), video=torch.rand(2, 3, 8, 64, 64), crop_box=torch.tensor([[16.0, 0, 112, 96]] * 2),
-                 failures=[(1, "VideoError", "/x/b.mp4: truncated")])
+    batch = dict(
+        positions=torch.tensor([0, 2]),
+        video=torch.rand(2, 3, 8, 64, 64),
+        crop_box=torch.tensor([[16.0, 0, 112, 96]] * 2),
+        failures=[(1, "VideoError", "/x/b.mp4: truncated")],
+    )
     prediction = module.predict_step(batch, 0)
     seen = []
-    writer = TubeWriter(tmp_path, 4, rows, "cam", module.explainer.layer_name, ["A", "B", "C", "D"], {"config_hash": "x"}, progress=seen.append)
+    writer = TubeWriter(
+        tmp_path,
+        4,
+        rows,
+        "cam",
+        module.explainer.layer_name,
+        ["A", "B", "C", "D"],
+        {"config_hash": "x"},
+        progress=seen.append,
+    )
     writer.write_on_batch_end(None, module, prediction, None, batch, 0)
     assert seen == [3] and writer.rows_written == 2 and [f["clip_id"] for f in writer.failures] == ["b:0"]
     assert not (tmp_path / "tubes" / "part-00004.parquet").exists()  # nothing published before the shard ends
     writer.on_predict_end(None, module)
     assert pq.read_table(tmp_path / "tubes" / "part-00004.parquet").num_rows == 2
-    assert pq.read_table(tmp_path / "failures" / "part-00004.parquet").column("message").to_pylist() == ["/x/b.mp4: truncated"]
+    assert pq.read_table(tmp_path / "failures" / "part-00004.parquet").column("message").to_pylist() == [
+        "/x/b.mp4: truncated"
+    ]
 
-    strict = TubeWriter(tmp_path / "strict", 4, rows, "cam", module.explainer.layer_name, ["A", "B", "C", "D"], {"config_hash": "x"}, fail_fast=True, rank=1)
+    strict = TubeWriter(
+        tmp_path / "strict",
+        4,
+        rows,
+        "cam",
+        module.explainer.layer_name,
+        ["A", "B", "C", "D"],
+        {"config_hash": "x"},
+        fail_fast=True,
+        rank=1,
+    )
     with pytest.raises(ClipFailure, match="clip b:0 failed \\(VideoError\\)"):
         strict.write_on_batch_end(None, module, prediction, None, batch, 0)
     strict.abort()

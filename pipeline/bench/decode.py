@@ -20,10 +20,10 @@ import av
 import numpy as np
 from hydra import compose, initialize_config_dir
 
-from pipeline.cluster import open_client
-from pipeline.sampling import UniformSampler
+from pipeline.data.sampling import UniformSampler
+from pipeline.data.video import read_frames, write_video
+from pipeline.runtime.cluster import open_client
 from pipeline.stages import index
-from pipeline.video import read_frames, write_video
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 FPS = 25
@@ -48,8 +48,10 @@ def _whole_file(path: Path, indices: list[int]) -> np.ndarray:
 
 
 def _decoder_rows(root: Path, seconds: int, videos: int) -> list[str]:
-    kinds = {"H.264 MP4": dict(suffix=".mp4", codec="libx264", g=str(2 * FPS), bf="2", preset="veryfast"),
-             "MPEG-4 AVI": dict(suffix=".avi", codec="mpeg4", g="12", qscale="4")}
+    kinds = {
+        "H.264 MP4": dict(suffix=".mp4", codec="libx264", g=str(2 * FPS), bf="2", preset="veryfast"),
+        "MPEG-4 AVI": dict(suffix=".avi", codec="mpeg4", g="12", qscale="4"),
+    }
     sampler = UniformSampler(8, frame_stride=2, num_clips=CLIPS_PER_VIDEO)
     rows = []
     for name, options in kinds.items():
@@ -61,16 +63,20 @@ def _decoder_rows(root: Path, seconds: int, videos: int) -> list[str]:
             write_video(paths[-1], _frames(seconds, k), FPS, **options)
         clips = [(p, c.frame_indices) for p in paths for c in sampler(0, seconds * FPS)]
         timings = {}
-        for method, read in (("seek (read_frames)", read_frames),
-                             ("from start to last frame", lambda p, i: read_frames(p, i, seek=False)),
-                             ("whole file", _whole_file)):
+        for method, read in (
+            ("seek (read_frames)", read_frames),
+            ("from start to last frame", lambda p, i: read_frames(p, i, seek=False)),
+            ("whole file", _whole_file),
+        ):
             started = time.perf_counter()
             for path, indices in clips:
                 read(path, indices)
             timings[method] = time.perf_counter() - started
         for method, seconds_taken in timings.items():
             speedup = timings["whole file"] / seconds_taken
-            rows.append(f"| decode | {name}, {seconds} s | {method} | {len(clips)} | {seconds_taken:.2f} | {len(clips) / seconds_taken:.1f} | {speedup:.1f}x |")
+            rows.append(
+                f"| decode | {name}, {seconds} s | {method} | {len(clips)} | {seconds_taken:.2f} | {len(clips) / seconds_taken:.1f} | {speedup:.1f}x |"
+            )
     return rows
 
 
@@ -89,11 +95,19 @@ def _index_rows(root: Path, out_dir: Path, count: int) -> list[str]:
     for workers in (1, 2):
         for cached in (False, True):
             with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-                cfg = compose("config", overrides=[
-                    f"paths.run_dir={out_dir}/index-{workers}-workers", "dataset=manifest", f"dataset.csv={root / 'manifest.csv'}",
-                    "sampler=uniform", f"sampler.num_clips={CLIPS_PER_VIDEO}", f"cluster.n_workers={workers}", "cluster.threads_per_worker=1",
-                    f"index.probe_cache={out_dir / f'index-probes-{workers}.parquet' if cached else 'null'}",
-                ])
+                cfg = compose(
+                    "config",
+                    overrides=[
+                        f"paths.run_dir={out_dir}/index-{workers}-workers",
+                        "dataset=manifest",
+                        f"dataset.csv={root / 'manifest.csv'}",
+                        "sampler=uniform",
+                        f"sampler.num_clips={CLIPS_PER_VIDEO}",
+                        f"cluster.n_workers={workers}",
+                        "cluster.threads_per_worker=1",
+                        f"index.probe_cache={out_dir / f'index-probes-{workers}.parquet' if cached else 'null'}",
+                    ],
+                )
             run_dir = Path(cfg.paths.run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
             if cached:  # fill the cache first; the timed run finds every file unchanged
@@ -101,12 +115,16 @@ def _index_rows(root: Path, out_dir: Path, count: int) -> list[str]:
                     index.run(cfg, run_dir, client)
             with open_client(cfg.cluster) as client:
                 client.wait_for_workers(workers)
-                client.run(importlib.import_module, "pipeline.probing")  # workers import the stage before the clock starts
+                client.run(
+                    importlib.import_module, "pipeline.data.probing"
+                )  # workers import the stage before the clock starts
                 started = time.perf_counter()
                 frame = index.run(cfg, run_dir, client)
                 seconds = time.perf_counter() - started
             label = f"{workers} Dask worker{'s' if workers > 1 else ''}" + (", probe cache warm" if cached else "")
-            rows.append(f"| index | {count} videos (manifest) | {label} | {len(frame)} | {seconds:.2f} | {len(frame) / seconds:.0f} | {count / seconds:.0f} videos/s |")
+            rows.append(
+                f"| index | {count} videos (manifest) | {label} | {len(frame)} | {seconds:.2f} | {len(frame) / seconds:.0f} | {count / seconds:.0f} videos/s |"
+            )
     return rows
 
 
@@ -118,17 +136,19 @@ def run(out_dir: Path, quick: bool) -> str:
         root = Path(tmp)
         rows = _decoder_rows(root, seconds, videos)
         rows += _index_rows(root, out_dir, count)
-    return "\n".join([
-        "## Decoding and indexing (pipeline/bench/decode.py)",
-        "",
-        "| stage | input | method | clips | seconds | clips/s | vs whole file / note |",
-        "|---|---|---|---:|---:|---:|---:|",
-        *rows,
-        "",
-        f"Decode: {CLIPS_PER_VIDEO} clips of 8 frames (stride 2) per 320x240 video, each clip decoded on its own, as the "
-        "extract stage's DataLoader does. *seek* is `read_frames` (keyframe seek, timestamps checked); *from start* "
-        "decodes from frame 0 to the clip's last frame; *whole file* decodes every frame. Index: the real index stage "
-        "(probe on Dask, sample, shard, write Parquet) with `cluster=local` worker processes (started, and the stage "
-        "imported, before timing), probe cache off unless noted.",
-        "",
-    ])
+    return "\n".join(
+        [
+            "## Decoding and indexing (pipeline/bench/decode.py)",
+            "",
+            "| stage | input | method | clips | seconds | clips/s | vs whole file / note |",
+            "|---|---|---|---:|---:|---:|---:|",
+            *rows,
+            "",
+            f"Decode: {CLIPS_PER_VIDEO} clips of 8 frames (stride 2) per 320x240 video, each clip decoded on its own, as the "
+            "extract stage's DataLoader does. *seek* is `read_frames` (keyframe seek, timestamps checked); *from start* "
+            "decodes from frame 0 to the clip's last frame; *whole file* decodes every frame. Index: the real index stage "
+            "(probe on Dask, sample, shard, write Parquet) with `cluster=local` worker processes (started, and the stage "
+            "imported, before timing), probe cache off unless noted.",
+            "",
+        ]
+    )

@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import os
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -27,16 +27,45 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.explain.explainer import (
+    CAM,
+    Fusion,
+    GradCAM,
+    GradCAMPlusPlus,
+    LayerCAM,
+    ScoreCAM,
+    TubeExplainer,
+    XGradCAM,
+    upsample,
+)
 from pipeline.models import DemoNet3D
-from pipeline.saliency import CAM, Fusion, GradCAM, GradCAMPlusPlus, LayerCAM, ScoreCAM, TubeExplainer, XGradCAM, upsample
 from pipeline.store import dequantise, quantise
 
 #: model label -> (builder, explained layer, classifier, fusion layers, clip shape (3, T, H, W))
 MODELS = {
-    "r3d_18": (lambda: __import__("torchvision").models.video.r3d_18(num_classes=400), "layer4", "fc", ["layer3", "layer4"], (3, 16, 112, 112)),
-    "demo": (lambda: DemoNet3D(num_classes=4), "features", "fc", ["features.block2", "features.block3"], (3, 8, 64, 64)),
+    "r3d_18": (
+        lambda: __import__("torchvision").models.video.r3d_18(num_classes=400),
+        "layer4",
+        "fc",
+        ["layer3", "layer4"],
+        (3, 16, 112, 112),
+    ),
+    "demo": (
+        lambda: DemoNet3D(num_classes=4),
+        "features",
+        "fc",
+        ["features.block2", "features.block3"],
+        (3, 8, 64, 64),
+    ),
 }
-OURS = {"cam": CAM, "gradcam": GradCAM, "gradcampp": GradCAMPlusPlus, "xgradcam": XGradCAM, "layercam": LayerCAM, "scorecam": ScoreCAM}
+OURS = {
+    "cam": CAM,
+    "gradcam": GradCAM,
+    "gradcampp": GradCAMPlusPlus,
+    "xgradcam": XGradCAM,
+    "layercam": LayerCAM,
+    "scorecam": ScoreCAM,
+}
 #: Score-CAM scores one masked clip per channel (512 for r3d_18's layer4): it is timed on the demo model only
 SCORECAM_MODELS = {"demo"}
 
@@ -65,7 +94,7 @@ def _ours(net, name: str, layer: str, classifier: str, fusion_layers, shape):
     """A callable explaining a batch the way the extract stage does (cam under inference_mode)."""
     method = Fusion(GradCAM(), fusion_layers) if name == "fusion" else OURS[name]()
     explainer = TubeExplainer(net, method, shape, layer=layer, classifier=classifier)
-    pred = lambda logits: logits.argmax(1, keepdim=True)  # noqa: E731
+    pred = lambda logits: logits.argmax(1, keepdim=True)
 
     def run(x):
         if method.needs_grad:
@@ -82,8 +111,13 @@ class _OneBackwardPerTarget(TubeExplainer):
     def _gradients(self, logits, outputs, targets):
         inputs = [out.tensor for out in outputs]
         k = targets.shape[1]
-        per_target = [torch.autograd.grad(logits.gather(1, targets[:, j : j + 1]).sum(), inputs, retain_graph=j < k - 1) for j in range(k)]
-        return [out.as_ncthw(torch.stack([g[i] for g in per_target])).movedim(0, 1).float() for i, out in enumerate(outputs)]
+        per_target = [
+            torch.autograd.grad(logits.gather(1, targets[:, j : j + 1]).sum(), inputs, retain_graph=j < k - 1)
+            for j in range(k)
+        ]
+        return [
+            out.as_ncthw(torch.stack([g[i] for g in per_target])).movedim(0, 1).float() for i, out in enumerate(outputs)
+        ]
 
 
 def _topk_explainers(net, layer: str, shape) -> dict:
@@ -123,7 +157,11 @@ def _peers(net, layer: str, classifier: str, shape):
         finally:
             extractor.remove_hooks()
 
-    return {"Captum LayerGradCam + trilinear": captum_run, "pytorch-grad-cam GradCAM": pgc_run, "torch-cam CAM": torchcam_run}
+    return {
+        "Captum LayerGradCam + trilinear": captum_run,
+        "pytorch-grad-cam GradCAM": pgc_run,
+        "torch-cam CAM": torchcam_run,
+    }
 
 
 def speed(label: str, batch: int, repeats: int) -> list[dict]:
@@ -159,7 +197,11 @@ def _peak_in_subprocess(label: str, what: str, batch: int) -> dict:
     # a fixed mmap threshold: large tensors are mapped and unmapped, so the resident set follows them
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run(
-        [sys.executable, "-m", "pipeline.bench.methods", "--peak", label, what, str(batch)], capture_output=True, text=True, check=True, env=env
+        [sys.executable, "-m", "pipeline.bench.methods", "--peak", label, what, str(batch)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -175,6 +217,7 @@ def peak(label: str, what: str, batch: int) -> dict:
     net, layer, classifier, fusion_layers, shape = _build(label)
     x = torch.randn(batch, *shape)
     if what == "forward":
+
         def run():
             with torch.inference_mode():
                 net(x)
@@ -189,6 +232,7 @@ def peak(label: str, what: str, batch: int) -> dict:
 
         def run():
             peer(x.clone(), targets)
+
     run()  # warm-up, then measure the second pass
     gc.collect()
     before = _resident_mib()
@@ -206,7 +250,9 @@ def peak(label: str, what: str, batch: int) -> dict:
     finally:
         done.set()
         sampler.join()
-    return dict(model=label, what=what, batch=batch, baseline_mib=before, extra_mib=max(highest[0], _resident_mib()) - before)
+    return dict(
+        model=label, what=what, batch=batch, baseline_mib=before, extra_mib=max(highest[0], _resident_mib()) - before
+    )
 
 
 def storage(label: str, batch: int) -> dict:
@@ -223,7 +269,14 @@ def storage(label: str, batch: int) -> dict:
     error = ((decoded - reference).flatten(1).abs().amax(1) / peak_value).max().item()
     tube_bytes = stored[0].numel() * stored.element_size() + 4
     volume_bytes = int(np.prod(shape[1:])) * 4
-    return dict(model=label, native=list(tubes.shape[1:]), tube_bytes=tube_bytes, volume_bytes=volume_bytes, ratio=volume_bytes / tube_bytes, error=error)
+    return dict(
+        model=label,
+        native=list(tubes.shape[1:]),
+        tube_bytes=tube_bytes,
+        volume_bytes=volume_bytes,
+        ratio=volume_bytes / tube_bytes,
+        error=error,
+    )
 
 
 def _user_loop(rows, cfg, out_dir: Path) -> float:
@@ -250,7 +303,9 @@ def _user_loop(rows, cfg, out_dir: Path) -> float:
                         frames[i] = frame.to_ndarray(format="rgb24")
                     if i >= max(wanted):
                         break
-            clip = torch.from_numpy(np.stack([frames[i] for i in wanted])).permute(3, 0, 1, 2).float() / 255  # (3, T, H, W)
+            clip = (
+                torch.from_numpy(np.stack([frames[i] for i in wanted])).permute(3, 0, 1, 2).float() / 255
+            )  # (3, T, H, W)
             h, w = clip.shape[2:]
             scale = short / min(h, w)
             clip = F.interpolate(clip, size=(round(h * scale), round(w * scale)), mode="bilinear", align_corners=False)
@@ -269,11 +324,17 @@ def end_to_end(out_dir: Path, quick: bool) -> list[dict]:
     from hydra import compose, initialize_config_dir
 
     from pipeline.__main__ import run as run_stages
-    from pipeline.stages.index import read_index
+    from pipeline.store import read_index
 
     conf = str(Path(__file__).resolve().parents[2] / "conf")
     root = Path.cwd()
-    overrides = [f"paths.root={root}", "run_name=bench-methods-e2e", "model=r3d_18", "method=gradcam", "extract.batch_size=8"]
+    overrides = [
+        f"paths.root={root}",
+        "run_name=bench-methods-e2e",
+        "model=r3d_18",
+        "method=gradcam",
+        "extract.batch_size=8",
+    ]
     with initialize_config_dir(config_dir=conf, version_base="1.3"):
         cfg = compose("config", overrides=[*overrides, "stage=index"])
     run_dir = Path(cfg.paths.run_dir)
@@ -303,25 +364,53 @@ def run(out_dir: Path, quick: bool) -> str:
     speed_rows = [row for label in MODELS for row in speed(label, batch, repeats)]
     peaks = []
     for label in MODELS:
-        for what in ("forward", "cam", "gradcam", "layercam", "Captum LayerGradCam + trilinear", "pytorch-grad-cam GradCAM"):
+        for what in (
+            "forward",
+            "cam",
+            "gradcam",
+            "layercam",
+            "Captum LayerGradCam + trilinear",
+            "pytorch-grad-cam GradCAM",
+        ):
             peaks.append(_peak_in_subprocess(label, what, batch))
     stores = [storage(label, batch) for label in MODELS]
     e2e = end_to_end(out_dir, quick)
-    (out_dir / "methods.json").write_text(json.dumps(dict(speed=speed_rows, peak=peaks, storage=stores, end_to_end=e2e), indent=1))
+    (out_dir / "methods.json").write_text(
+        json.dumps(dict(speed=speed_rows, peak=peaks, storage=stores, end_to_end=e2e), indent=1)
+    )
 
-    lines = [f"## Saliency methods (`methods`)\n\nBatch {batch}, random weights, r3d_18 at 16x112x112, demo model at 8x64x64; {repeats} rounds, each "
-             "runs forward-only and the method back to back; medians of the seconds and of the per-round ratios.\n"]
+    lines = [
+        f"## Saliency methods (`methods`)\n\nBatch {batch}, random weights, r3d_18 at 16x112x112, demo model at 8x64x64; {repeats} rounds, each "
+        "runs forward-only and the method back to back; medians of the seconds and of the per-round ratios.\n"
+    ]
     lines += ["| model | what | s / batch | x forward-only |", "|---|---|---:|---:|"]
     lines += [f"| {r['model']} | {r['what']} | {r['seconds']:.3f} | {r['ratio']:.2f} |" for r in speed_rows]
     forward_peak = {p["model"]: p["extra_mib"] for p in peaks if p["what"] == "forward"}
     lines += ["", "Peak memory of one batch above the loaded model and clips (resident set, fresh process each):", ""]
     lines += ["| model | what | extra MiB | x forward-only |", "|---|---|---:|---:|"]
-    lines += [f"| {p['model']} | {p['what']} | {p['extra_mib']:.0f} | {p['extra_mib'] / max(forward_peak[p['model']], 1e-9):.2f} |" for p in peaks]
-    lines += ["", "Stored tube (float16 at the layer's resolution + float32 scale) vs the peers' float32 upsampled volume:", ""]
-    lines += ["| model | native t x h x w | bytes / tube | bytes / fp32 volume | ratio | max decode error (of peak) |", "|---|---|---:|---:|---:|---:|"]
-    lines += [f"| {s['model']} | {'x'.join(map(str, s['native']))} | {s['tube_bytes']} | {s['volume_bytes']} | 1/{s['ratio']:.0f} | {s['error']:.1e} |" for s in stores]
+    lines += [
+        f"| {p['model']} | {p['what']} | {p['extra_mib']:.0f} | {p['extra_mib'] / max(forward_peak[p['model']], 1e-9):.2f} |"
+        for p in peaks
+    ]
+    lines += [
+        "",
+        "Stored tube (float16 at the layer's resolution + float32 scale) vs the peers' float32 upsampled volume:",
+        "",
+    ]
+    lines += [
+        "| model | native t x h x w | bytes / tube | bytes / fp32 volume | ratio | max decode error (of peak) |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {s['model']} | {'x'.join(map(str, s['native']))} | {s['tube_bytes']} | {s['volume_bytes']} | 1/{s['ratio']:.0f} | {s['error']:.1e} |"
+        for s in stores
+    ]
     user, ours = e2e
-    lines += ["", f"End to end, {user['clips']} clips of the synthetic dataset, r3d_18 (16x112x112), gradcam, predicted class:", ""]
+    lines += [
+        "",
+        f"End to end, {user['clips']} clips of the synthetic dataset, r3d_18 (16x112x112), gradcam, predicted class:",
+        "",
+    ]
     lines += ["| what | s | clips/s |", "|---|---:|---:|"]
     lines += [f"| {r['what']} | {r['seconds']:.1f} | {r['clips'] / r['seconds']:.2f} |" for r in e2e]
     lines += ["", f"Speed-up of the extract stage over the user's loop: {user['seconds'] / ours['seconds']:.1f}x.\n"]

@@ -1,7 +1,7 @@
 """Benchmark: stats + report over a dataset of 100,000 clips (``--quick``: 10,000), with no model.
 
 :func:`write_synthetic_run` writes a run directory as the extractor would (``index.parquet``, tube part files
-with the store's schema, statistics computed by :func:`pipeline.clipstats.clip_statistics` on the decoded
+with the store's schema, statistics computed by :func:`pipeline.explain.clipstats.clip_statistics` on the decoded
 tubes, a boxes CSV, failure rows); every clip points at one of a few short real videos, so the report decodes
 and renders real frames. The benchmark times the stats and report stages and measures the report's size on
 disk and its largest page: both must depend on the number of classes, not of clips.
@@ -19,12 +19,19 @@ import pyarrow as pa
 import torch
 from omegaconf import OmegaConf
 
-from pipeline.clipstats import clip_statistics
-from pipeline.saliency import upsample
+from pipeline.data.video import write_video
+from pipeline.explain.clipstats import clip_statistics
+from pipeline.explain.explainer import upsample
 from pipeline.stages import report, stats
-from pipeline.store import INDEX_SCHEMA, TUBE_SCHEMA, encode_volume, failures_table, quantise, write_table_atomic
-from pipeline.video import write_video
-from pipeline.writer import part_name
+from pipeline.store import (
+    INDEX_SCHEMA,
+    TUBE_SCHEMA,
+    encode_volume,
+    failures_table,
+    part_name,
+    quantise,
+    write_table_atomic,
+)
 
 CLIP_LEN, SIDE, NATIVE = 8, 32, (4, 8, 8)
 VIDEO_FRAMES, VIDEO_W, VIDEO_H = 24, 48, 40
@@ -45,7 +52,16 @@ def _videos(folder: Path, count: int, rng: np.random.Generator) -> tuple[list[st
     return sources, pd.DataFrame(boxes)
 
 
-def write_synthetic_run(run_dir: Path, clips: int, classes: list[str], clips_per_part: int = 1000, videos: int = 8, seed: int = 0, method: str = "cam", volumes=None) -> pd.DataFrame:
+def write_synthetic_run(
+    run_dir: Path,
+    clips: int,
+    classes: list[str],
+    clips_per_part: int = 1000,
+    videos: int = 8,
+    seed: int = 0,
+    method: str = "cam",
+    volumes=None,
+) -> pd.DataFrame:
     """Write a complete extracted run of ``clips`` clips over ``classes`` without a model; returns its index.
 
     ``volumes(rng, n) -> (n, *NATIVE)`` makes the native tubes (default: a random blob per clip). Labels
@@ -59,15 +75,34 @@ def write_synthetic_run(run_dir: Path, clips: int, classes: list[str], clips_per
     label = np.arange(clips) % k
     video = rng.integers(0, videos, clips)
     start = rng.integers(0, VIDEO_FRAMES - 2 * CLIP_LEN + 1, clips)
-    index = pd.DataFrame(dict(
-        clip_id=[f"clip{i:07d}" for i in range(clips)], video_id=[f"video{v:03d}" for v in video], source=[sources[v] for v in video],
-        label=label.astype(np.int32), label_name=[classes[c] for c in label], split=np.where(np.arange(clips) % 5 == 0, "val", "test"),
-        frame_indices=[list(range(s, s + 2 * CLIP_LEN, 2)) for s in start], padded=0, num_frames=VIDEO_FRAMES, fps=25.0,
-        width=VIDEO_W, height=VIDEO_H, shard=(np.arange(clips) // clips_per_part).astype(np.int32),
-        segment_id=None, start_frame=0, end_frame=VIDEO_FRAMES, codec="h264", duration=VIDEO_FRAMES / 25.0,
-    ))
+    index = pd.DataFrame(
+        dict(
+            clip_id=[f"clip{i:07d}" for i in range(clips)],
+            video_id=[f"video{v:03d}" for v in video],
+            source=[sources[v] for v in video],
+            label=label.astype(np.int32),
+            label_name=[classes[c] for c in label],
+            split=np.where(np.arange(clips) % 5 == 0, "val", "test"),
+            frame_indices=[list(range(s, s + 2 * CLIP_LEN, 2)) for s in start],
+            padded=0,
+            num_frames=VIDEO_FRAMES,
+            fps=25.0,
+            width=VIDEO_W,
+            height=VIDEO_H,
+            shard=(np.arange(clips) // clips_per_part).astype(np.int32),
+            segment_id=None,
+            start_frame=0,
+            end_frame=VIDEO_FRAMES,
+            codec="h264",
+            duration=VIDEO_FRAMES / 25.0,
+        )
+    )
     meta = dict(classes=list(classes), boxes=str(run_dir / "boxes.csv"))
-    write_table_atomic(pa.Table.from_pandas(index, schema=INDEX_SCHEMA, preserve_index=False), run_dir / "index.parquet", {"saliency_tubes": json.dumps(meta)})
+    write_table_atomic(
+        pa.Table.from_pandas(index, schema=INDEX_SCHEMA, preserve_index=False),
+        run_dir / "index.parquet",
+        {"saliency_tubes": json.dumps(meta)},
+    )
     make = volumes or blob_tubes
     crop = np.array([(VIDEO_W - VIDEO_H) / 2, 0, (VIDEO_W + VIDEO_H) / 2, VIDEO_H], dtype=np.float32)
     for shard, rows in index.groupby("shard"):
@@ -78,21 +113,47 @@ def write_synthetic_run(run_dir: Path, clips: int, classes: list[str], clips_per
         probs = rng.uniform(0.3, 1.0, n).astype(np.float32)
         wrong = rng.uniform(size=n) < 0.1
         pred = np.where(wrong, (rows["label"].to_numpy() + 1) % k, rows["label"].to_numpy()).astype(np.int32)
-        columns = {c: rows[c].to_numpy() for c in ("clip_id", "video_id", "source", "label", "label_name", "split", "padded", "shard")}
+        columns = {
+            c: rows[c].to_numpy()
+            for c in ("clip_id", "video_id", "source", "label", "label_name", "split", "padded", "shard")
+        }
         columns["frame_indices"] = list(rows["frame_indices"])
         columns.update(
-            crop_box=[crop] * n, input_size=[[CLIP_LEN, SIDE, SIDE]] * n, method=[method] * n, layer=["features"] * n,
-            target=pred, target_name=[classes[p] for p in pred], target_rank=np.zeros(n, np.int32), target_logit=np.log(probs),
-            target_prob=probs, pred=pred, pred_name=[classes[p] for p in pred], pred_prob=probs,
-            volume=[encode_volume(v) for v in stored.numpy()], volume_shape=[list(NATIVE)] * n, volume_codec=["float16"] * n,
-            volume_scale=scale.numpy(), peak_frame=np.asarray(columns["frame_indices"])[np.arange(n), st["peak_t"].numpy()],
+            crop_box=[crop] * n,
+            input_size=[[CLIP_LEN, SIDE, SIDE]] * n,
+            method=[method] * n,
+            layer=["features"] * n,
+            target=pred,
+            target_name=[classes[p] for p in pred],
+            target_rank=np.zeros(n, np.int32),
+            target_logit=np.log(probs),
+            target_prob=probs,
+            pred=pred,
+            pred_name=[classes[p] for p in pred],
+            pred_prob=probs,
+            volume=[encode_volume(v) for v in stored.numpy()],
+            volume_shape=[list(NATIVE)] * n,
+            volume_codec=["float16"] * n,
+            volume_scale=scale.numpy(),
+            peak_frame=np.asarray(columns["frame_indices"])[np.arange(n), st["peak_t"].numpy()],
         )
         for name, value in st.items():
             value = value.numpy()
             columns[name] = list(value) if value.ndim == 2 else value
-        write_table_atomic(pa.Table.from_pydict({f.name: columns[f.name] for f in TUBE_SCHEMA}, schema=TUBE_SCHEMA), run_dir / "tubes" / part_name(int(shard)))
-    failed = [dict(clip_id=f"lost{i:05d}", source=f"missing{i}.mp4", stage="index", error_type="VideoError", message=f"missing{i}.mp4: cannot open")
-              for i in range(max(1, clips // 1000))]
+        write_table_atomic(
+            pa.Table.from_pydict({f.name: columns[f.name] for f in TUBE_SCHEMA}, schema=TUBE_SCHEMA),
+            run_dir / "tubes" / part_name(int(shard)),
+        )
+    failed = [
+        dict(
+            clip_id=f"lost{i:05d}",
+            source=f"missing{i}.mp4",
+            stage="index",
+            error_type="VideoError",
+            message=f"missing{i}.mp4: cannot open",
+        )
+        for i in range(max(1, clips // 1000))
+    ]
     write_table_atomic(failures_table(failed), run_dir / "failures" / "index.parquet")
     return index
 
@@ -107,7 +168,12 @@ def blob_tubes(rng: np.random.Generator, n: int) -> np.ndarray:
 
 def config(clips_per_class: int = 3, compare_runs=()):
     """The settings the stats and report stages read."""
-    return OmegaConf.create(dict(stats=dict(boxes=None, pointing_tolerance=0.0, compare_runs=list(compare_runs)), report=dict(clips_per_class=clips_per_class)))
+    return OmegaConf.create(
+        dict(
+            stats=dict(boxes=None, pointing_tolerance=0.0, compare_runs=list(compare_runs)),
+            report=dict(clips_per_class=clips_per_class),
+        )
+    )
 
 
 def run(out_dir: Path, quick: bool) -> str:

@@ -25,9 +25,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.datasets.synthetic import SyntheticSpec, generate
+from pipeline.data.clip_index import assign_shards
+from pipeline.data.datasets.synthetic import SyntheticSpec, generate
 from pipeline.models import DemoNet3D
-from pipeline.stages.index import assign_shards
 from pipeline.store import INDEX_SCHEMA, write_table_atomic
 
 CLIPS_PER_SHARD = 8
@@ -65,21 +65,48 @@ def _index(root: Path, base: Path, run_name: str, repeats: int) -> int:
     run_dir = root / "outputs" / run_name
     shutil.rmtree(run_dir, ignore_errors=True)
     meta = table.schema.metadata[b"saliency_tubes"].decode()
-    write_table_atomic(pa.Table.from_pandas(index, schema=INDEX_SCHEMA, preserve_index=False), run_dir / "index.parquet", {"saliency_tubes": meta})
+    write_table_atomic(
+        pa.Table.from_pandas(index, schema=INDEX_SCHEMA, preserve_index=False),
+        run_dir / "index.parquet",
+        {"saliency_tubes": meta},
+    )
     return len(index)
 
 
 def run(out_dir: Path, quick: bool) -> str:
     root = Path(out_dir).resolve() / "scaling"
-    spec = SyntheticSpec(groups=3, clips_per_group=2, test_groups=1) if quick else SyntheticSpec(groups=5, clips_per_group=4, test_groups=2)
+    spec = (
+        SyntheticSpec(groups=3, clips_per_group=2, test_groups=1)
+        if quick
+        else SyntheticSpec(groups=5, clips_per_group=4, test_groups=2)
+    )
     data = generate(root / "data", spec, progress=False)
     checkpoint = root / "random.ckpt"
     torch.manual_seed(0)
     torch.save(DemoNet3D(num_classes=4).state_dict(), checkpoint)
-    common = [f"dataset.root={data}", "dataset.generate_if_missing=false", f"model.checkpoint={checkpoint}",
-              "sampler=uniform", "sampler.num_clips=2", "extract.batch_size=8", "cluster.processes=true"]
-    subprocess.run([sys.executable, "-m", "pipeline", "stage=index", f"paths.root={root}", "run_name=base", *common, "cluster.n_workers=1"],
-                   check=True, capture_output=True)
+    common = [
+        f"dataset.root={data}",
+        "dataset.generate_if_missing=false",
+        f"model.checkpoint={checkpoint}",
+        "sampler=uniform",
+        "sampler.num_clips=2",
+        "extract.batch_size=8",
+        "cluster.processes=true",
+    ]
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "stage=index",
+            f"paths.root={root}",
+            "run_name=base",
+            *common,
+            "cluster.n_workers=1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     base = root / "outputs" / "base" / "index.parquet"
 
     rows, figures = [], {}
@@ -89,24 +116,28 @@ def run(out_dir: Path, quick: bool) -> str:
         result = _extract(root, run_name, [*common, f"cluster.n_workers={workers}"])
         result.update(clips=clips, workers=workers, clips_per_s=clips / result["stage_s"])
         figures[name] = result
-        rows.append(f"| {name} | {clips} | {result['stage_s']:.1f} | {result['clips_per_s']:.1f} | {result['wall_s']:.1f} | {result['peak_rss_mb']:.0f} |")
+        rows.append(
+            f"| {name} | {clips} | {result['stage_s']:.1f} | {result['clips_per_s']:.1f} | {result['wall_s']:.1f} | {result['peak_rss_mb']:.0f} |"
+        )
     speedup = figures["10x, 2 workers"]["clips_per_s"] / figures["10x, 1 worker"]["clips_per_s"]
     memory = figures["10x, 1 worker"]["peak_rss_mb"] / figures["1x, 1 worker"]["peak_rss_mb"]
     (root / "scaling.json").write_text(json.dumps(figures, indent=1))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return "\n".join([
-        "## Extract scaling (pipeline/bench/scaling.py)",
-        "",
-        f"Synthetic videos, random demo model, batch 8, {CLIPS_PER_SHARD} clips per shard, 1 torch thread per task, "
-        f"worker processes on {cores} CPU cores. Stage time excludes interpreter and cluster start-up; "
-        "peak RSS is the whole process tree (driver, scheduler, workers).",
-        "",
-        "| run | clips | stage s | clips/s | wall s | peak RSS MB |",
-        "|---|---:|---:|---:|---:|---:|",
-        *rows,
-        "",
-        f"Throughput 2 workers / 1 worker (10x clips): **{speedup:.2f}x**. Peak RSS 10x clips / 1x clips (1 worker): "
-        f"**{memory:.2f}x** (target <= 1.1x). A worker's first shard also imports torch and builds the model "
-        "(seconds), so the 1x stage time is mostly start-up.",
-        "",
-    ])
+    return "\n".join(
+        [
+            "## Extract scaling (pipeline/bench/scaling.py)",
+            "",
+            f"Synthetic videos, random demo model, batch 8, {CLIPS_PER_SHARD} clips per shard, 1 torch thread per task, "
+            f"worker processes on {cores} CPU cores. Stage time excludes interpreter and cluster start-up; "
+            "peak RSS is the whole process tree (driver, scheduler, workers).",
+            "",
+            "| run | clips | stage s | clips/s | wall s | peak RSS MB |",
+            "|---|---:|---:|---:|---:|---:|",
+            *rows,
+            "",
+            f"Throughput 2 workers / 1 worker (10x clips): **{speedup:.2f}x**. Peak RSS 10x clips / 1x clips (1 worker): "
+            f"**{memory:.2f}x** (target <= 1.1x). A worker's first shard also imports torch and builds the model "
+            "(seconds), so the 1x stage time is mostly start-up.",
+            "",
+        ]
+    )

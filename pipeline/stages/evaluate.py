@@ -6,8 +6,8 @@ same curves for a random tube of the same resolution (the baseline a tube has to
 correlation between the stored tube and the tube of the same network with re-initialised weights (the
 randomisation sanity check), and, where the dataset has ground-truth boxes, the tube's IoU with them.
 
-The stage reuses the extractor's pieces: the explainer of :func:`pipeline.shard.build_explainer`
-(trained and randomised), :class:`pipeline.clips.ClipDataset` to decode clips and
+The stage reuses the extractor's pieces: the explainer of :func:`pipeline.runtime.shard.build_explainer`
+(trained and randomised), :class:`pipeline.data.clips.ClipDataset` to decode clips and
 :func:`pipeline.store.read_tubes` for the stored tubes. Like extract it runs one Dask task per shard, batched
 on the device, and a finished shard is not recomputed.
 """
@@ -27,22 +27,53 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline import faithfulness as fm
-from pipeline.clips import ClipDataset, collate_clips
-from pipeline.saliency import upsample
-from pipeline.stages.extract import fingerprint
-from pipeline.stages.index import read_index
-from pipeline.stages.stats import UNLABELLED, boxes_path, read_boxes
-from pipeline.store import decode_column, failures_table, file_metadata, read_tubes, write_table_atomic
-from pipeline.video import ResizeCrop
-from pipeline.cluster import GPU, offers_gpus, worker_gpu
-from pipeline.shard import build_explainer, digest, loader_workers, torch_threads
-from pipeline.writer import part_name, shard_parts
+from pipeline.data.clips import ClipDataset, collate_clips
+from pipeline.data.video import ResizeCrop
+from pipeline.explain import faithfulness as fm
+from pipeline.explain.explainer import upsample
+from pipeline.runtime.cluster import GPU, offers_gpus, worker_gpu
+from pipeline.runtime.shard import build_explainer, loader_workers, torch_threads
+from pipeline.store import (
+    ALL_LABEL,
+    ALL_NAME,
+    UNLABELLED,
+    UNLABELLED_NAME,
+    boxes_path,
+    decode_column,
+    failures_table,
+    file_metadata,
+    part_name,
+    read_boxes,
+    read_index,
+    read_tubes,
+    shard_parts,
+    write_table_atomic,
+)
+from pipeline.store.provenance import digest, fingerprint
 
 log = logging.getLogger(__name__)
 
-CLIP_COLUMNS = ["clip_id", "video_id", "source", "label", "label_name", "split", "frame_indices", "crop_box", "method", "target", "shard"]
-METRICS = ["deletion_auc", "insertion_auc", "random_deletion_auc", "random_insertion_auc", "randomisation_spearman", "tube_iou"]
+CLIP_COLUMNS = [
+    "clip_id",
+    "video_id",
+    "source",
+    "label",
+    "label_name",
+    "split",
+    "frame_indices",
+    "crop_box",
+    "method",
+    "target",
+    "shard",
+]
+METRICS = [
+    "deletion_auc",
+    "insertion_auc",
+    "random_deletion_auc",
+    "random_insertion_auc",
+    "randomisation_spearman",
+    "tube_iou",
+]
 CURVES = ["deletion_curve", "insertion_curve", "random_deletion_curve", "random_insertion_curve"]
 GROUP = ["method", "label", "label_name"]
 VOLUME_COLUMNS = ["volume", "volume_shape", "volume_codec", "volume_scale"]
@@ -65,14 +96,20 @@ def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
     if ev.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"evaluate.device must be auto, cpu or cuda, got {ev.device!r}")
     if not cfg.model.get("checkpoint"):
-        raise ValueError("stage=evaluate needs trained weights (model.checkpoint): the randomisation check compares them with random ones")
+        raise ValueError(
+            "stage=evaluate needs trained weights (model.checkpoint): the randomisation check compares them with random ones"
+        )
 
 
 def pick_clips(run_dir: Path, per_class: int | None, seed: int) -> pd.DataFrame:
     """The first-target tube rows to evaluate: all, or ``per_class`` clips per class drawn at random."""
     rows = read_tubes(run_dir, columns=CLIP_COLUMNS, filters=[("target_rank", "=", 0)])
     if per_class is not None:
-        rows = rows.sample(frac=1.0, random_state=seed).groupby(rows["label_name"].fillna("(unlabelled)"), sort=False).head(per_class)
+        rows = (
+            rows.sample(frac=1.0, random_state=seed)
+            .groupby(rows["label_name"].fillna(UNLABELLED_NAME), sort=False)
+            .head(per_class)
+        )
     return rows.sort_values("clip_id").reset_index(drop=True)
 
 
@@ -86,7 +123,9 @@ def _device(setting: str) -> torch.device:
 def _randomised(cfg):
     """The model config with no checkpoint: the same network with freshly initialised weights (seeded by
     ``evaluate.seed``, so the check is reproducible)."""
-    return OmegaConf.merge(OmegaConf.to_container(cfg.model, resolve=True), {"checkpoint": None, "init_seed": int(cfg.evaluate.seed) + 1})
+    return OmegaConf.merge(
+        OmegaConf.to_container(cfg.model, resolve=True), {"checkpoint": None, "init_seed": int(cfg.evaluate.seed) + 1}
+    )
 
 
 def clip_boxes(rows: pd.DataFrame, boxes: pd.DataFrame | None) -> torch.Tensor:
@@ -102,7 +141,9 @@ def clip_boxes(rows: pd.DataFrame, boxes: pd.DataFrame | None) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def evaluate_batch(net, x, tubes, native, random_native, targets, boxes, crop_box, ev, generator) -> dict[str, torch.Tensor]:
+def evaluate_batch(
+    net, x, tubes, native, random_native, targets, boxes, crop_box, ev, generator
+) -> dict[str, torch.Tensor]:
     """All metrics of one batch (tensors on one device).
 
     Args:
@@ -118,8 +159,14 @@ def evaluate_batch(net, x, tubes, native, random_native, targets, boxes, crop_bo
     for prefix, saliency in (("", tubes), ("random_", random_tubes)):
         ranks = fm.saliency_order(saliency, generator)
         deletion, insertion = fm.perturbation_curves(net, x, base, ranks, targets, steps)
-        out.update({f"{prefix}deletion_curve": deletion, f"{prefix}insertion_curve": insertion,
-                    f"{prefix}deletion_auc": fm.curve_auc(deletion), f"{prefix}insertion_auc": fm.curve_auc(insertion)})
+        out.update(
+            {
+                f"{prefix}deletion_curve": deletion,
+                f"{prefix}insertion_curve": insertion,
+                f"{prefix}deletion_auc": fm.curve_auc(deletion),
+                f"{prefix}insertion_auc": fm.curve_auc(insertion),
+            }
+        )
     out["randomisation_spearman"] = fm.spearman(native, random_native)
     has_box = ~torch.isnan(boxes).any(2)
     masks = fm.box_masks(torch.nan_to_num(boxes), crop_box, tubes.shape[2:])
@@ -127,7 +174,9 @@ def evaluate_batch(net, x, tubes, native, random_native, targets, boxes, crop_bo
     return out
 
 
-def evaluate_shard(cfg_dict: dict, run_dir: str, shard: int, rows: pd.DataFrame, boxes: pd.DataFrame | None, settings_hash: str) -> dict:
+def evaluate_shard(
+    cfg_dict: dict, run_dir: str, shard: int, rows: pd.DataFrame, boxes: pd.DataFrame | None, settings_hash: str
+) -> dict:
     """Evaluate one shard's clips and publish ``evaluate/part-NNNNN.parquet``. Runs in a Dask worker."""
     cfg = OmegaConf.create(cfg_dict)
     torch.set_num_threads(torch_threads(cfg))  # as the extractor: a fixed count per task, no oversubscription
@@ -136,7 +185,11 @@ def evaluate_shard(cfg_dict: dict, run_dir: str, shard: int, rows: pd.DataFrame,
     rows = rows.reset_index(drop=True)
     # the shard's own part file(s) (one per DDP rank) hold its tubes: no scan of the whole run per shard
     wanted = [("clip_id", "in", rows["clip_id"].tolist()), ("target_rank", "=", 0)]
-    stored = pq.ParquetDataset(shard_parts(Path(run_dir) / "tubes", shard), filters=wanted).read(columns=["clip_id", *VOLUME_COLUMNS]).to_pandas()
+    stored = (
+        pq.ParquetDataset(shard_parts(Path(run_dir) / "tubes", shard), filters=wanted)
+        .read(columns=["clip_id", *VOLUME_COLUMNS])
+        .to_pandas()
+    )
     native = dict(zip(stored["clip_id"], decode_column(stored)))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(ev.seed))
@@ -156,23 +209,47 @@ def evaluate_shard(cfg_dict: dict, run_dir: str, shard: int, rows: pd.DataFrame,
     with torch.inference_mode():
         for batch in loader:
             for position, error_type, message in batch["failures"]:
-                failures.append(dict(clip_id=rows.clip_id[position], source=rows.source[position], stage="evaluate", error_type=error_type, message=message))
+                failures.append(
+                    dict(
+                        clip_id=rows.clip_id[position],
+                        source=rows.source[position],
+                        stage="evaluate",
+                        error_type=error_type,
+                        message=message,
+                    )
+                )
             if batch["video"] is None:
                 continue
             pos = batch["positions"].numpy()
             x = _normalise(cfg, batch["video"].to(device))
             nat = torch.stack([torch.from_numpy(native[c]) for c in rows["clip_id"].to_numpy()[pos]]).to(device)
             metrics = evaluate_batch(
-                explainer.net, x, upsample(nat, x.shape[2:]), nat, torch.stack([random_tubes[p] for p in pos]).to(device),
-                torch.tensor(rows["target"].to_numpy()[pos], device=device), all_boxes[pos].to(device), batch["crop_box"].to(device), ev, generator,
+                explainer.net,
+                x,
+                upsample(nat, x.shape[2:]),
+                nat,
+                torch.stack([random_tubes[p] for p in pos]).to(device),
+                torch.tensor(rows["target"].to_numpy()[pos], device=device),
+                all_boxes[pos].to(device),
+                batch["crop_box"].to(device),
+                ev,
+                generator,
             )
             part = rows.iloc[pos][["clip_id", "video_id", "label", "label_name", "split", "method", "target"]].copy()
             for name, value in metrics.items():
                 value = value.cpu().numpy()
                 part[name] = list(value.astype(np.float32)) if value.ndim == 2 else value.astype(np.float64)
             results.append(part)
-    table = pd.concat(results, ignore_index=True) if results else pd.DataFrame(columns=[*CLIP_COLUMNS[:6], "method", "target", *METRICS, *CURVES])
-    write_table_atomic(pa.Table.from_pandas(table, preserve_index=False), Path(run_dir) / "evaluate" / part_name(shard), {"evaluate_hash": settings_hash})
+    table = (
+        pd.concat(results, ignore_index=True)
+        if results
+        else pd.DataFrame(columns=[*CLIP_COLUMNS[:6], "method", "target", *METRICS, *CURVES])
+    )
+    write_table_atomic(
+        pa.Table.from_pandas(table, preserve_index=False),
+        Path(run_dir) / "evaluate" / part_name(shard),
+        {"evaluate_hash": settings_hash},
+    )
     failure_path = Path(run_dir) / "failures" / f"evaluate-{shard:05d}.parquet"
     if failures:
         write_table_atomic(failures_table(failures), failure_path)
@@ -183,8 +260,12 @@ def evaluate_shard(cfg_dict: dict, run_dir: str, shard: int, rows: pd.DataFrame,
 
 def _loader(cfg, rows: pd.DataFrame) -> DataLoader:
     transform = ResizeCrop(int(cfg.model.input.short_side), tuple(cfg.model.input.size))
-    return DataLoader(ClipDataset(rows, transform), batch_size=int(cfg.evaluate.batch_size), collate_fn=collate_clips,
-                      num_workers=loader_workers(cfg))
+    return DataLoader(
+        ClipDataset(rows, transform),
+        batch_size=int(cfg.evaluate.batch_size),
+        collate_fn=collate_clips,
+        num_workers=loader_workers(cfg),
+    )
 
 
 def _normalise(cfg, video: torch.Tensor) -> torch.Tensor:
@@ -202,9 +283,9 @@ def aggregate(run_dir: Path) -> pd.DataFrame:
     files = sorted((run_dir / "evaluate").glob("part-*.parquet"))
     clips = pd.concat([pd.read_parquet(f, columns=[*GROUP, *METRICS, *CURVES]) for f in files], ignore_index=True)
     clips["label"] = clips["label"].fillna(UNLABELLED).astype("int64")
-    clips["label_name"] = clips["label_name"].fillna("(unlabelled)").astype(object)
+    clips["label_name"] = clips["label_name"].fillna(UNLABELLED_NAME).astype(object)
     tables = []
-    for data in (clips, clips.assign(label=-1, label_name="(all)")):
+    for data in (clips, clips.assign(label=ALL_LABEL, label_name=ALL_NAME)):
         grouped = data.groupby(GROUP, dropna=False)
         table = grouped[METRICS].mean().join(grouped.size().rename("clips"))
         for curve in CURVES:
@@ -249,8 +330,20 @@ def run(cfg, run_dir: Path, client=None) -> dict:
         else:
             # as the extractor: on GPU workers each task holds one worker's GPU=1 resource, so tasks never share a device
             gpu = ev.device != "cpu" and str(cfg.trainer.accelerator) != "cpu" and offers_gpus(cfg.cluster)
-            futures = [client.submit(_guarded, cfg_dict, str(run_dir), s, p, shard_boxes(p), d, pure=False, resources={GPU: 1} if gpu else None)
-                       for s, (p, d) in todo.items()]
+            futures = [
+                client.submit(
+                    _guarded,
+                    cfg_dict,
+                    str(run_dir),
+                    s,
+                    p,
+                    shard_boxes(p),
+                    d,
+                    pure=False,
+                    resources={GPU: 1} if gpu else None,
+                )
+                for s, (p, d) in todo.items()
+            ]
             outcomes = []
             for future in as_completed(futures):
                 outcomes.append(future.result())
@@ -259,8 +352,19 @@ def run(cfg, run_dir: Path, client=None) -> dict:
         if "error" in outcome:
             errors.append(outcome)
             part = todo[outcome["shard"]][0]
-            failure_rows = [dict(clip_id=c, source=s, stage="evaluate", error_type=outcome["error_type"], message=f"shard {outcome['shard']}: {outcome['error']}") for c, s in zip(part["clip_id"], part["source"])]
-            write_table_atomic(failures_table(failure_rows), run_dir / "failures" / f"evaluate-{outcome['shard']:05d}.parquet")
+            failure_rows = [
+                dict(
+                    clip_id=c,
+                    source=s,
+                    stage="evaluate",
+                    error_type=outcome["error_type"],
+                    message=f"shard {outcome['shard']}: {outcome['error']}",
+                )
+                for c, s in zip(part["clip_id"], part["source"])
+            ]
+            write_table_atomic(
+                failures_table(failure_rows), run_dir / "failures" / f"evaluate-{outcome['shard']:05d}.parquet"
+            )
             log.error("evaluate shard %d failed: %s", outcome["shard"], outcome["error"])
     if not list((run_dir / "evaluate").glob("part-*.parquet")):
         raise RuntimeError(f"{run_dir}: no clip could be evaluated; see {run_dir / 'failures'}")
@@ -268,15 +372,25 @@ def run(cfg, run_dir: Path, client=None) -> dict:
     write_table_atomic(pa.Table.from_pandas(table, preserve_index=False), run_dir / "stats" / "faithfulness.parquet")
     overall = table[table["label"] == -1]
     for row in overall.itertuples():
-        log.info("evaluate %s: deletion AUC %.3f (random %.3f), insertion AUC %.3f (random %.3f), randomisation spearman %.3f",
-                 row.method, row.deletion_auc, row.random_deletion_auc, row.insertion_auc, row.random_insertion_auc, row.randomisation_spearman)
-    return dict(clips=len(rows), failed_shards=[e["shard"] for e in errors],
-                overall=overall.drop(columns=CURVES).to_dict("records"))
+        log.info(
+            "evaluate %s: deletion AUC %.3f (random %.3f), insertion AUC %.3f (random %.3f), randomisation spearman %.3f",
+            row.method,
+            row.deletion_auc,
+            row.random_deletion_auc,
+            row.insertion_auc,
+            row.random_insertion_auc,
+            row.randomisation_spearman,
+        )
+    return dict(
+        clips=len(rows),
+        failed_shards=[e["shard"] for e in errors],
+        overall=overall.drop(columns=CURVES).to_dict("records"),
+    )
 
 
 def _guarded(cfg_dict, run_dir, shard, part, boxes, settings_hash) -> dict:
     """One shard; an exception becomes a result naming it, so one bad shard never stops the others."""
     try:
         return evaluate_shard(cfg_dict, run_dir, shard, part, boxes, settings_hash)
-    except Exception as err:  # noqa: BLE001 - reported per shard in failures/ and in the result
+    except Exception as err:
         return dict(shard=shard, error=f"{type(err).__name__}: {err}", error_type=type(err).__name__)

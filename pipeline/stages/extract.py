@@ -1,6 +1,6 @@
 """Extract stage: ``index.parquet`` -> ``tubes/part-NNNNN.parquet`` (+ ``failures/part-NNNNN.parquet``).
 
-The driver: each shard of the index is one Dask task (:func:`pipeline.shard.run_shard`), asking for one GPU
+The driver: each shard of the index is one Dask task (:func:`pipeline.runtime.shard.run_shard`), asking for one GPU
 when the trainer runs on GPUs. A shard's part file appears only when complete, and ``manifest.json`` records
 the finished shards with their row counts and the configuration's fingerprint. Rerunning skips finished
 shards (a killed run resumes where it stopped) and refuses a run directory made with another configuration.
@@ -10,7 +10,6 @@ failing becomes failure rows and the run goes on. One progress bar counts clips 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -20,41 +19,28 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 from dask.distributed import as_completed
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from pipeline import ddp
-from pipeline.cluster import GPU, offers_gpus, open_client
-from pipeline.manifest import Manifest
-from pipeline.module import TARGET_MODES
-from pipeline.shard import digest, build_explainer, run_shard, shard_digest
-from pipeline.stages.index import read_index
-from pipeline.store import CODECS, failures_table, file_metadata, read_failures, tube_files, write_table_atomic
-from pipeline.writer import part_name, shard_parts
+from pipeline.runtime import ddp
+from pipeline.runtime.cluster import GPU, offers_gpus, open_client
+from pipeline.runtime.module import TARGET_MODES
+from pipeline.runtime.shard import build_explainer, run_shard
+from pipeline.store import (
+    CODECS,
+    failures_table,
+    file_metadata,
+    part_name,
+    read_failures,
+    read_index,
+    shard_parts,
+    tube_files,
+    write_table_atomic,
+)
+from pipeline.store.ledger import Ledger
+from pipeline.store.provenance import fingerprint, shard_digest
 
 log = logging.getLogger(__name__)
-
-#: config sections that decide what a tube is; a run directory holds tubes of one such configuration
-FINGERPRINT_KEYS = ("dataset", "model", "method", "sampler", "target", "store")
-
-
-def checkpoint_digest(path) -> str | None:
-    """SHA-256 of a checkpoint file's bytes (None when there is none): retraining to the same path is a new config."""
-    if path is None or not Path(str(path)).is_file():
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def fingerprint(cfg) -> str:
-    """The hash of everything that decides what a tube is: the config sections and the checkpoint's contents."""
-    resolved = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    keyed = {key: resolved.get(key) for key in FINGERPRINT_KEYS}
-    keyed["checkpoint_sha256"] = checkpoint_digest(resolved["model"].get("checkpoint"))
-    return digest(keyed)
 
 
 def published_shard(run_dir: Path, shard: int, config_hash: str) -> dict | None:
@@ -76,7 +62,10 @@ def published_shard(run_dir: Path, shard: int, config_hash: str) -> dict | None:
             )
     hashes = {meta.get("shard_hash") for meta in metas}
     complete = len(hashes) == 1 and all(int(meta.get("ranks", 1)) == len(parts) for meta in metas)
-    return dict(shard_hash=hashes.pop() if complete else None, rows=sum(pq.ParquetFile(path).metadata.num_rows for path in parts))
+    return dict(
+        shard_hash=hashes.pop() if complete else None,
+        rows=sum(pq.ParquetFile(path).metadata.num_rows for path in parts),
+    )
 
 
 def set_aside(run_dir: Path, shard: int, why: str) -> None:
@@ -98,7 +87,9 @@ def remove_partial_files(run_dir: Path) -> None:
 
 def set_aside_stale_parts(run_dir: Path, shards: set[int]) -> None:
     """Set aside part files of shards the current index no longer has (it was rebuilt smaller)."""
-    found = {int(p.stem.split("-")[1]) for folder in ("tubes", "failures") for p in (run_dir / folder).glob("part-*.parquet")}
+    found = {
+        int(p.stem.split("-")[1]) for folder in ("tubes", "failures") for p in (run_dir / folder).glob("part-*.parquet")
+    }
     for shard in sorted(found - shards):
         set_aside(run_dir, shard, "belongs to no shard of the current index")
 
@@ -119,17 +110,27 @@ def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
     if threads != "auto" and (not str(threads).isdigit() or int(threads) < 1):
         raise ValueError(f"extract.torch_threads must be 'auto' or >= 1, got {threads!r}")
     if str(cfg.trainer.accelerator) not in ("cpu", "gpu", "cuda"):
-        raise ValueError(f"trainer.accelerator must be cpu or gpu for the extract stage, got {cfg.trainer.accelerator!r}")
+        raise ValueError(
+            f"trainer.accelerator must be cpu or gpu for the extract stage, got {cfg.trainer.accelerator!r}"
+        )
     if str(cfg.trainer.accelerator) != "cpu" and not uses_ddp(cfg) and not offers_gpus(cfg.cluster):
-        raise ValueError(f"trainer.accelerator={cfg.trainer.accelerator} needs GPU workers: set cluster.gpus (local) or cluster.gpus_per_job (slurm)")
+        raise ValueError(
+            f"trainer.accelerator={cfg.trainer.accelerator} needs GPU workers: set cluster.gpus (local) or cluster.gpus_per_job (slurm)"
+        )
     if uses_ddp(cfg):
         if upstream or cfg.stage not in ("extract", ["extract"]):
-            raise ValueError("trainer.strategy=ddp runs the extract stage alone (every rank reruns the command): use stage=extract")
+            raise ValueError(
+                "trainer.strategy=ddp runs the extract stage alone (every rank reruns the command): use stage=extract"
+            )
     elif str(cfg.trainer.strategy) != "auto":
-        raise ValueError(f"trainer.strategy must be auto (one device per Dask task) or ddp, got {cfg.trainer.strategy!r}")
+        raise ValueError(
+            f"trainer.strategy must be auto (one device per Dask task) or ddp, got {cfg.trainer.strategy!r}"
+        )
     elif str(cfg.trainer.devices) != "1":
-        raise ValueError(f"trainer.devices must be 1 with Dask (each task uses one device; more devices = more workers), "
-                         f"or use trainer.strategy=ddp on one node; got {cfg.trainer.devices}")
+        raise ValueError(
+            f"trainer.devices must be 1 with Dask (each task uses one device; more devices = more workers), "
+            f"or use trainer.strategy=ddp on one node; got {cfg.trainer.devices}"
+        )
     model = cfg.model
     if "train" in upstream and not Path(str(model.checkpoint)).is_file():
         model = OmegaConf.merge(model, {"checkpoint": None})  # check layer and classifier on random weights
@@ -170,35 +171,38 @@ def run(cfg, run_dir: Path, client=None) -> dict:
             return run(cfg, run_dir, own)
     index, meta = read_index(run_dir)
     config_hash = fingerprint(cfg)
-    manifest = Manifest(run_dir, config_hash)
+    ledger = Ledger(run_dir, config_hash)
     shards = {int(shard): rows for shard, rows in index.groupby("shard", sort=True)}
-    todo = plan(run_dir, shards, config_hash, manifest)
+    todo = plan(run_dir, shards, config_hash, ledger)
     log.info("extract: %d shards, %d already done, %d to run", len(shards), len(shards) - len(todo), len(todo))
     if uses_ddp(cfg):
+
         def done(shard, rows):
-            manifest.finish(shard, shard_digest(rows), rows=published_shard(run_dir, shard, config_hash)["rows"], clips=len(rows))
+            ledger.finish(
+                shard, shard_digest(rows), rows=published_shard(run_dir, shard, config_hash)["rows"], clips=len(rows)
+            )
 
         if ddp.run_shards(cfg, run_dir, todo, meta["classes"], config_hash, done) != 0:
             return dict(shards=len(shards))  # rank 0 reports
         failed = {}
     else:
-        failed = run_on_dask(client, cfg, run_dir, todo, meta["classes"], config_hash, manifest, total=len(index))
-    return summarise(run_dir, shards, manifest, skipped=len(shards) - len(todo), failed=failed)
+        failed = run_on_dask(client, cfg, run_dir, todo, meta["classes"], config_hash, ledger, total=len(index))
+    return summarise(run_dir, shards, ledger, skipped=len(shards) - len(todo), failed=failed)
 
 
-def plan(run_dir: Path, shards: dict[int, pd.DataFrame], config_hash: str, manifest: Manifest) -> dict[int, pd.DataFrame]:
+def plan(run_dir: Path, shards: dict[int, pd.DataFrame], config_hash: str, ledger: Ledger) -> dict[int, pd.DataFrame]:
     """The shards still to compute. Clears what a killed run left (temporary files), sets aside parts that do not
     belong to the current index, and adopts parts published just before a kill but missing from the manifest."""
     remove_partial_files(run_dir)
     set_aside_stale_parts(run_dir, set(shards))
-    manifest.forget(set(shards))
+    ledger.forget(set(shards))
     todo = {}
     for shard, rows in shards.items():
         rows_hash = shard_digest(rows)
         part = published_shard(run_dir, shard, config_hash)
         if part is not None and part["shard_hash"] == rows_hash:
-            if not manifest.is_done(shard, rows_hash):
-                manifest.finish(shard, rows_hash, rows=part["rows"], adopted=True)
+            if not ledger.is_done(shard, rows_hash):
+                ledger.finish(shard, rows_hash, rows=part["rows"], adopted=True)
             continue
         if part is not None:  # other clips (the index was rebuilt) or a DDP run's unfinished share
             set_aside(run_dir, shard, "made for other clips of this shard, or incomplete")
@@ -208,8 +212,16 @@ def plan(run_dir: Path, shards: dict[int, pd.DataFrame], config_hash: str, manif
     return todo
 
 
-def run_on_dask(client, cfg, run_dir: Path, todo: dict[int, pd.DataFrame], classes: list[str], config_hash: str,
-                manifest: Manifest, total: int) -> dict[int, str]:
+def run_on_dask(
+    client,
+    cfg,
+    run_dir: Path,
+    todo: dict[int, pd.DataFrame],
+    classes: list[str],
+    config_hash: str,
+    ledger: Ledger,
+    total: int,
+) -> dict[int, str]:
     """One task per shard (one GPU each on GPUs); records each shard as it ends. Returns the failed shards' errors.
 
     Raises:
@@ -220,13 +232,24 @@ def run_on_dask(client, cfg, run_dir: Path, todo: dict[int, pd.DataFrame], class
     topic = f"extract-progress-{uuid.uuid4().hex}"
     resources = {GPU: 1} if str(cfg.trainer.accelerator) != "cpu" else None
     failed = {}
-    with tqdm(total=total, initial=total - sum(len(r) for r in todo.values()), desc="extract", unit="clip", smoothing=0.1) as bar:
+    with tqdm(
+        total=total, initial=total - sum(len(r) for r in todo.values()), desc="extract", unit="clip", smoothing=0.1
+    ) as bar:
         progress = ShardProgress(bar)
         client.subscribe_topic(topic, progress.on_event)
         futures = {
             client.submit(
-                run_shard, cfg_dict, str(run_dir), shard, rows, classes, config_hash, topic,
-                key=f"extract-{shard:05d}-{uuid.uuid4().hex[:8]}", pure=False, resources=resources,
+                run_shard,
+                cfg_dict,
+                str(run_dir),
+                shard,
+                rows,
+                classes,
+                config_hash,
+                topic,
+                key=f"extract-{shard:05d}-{uuid.uuid4().hex[:8]}",
+                pure=False,
+                resources=resources,
                 retries=0 if fail_fast else int(cfg.extract.retries),
             ): shard
             for shard, rows in todo.items()
@@ -236,13 +259,22 @@ def run_on_dask(client, cfg, run_dir: Path, todo: dict[int, pd.DataFrame], class
                 shard = futures[future]
                 if future.status == "finished":
                     result = future.result()
-                    manifest.finish(shard, shard_digest(todo[shard]), rows=result["rows"], clips=result["clips"], failures=result["failures"], seconds=result["seconds"])
+                    ledger.finish(
+                        shard,
+                        shard_digest(todo[shard]),
+                        rows=result["rows"],
+                        clips=result["clips"],
+                        failures=result["failures"],
+                        seconds=result["seconds"],
+                    )
                 else:
                     error = future.exception()
                     if fail_fast:
-                        raise RuntimeError(f"extract stopped at the first failure (extract.fail_fast=true), shard {shard}: {type(error).__name__}: {error}")
+                        raise RuntimeError(
+                            f"extract stopped at the first failure (extract.fail_fast=true), shard {shard}: {type(error).__name__}: {error}"
+                        )
                     failed[shard] = f"{type(error).__name__}: {error}"
-                    record_failed_shard(run_dir, shard, todo[shard], error, manifest)
+                    record_failed_shard(run_dir, shard, todo[shard], error, ledger)
                 progress.set(shard, len(todo[shard]), end=True)
         finally:
             client.unsubscribe_topic(topic)
@@ -250,26 +282,37 @@ def run_on_dask(client, cfg, run_dir: Path, todo: dict[int, pd.DataFrame], class
     return failed
 
 
-def record_failed_shard(run_dir: Path, shard: int, rows: pd.DataFrame, error: BaseException, manifest: Manifest) -> None:
+def record_failed_shard(run_dir: Path, shard: int, rows: pd.DataFrame, error: BaseException, ledger: Ledger) -> None:
     """A shard that failed after its retries: one failure row per clip, noted in the manifest; the run goes on."""
     message = f"shard {shard} failed after its retries: {type(error).__name__}: {error}"
-    failure_rows = [dict(clip_id=c, source=s, stage="extract", error_type=type(error).__name__, message=message) for c, s in zip(rows["clip_id"], rows["source"])]
+    failure_rows = [
+        dict(clip_id=c, source=s, stage="extract", error_type=type(error).__name__, message=message)
+        for c, s in zip(rows["clip_id"], rows["source"])
+    ]
     write_table_atomic(failures_table(failure_rows), run_dir / "failures" / part_name(shard))
-    manifest.fail(shard, shard_digest(rows), f"{type(error).__name__}: {error}")
+    ledger.fail(shard, shard_digest(rows), f"{type(error).__name__}: {error}")
     log.error("%s (logs/shard-%05d.log)", message, shard)
 
 
-def summarise(run_dir: Path, shards: dict, manifest: Manifest, skipped: int, failed: dict) -> dict:
+def summarise(run_dir: Path, shards: dict, ledger: Ledger, skipped: int, failed: dict) -> dict:
     """The stage's summary: shards done, skipped and failed, rows, and extract failures counted by reason."""
     failures = read_failures(run_dir)
     reasons = failures[failures["stage"] == "extract"]["error_type"].value_counts().to_dict()
     summary = dict(
-        shards=len(shards), skipped=skipped, failed_shards=sorted(failed), parts=len(tube_files(run_dir)),
-        rows=sum(entry.get("rows", 0) for entry in manifest.done.values()), failures=reasons,
+        shards=len(shards),
+        skipped=skipped,
+        failed_shards=sorted(failed),
+        parts=len(tube_files(run_dir)),
+        rows=sum(entry.get("rows", 0) for entry in ledger.done.values()),
+        failures=reasons,
     )
     log.info(
         "extract: %d/%d shards done (%d skipped as finished), %d rows; failures: %s",
-        len(manifest.done), len(shards), skipped, summary["rows"], ", ".join(f"{k} {v}" for k, v in reasons.items()) or "none",
+        len(ledger.done),
+        len(shards),
+        skipped,
+        summary["rows"],
+        ", ".join(f"{k} {v}" for k, v in reasons.items()) or "none",
     )
     if failed:
         log.error("extract: %d shards failed and will be retried by the next run: %s", len(failed), sorted(failed))

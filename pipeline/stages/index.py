@@ -1,6 +1,6 @@
 """Index stage: dataset on disk -> ``index.parquet`` (one row per clip) and ``failures/index.parquet``.
 
-Videos are probed in parallel on the Dask cluster (:mod:`pipeline.probing`; nothing is decoded) and the results
+Videos are probed in parallel on the Dask cluster (:mod:`pipeline.data.probing`; nothing is decoded) and the results
 are cached in ``index.probe_cache``, so indexing again probes only what changed. Each video's (or segment's) frame range is cut
 into clips by the configured sampler, and clips are dealt into shards of contiguous rows of equal clip count
 (clips of one video stay next to each other, which keeps decoding local). Entries that give no clip (a bad
@@ -11,106 +11,19 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 from hydra.utils import instantiate
 
-from pipeline.datasets.base import DatasetReader, VideoRecord
-from pipeline.probing import probe_all
-from pipeline.sampling import ClipSampler
+from pipeline.data.clip_index import assign_shards, build_clips
+from pipeline.data.datasets.base import DatasetReader
+from pipeline.data.probing import probe_all
+from pipeline.data.sampling import ClipSampler
 from pipeline.store import INDEX_SCHEMA, failures_table, write_table_atomic
-from pipeline.video import VideoInfo
 
 log = logging.getLogger(__name__)
-
-
-class FrameRangeError(ValueError):
-    """A segment that does not fit in its video."""
-
-
-def _frame_range(rec: VideoRecord, info: VideoInfo, fps: float) -> tuple[int, int]:
-    """The record's 0-based ``[start, end)`` frames in this video; :class:`FrameRangeError` when it does not fit."""
-    if rec.start_sec is not None or rec.end_sec is not None:
-        if not math.isfinite(fps):
-            raise FrameRangeError(f"{rec.source}: a segment in seconds needs the frame rate (set dataset.fps for frame folders)")
-        start = math.ceil((rec.start_sec or 0.0) * fps - 1e-6)
-        end = info.num_frames if rec.end_sec is None else math.ceil(rec.end_sec * fps - 1e-6)
-        where = f"[{rec.start_sec}s, {rec.end_sec}s) = frames [{start}, {end})"
-    else:
-        start, end = rec.start_frame, info.num_frames if rec.end_frame is None else rec.end_frame
-        where = f"frames [{start}, {end})"
-    if end <= start:
-        raise FrameRangeError(f"{rec.source}: {where} hold no frame (the segment stops before it starts)")
-    if start < 0 or end > info.num_frames:
-        raise FrameRangeError(f"{rec.source}: {where} lie beyond the video's {info.num_frames} frames")
-    return start, end
-
-
-def build_clips(records: list[VideoRecord], probes: dict[str, object], sampler: ClipSampler) -> tuple[pd.DataFrame, list[dict]]:
-    """Clip rows (no shard yet) and failure rows for records that cannot give a clip.
-
-    A clip id is ``<segment id or video id>:<first frame, 6 digits>``; a clip id met a second time (a video or
-    segment listed twice) is a failure row, the first one is kept.
-    """
-    rows, failures, seen = [], [], set()
-
-    def fail(rec: VideoRecord, error_type: str, message: str) -> None:
-        failures.append(dict(clip_id=rec.segment_id or rec.video_id, source=rec.source, stage="index", error_type=error_type, message=message))
-
-    for rec in records:
-        info = probes[rec.source]
-        if isinstance(info, Exception):
-            fail(rec, type(info).__name__, str(info))
-            continue
-        fps = info.fps if math.isfinite(info.fps) else (rec.fps if rec.fps else math.nan)
-        try:
-            start, end = _frame_range(rec, info, fps)
-            clips = sampler(start, end, fps if math.isfinite(fps) else None)
-        except FrameRangeError as err:
-            fail(rec, "FrameRangeError", str(err))
-            continue
-        except ValueError as err:
-            fail(rec, "SamplingError", f"{rec.source}: {err}")
-            continue
-        for clip in clips:
-            clip_id = f"{rec.segment_id or rec.video_id}:{clip.frame_indices[0]:06d}"
-            if clip_id in seen:
-                fail(rec, "DuplicateClip", f"{rec.source}: clip {clip_id} already comes from an earlier entry (listed twice?)")
-                continue
-            seen.add(clip_id)
-            rows.append(
-                dict(
-                    clip_id=clip_id, video_id=rec.video_id, source=rec.source, label=rec.label, label_name=rec.label_name,
-                    split=rec.split, frame_indices=clip.frame_indices, padded=clip.padded,
-                    num_frames=info.num_frames, fps=fps, width=info.width, height=info.height,
-                    segment_id=rec.segment_id, start_frame=start, end_frame=end, codec=info.codec, duration=info.duration,
-                )
-            )
-    frame = pd.DataFrame(rows, columns=[f.name for f in INDEX_SCHEMA if f.name != "shard"])
-    return frame, failures
-
-
-def assign_shards(num_clips: int, clips_per_shard: int) -> np.ndarray:
-    """Contiguous shards of (almost) equal size, at most ``clips_per_shard`` clips each."""
-    if clips_per_shard < 1:
-        raise ValueError(f"index.clips_per_shard must be >= 1, got {clips_per_shard}")
-    shards = max(1, -(-num_clips // clips_per_shard))
-    return (np.arange(num_clips) * shards // max(num_clips, 1)).astype(np.int32)
-
-
-def read_index(run_dir: str | Path) -> tuple[pd.DataFrame, dict]:
-    """The index table and its metadata (``classes``, ``boxes``)."""
-    path = Path(run_dir) / "index.parquet"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no index; run the index stage first (stage=index)")
-    table = pq.read_table(path)
-    meta = json.loads(table.schema.metadata[b"saliency_tubes"])
-    return table.to_pandas(), meta
 
 
 def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
@@ -128,9 +41,13 @@ def run(cfg, run_dir: Path, client=None) -> pd.DataFrame:
     records, errors = reader.records()
     log.info("dataset: %d videos or segments, %d unusable entries", len(records), len(errors))
     cache = Path(cfg.index.probe_cache) if cfg.index.get("probe_cache") else None
-    probes = probe_all([r.source for r in records], client, cache=cache, batch_size=int(cfg.index.get("probe_batch", 32)))
+    probes = probe_all(
+        [r.source for r in records], client, cache=cache, batch_size=int(cfg.index.get("probe_batch", 32))
+    )
     frame, failures = build_clips(records, probes, sampler)
-    failures = [dict(clip_id=e.where, source=e.where, stage="index", error_type=e.error_type, message=e.message) for e in errors] + failures
+    failures = [
+        dict(clip_id=e.where, source=e.where, stage="index", error_type=e.error_type, message=e.message) for e in errors
+    ] + failures
     frame["shard"] = assign_shards(len(frame), int(cfg.index.clips_per_shard))
     meta = dict(classes=list(reader.classes), boxes=str(reader.boxes_path) if reader.boxes_path else None)
     table = pa.Table.from_pandas(frame, schema=INDEX_SCHEMA, preserve_index=False)
@@ -140,5 +57,11 @@ def run(cfg, run_dir: Path, client=None) -> pd.DataFrame:
         write_table_atomic(failures_table(failures), failure_file)
     else:
         failure_file.unlink(missing_ok=True)
-    log.info("index: %d clips in %d shards, %d failures -> %s", len(frame), frame["shard"].nunique(), len(failures), run_dir / "index.parquet")
+    log.info(
+        "index: %d clips in %d shards, %d failures -> %s",
+        len(frame),
+        frame["shard"].nunique(),
+        len(failures),
+        run_dir / "index.parquet",
+    )
     return frame

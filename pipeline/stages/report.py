@@ -27,18 +27,34 @@ import pyarrow.parquet as pq
 from jinja2 import Environment, PackageLoader, select_autoescape
 from tqdm import tqdm
 
-from pipeline import render
-from pipeline.stages.index import read_index
-from pipeline.store import read_failures, read_tubes, tube_files
-from pipeline.video import VideoError, read_frames
+from pipeline.data.video import VideoError, read_frames
+from pipeline.report import render
+from pipeline.store import UNLABELLED_NAME, read_failures, read_index, read_tubes, tube_files
 
 log = logging.getLogger(__name__)
 
 SUMMARY_COLUMNS = ["clip_id", "method", "label", "label_name", "pred", "pred_prob"]
-DETAIL_COLUMNS = ["clip_id", "video_id", "source", "label", "label_name", "method", "target_rank", "target", "target_name", "target_prob",
-                  "pred", "pred_name", "pred_prob", "frame_indices", "crop_box", "top10_mass", "entropy", "volume"]
+DETAIL_COLUMNS = [
+    "clip_id",
+    "video_id",
+    "source",
+    "label",
+    "label_name",
+    "method",
+    "target_rank",
+    "target",
+    "target_name",
+    "target_prob",
+    "pred",
+    "pred_name",
+    "pred_prob",
+    "frame_indices",
+    "crop_box",
+    "top10_mass",
+    "entropy",
+    "volume",
+]
 ROLES = {"confident": "Most confident", "unsure": "Least confident", "misclassified": "Misclassified"}
-UNLABELLED = "(unlabelled)"
 
 
 def asset_name(clip_id: str, method: str) -> str:
@@ -56,7 +72,7 @@ def read_summary(run_dir: Path) -> pd.DataFrame:
     """The first-target rows of a run, a few small columns only (bounded even for 100,000s of clips)."""
     table = pq.ParquetDataset(tube_files(run_dir), filters=[("target_rank", "=", 0)]).read(columns=SUMMARY_COLUMNS)
     frame = table.to_pandas()
-    frame["label_name"] = frame["label_name"].fillna(UNLABELLED)
+    frame["label_name"] = frame["label_name"].fillna(UNLABELLED_NAME)
     return frame
 
 
@@ -86,7 +102,9 @@ class ClipRenderer:
 
     def frames(self, row) -> np.ndarray:
         if row.clip_id not in self._frames:
-            self._frames = {row.clip_id: render.crop_frames(read_frames(row.source, list(row.frame_indices)), row.crop_box)}
+            self._frames = {
+                row.clip_id: render.crop_frames(read_frames(row.source, list(row.frame_indices)), row.crop_box)
+            }
         return self._frames[row.clip_id]
 
     def overlay(self, row) -> dict:
@@ -95,7 +113,9 @@ class ClipRenderer:
         if not (self.assets / f"{name}.gif").is_file():
             frames = self.frames(row)
             render.save_gif(render.overlay(frames, row.volume), self.assets / f"{name}.gif")
-            render.tube_strip(frames, row.volume, row.frame_indices, self.assets / f"{name}.png", title=f"tube for {row.target_name}")
+            render.tube_strip(
+                frames, row.volume, row.frame_indices, self.assets / f"{name}.png", title=f"tube for {row.target_name}"
+            )
         return dict(gif=f"assets/{name}.gif", strip=f"assets/{name}.png")
 
     def featured(self, row, others: dict[str, np.ndarray]) -> dict:
@@ -113,9 +133,17 @@ class ClipRenderer:
 
 
 def _clip_item(row, role: str, renderer: ClipRenderer, true_row) -> dict:
-    item = dict(clip_id=row.clip_id, role=role, label=row.label_name if pd.notna(row.label_name) else UNLABELLED, pred=row.pred_name,
-                prob=float(row.pred_prob), target=row.target_name, top10=float(row.top10_mass), entropy=float(row.entropy),
-                correct=pd.isna(row.label) or int(row.pred) == int(row.label))
+    item = dict(
+        clip_id=row.clip_id,
+        role=role,
+        label=row.label_name if pd.notna(row.label_name) else UNLABELLED_NAME,
+        pred=row.pred_name,
+        prob=float(row.pred_prob),
+        target=row.target_name,
+        top10=float(row.top10_mass),
+        entropy=float(row.entropy),
+        correct=pd.isna(row.label) or int(row.pred) == int(row.label),
+    )
     try:
         item.update(renderer.overlay(row))
         if not item["correct"]:
@@ -135,7 +163,12 @@ def _other_tubes(run_dir: Path, others: list[str], featured: pd.DataFrame) -> di
         other_dir = run_dir.parent / str(name)
         if not tube_files(other_dir) or featured.empty:
             continue
-        rows = read_tubes(other_dir, columns=["clip_id", "method", "target", "volume"], upsample=True, filters=[("clip_id", "in", featured["clip_id"].tolist())])
+        rows = read_tubes(
+            other_dir,
+            columns=["clip_id", "method", "target", "volume"],
+            upsample=True,
+            filters=[("clip_id", "in", featured["clip_id"].tolist())],
+        )
         for r in rows.itertuples():
             found[(str(name), r.clip_id, int(r.target))] = (f"{r.method} ({name})", r.volume)
     return found
@@ -144,7 +177,10 @@ def _other_tubes(run_dir: Path, others: list[str], featured: pd.DataFrame) -> di
 def _records(frame: pd.DataFrame | None) -> list[dict]:
     if frame is None:
         return []
-    return [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in r.items()} for r in frame.to_dict("records")]
+    return [
+        {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in r.items()}
+        for r in frame.to_dict("records")
+    ]
 
 
 def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
@@ -161,7 +197,9 @@ def run(cfg, run_dir: Path, client=None) -> dict:
     _, meta = read_index(run_dir)
     stats = run_dir / "stats"
     if not (stats / "per_class.parquet").is_file():
-        raise FileNotFoundError(f"{stats / 'per_class.parquet'}: no statistics; run the stats stage first (stage=stats)")
+        raise FileNotFoundError(
+            f"{stats / 'per_class.parquet'}: no statistics; run the stats stage first (stage=stats)"
+        )
     per_class, overall = pd.read_parquet(stats / "per_class.parquet"), pd.read_parquet(stats / "overall.parquet")
     per_split = _optional(stats / "per_split.parquet")
     faith = _optional(stats / "faithfulness.parquet")
@@ -171,7 +209,9 @@ def run(cfg, run_dir: Path, client=None) -> dict:
 
     summary = read_summary(run_dir)
     gallery = pick_gallery(summary, int(cfg.report.clips_per_class))
-    details = read_tubes(run_dir, columns=DETAIL_COLUMNS, upsample=True, filters=[("clip_id", "in", sorted(set(gallery["clip_id"])))])
+    details = read_tubes(
+        run_dir, columns=DETAIL_COLUMNS, upsample=True, filters=[("clip_id", "in", sorted(set(gallery["clip_id"])))]
+    )
     first = {(r.clip_id, r.method): r for r in details[details["target_rank"] == 0].itertuples()}
     by_target = {(r.clip_id, r.method, int(r.target)): r for r in details.itertuples()}
     featured = gallery[gallery["role"] == "confident"].groupby(["method", "label_name"]).head(1)
@@ -186,62 +226,117 @@ def run(cfg, run_dir: Path, client=None) -> dict:
         page[g.role].append(_clip_item(row, g.role, renderer, true_row))
     for f in featured.itertuples():
         row = first[(f.clip_id, f.method)]
-        compared = dict(other_tubes[(n, row.clip_id, int(row.target))] for n in others if (n, row.clip_id, int(row.target)) in other_tubes)
+        compared = dict(
+            other_tubes[(n, row.clip_id, int(row.target))]
+            for n in others
+            if (n, row.clip_id, int(row.target)) in other_tubes
+        )
         try:
-            pages[(f.method, f.label_name)]["featured"] = dict(clip_id=row.clip_id, target=row.target_name, **renderer.featured(row, compared),
-                                                                missing_runs=[n for n in others if (n, row.clip_id, int(row.target)) not in other_tubes])
+            pages[(f.method, f.label_name)]["featured"] = dict(
+                clip_id=row.clip_id,
+                target=row.target_name,
+                **renderer.featured(row, compared),
+                missing_runs=[n for n in others if (n, row.clip_id, int(row.target)) not in other_tubes],
+            )
         except VideoError as err:
             pages[(f.method, f.label_name)]["featured"] = dict(clip_id=row.clip_id, error=str(err))
 
     for method, rows in per_class.groupby("method"):
-        render.profile_plot(rows["label_name"].tolist(), rows["temporal_profile"].tolist(), assets / f"profile-{method}.png")
+        render.profile_plot(
+            rows["label_name"].tolist(), rows["temporal_profile"].tolist(), assets / f"profile-{method}.png"
+        )
     everyone = {r.method: r for r in overall.itertuples()}
     for r in overall.itertuples():
-        render.class_plots(r.temporal_profile, r.temporal_profile, getattr(r, "density", None), assets / f"all-{r.method}.png")
+        render.class_plots(
+            r.temporal_profile, r.temporal_profile, getattr(r, "density", None), assets / f"all-{r.method}.png"
+        )
     hists = [c for c in per_class.columns if c.endswith("_hist")]
     labels = {"top10_mass_hist": "top-10% mass", "entropy_hist": "entropy", "border_mass_hist": "border mass"}
     for r in per_class.itertuples():
-        render.class_plots(r.temporal_profile, everyone[r.method].temporal_profile, getattr(r, "density", None), assets / f"{anchor(r.method, r.label_name)}.png")
+        render.class_plots(
+            r.temporal_profile,
+            everyone[r.method].temporal_profile,
+            getattr(r, "density", None),
+            assets / f"{anchor(r.method, r.label_name)}.png",
+        )
         if hists:
-            render.distribution_plot({labels.get(h, h): getattr(r, h) for h in hists}, {labels.get(h, h): getattr(everyone[r.method], h) for h in hists},
-                                     assets / f"{anchor(r.method, r.label_name)}-hist.png")
+            render.distribution_plot(
+                {labels.get(h, h): getattr(r, h) for h in hists},
+                {labels.get(h, h): getattr(everyone[r.method], h) for h in hists},
+                assets / f"{anchor(r.method, r.label_name)}-hist.png",
+            )
     if faith is not None:
         for r in faith.itertuples():
             name = "all" if r.label == -1 else anchor(r.method, r.label_name)
-            render.curve_plot({"deletion": r.deletion_curve, "random deletion": r.random_deletion_curve,
-                               "insertion": r.insertion_curve, "random insertion": r.random_insertion_curve},
-                              assets / f"curves-{name}-{r.method}.png")
+            render.curve_plot(
+                {
+                    "deletion": r.deletion_curve,
+                    "random deletion": r.random_deletion_curve,
+                    "insertion": r.insertion_curve,
+                    "random insertion": r.random_insertion_curve,
+                },
+                assets / f"curves-{name}-{r.method}.png",
+            )
 
     classes = per_class.drop(columns=hists)
     classes["anchor"] = [anchor(m, n) for m, n in zip(classes["method"], classes["label_name"])]
     if faith is not None:
-        classes = classes.merge(faith.drop(columns=[c for c in faith if c.endswith("_curve")] + ["clips"]), on=["method", "label", "label_name"], how="left")
+        classes = classes.merge(
+            faith.drop(columns=[c for c in faith if c.endswith("_curve")] + ["clips"]),
+            on=["method", "label", "label_name"],
+            how="left",
+        )
     if agreement is not None:
-        wide = agreement.pivot_table(index=["method", "label", "label_name"], columns="other_run", values="spearman").add_prefix("agree_").reset_index()
+        wide = (
+            agreement.pivot_table(index=["method", "label", "label_name"], columns="other_run", values="spearman")
+            .add_prefix("agree_")
+            .reset_index()
+        )
         classes = classes.merge(wide, on=["method", "label", "label_name"], how="left")
     agree_columns = [c for c in classes.columns if c.startswith("agree_")]
     faith_all = {r["method"]: r for r in _records(faith[faith["label"] == -1])} if faith is not None else {}
 
-    env = Environment(loader=PackageLoader("pipeline", "templates"), autoescape=select_autoescape(["html"]))
+    env = Environment(loader=PackageLoader("pipeline.report", "templates"), autoescape=select_autoescape(["html"]))
     common = dict(run_name=run_dir.name, has_pointing="pointing_game" in overall.columns, has_faith=faith is not None)
     class_records = _records(classes)
     template = env.get_template("class.html")
     for record in class_records:
         page = pages.get((record["method"], record["label_name"]), {role: [] for role in ROLES})
-        (out / f"{record['anchor']}.html").write_text(template.render(
-            **common, has_hist=bool(hists), c=record, all=_records(overall[overall["method"] == record["method"]])[0], roles=ROLES, page=page,
-            faith_all=faith_all.get(record["method"]), curves=f"assets/curves-{record['anchor']}-{record['method']}.png",
+        (out / f"{record['anchor']}.html").write_text(
+            template.render(
+                **common,
+                has_hist=bool(hists),
+                c=record,
+                all=_records(overall[overall["method"] == record["method"]])[0],
+                roles=ROLES,
+                page=page,
+                faith_all=faith_all.get(record["method"]),
+                curves=f"assets/curves-{record['anchor']}-{record['method']}.png",
+                agree_columns=agree_columns,
+            )
+        )
+    (out / "index.html").write_text(
+        env.get_template("overview.html").render(
+            **common,
+            overall=_records(overall),
+            classes=class_records,
+            methods=sorted(per_class["method"].unique()),
+            per_split=_records(per_split[per_split["label"] == -1]) if per_split is not None else [],
+            faith=faith_all,
+            agreement=_records(agreement[agreement["label"] == -1]) if agreement is not None else [],
             agree_columns=agree_columns,
-        ))
-    (out / "index.html").write_text(env.get_template("overview.html").render(
-        **common,
-        overall=_records(overall), classes=class_records, methods=sorted(per_class["method"].unique()),
-        per_split=_records(per_split[per_split["label"] == -1]) if per_split is not None else [],
-        faith=faith_all, agreement=_records(agreement[agreement["label"] == -1]) if agreement is not None else [],
-        agree_columns=agree_columns, compare_runs=others,
-        failures=_records(failures.head(200)), failure_count=len(failures), num_classes=len(meta["classes"]),
-        config=(run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else "",
-    ))
+            compare_runs=others,
+            failures=_records(failures.head(200)),
+            failure_count=len(failures),
+            num_classes=len(meta["classes"]),
+            config=(run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else "",
+        )
+    )
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     log.info("report: %s (%d pages, %.1f MB)", out / "index.html", len(class_records) + 1, size / 1e6)
-    return dict(report=str(out / "index.html"), pages=len(class_records) + 1, clips=int(gallery["clip_id"].nunique()), bytes=size)
+    return dict(
+        report=str(out / "index.html"),
+        pages=len(class_records) + 1,
+        clips=int(gallery["clip_id"].nunique()),
+        bytes=size,
+    )

@@ -35,23 +35,69 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.faithfulness import spearman
-from pipeline.saliency import upsample
-from pipeline.stages.index import read_index
-from pipeline.store import decode_column, read_failures, tube_files, write_table_atomic
+from pipeline.explain.explainer import upsample
+from pipeline.explain.faithfulness import spearman
+from pipeline.store import (
+    ALL_LABEL,
+    ALL_NAME,
+    UNLABELLED,
+    UNLABELLED_NAME,
+    boxes_path,
+    decode_column,
+    read_boxes,
+    read_failures,
+    read_index,
+    tube_files,
+    write_table_atomic,
+)
 
 log = logging.getLogger(__name__)
 
-SCALAR_STATS = ["target_prob", "pred_prob", "mass", "top10_mass", "entropy", "centroid_t", "centroid_y", "centroid_x", "peak_t", "border_mass"]
+SCALAR_STATS = [
+    "target_prob",
+    "pred_prob",
+    "mass",
+    "top10_mass",
+    "entropy",
+    "centroid_t",
+    "centroid_y",
+    "centroid_x",
+    "peak_t",
+    "border_mass",
+]
 LIST_STATS = ["temporal_profile", "density"]
 #: per-clip statistics in [0, 1] whose distribution per class is kept as a histogram of HIST_BINS equal bins
 HISTOGRAMS = ["top10_mass", "entropy", "border_mass"]
 HIST_BINS = 10
-COLUMNS = ["clip_id", "video_id", "label", "label_name", "split", "method", "target_rank", "pred", "frame_indices", "crop_box", "frame_peak_x", "frame_peak_y", *LIST_STATS, *SCALAR_STATS]
+COLUMNS = [
+    "clip_id",
+    "video_id",
+    "label",
+    "label_name",
+    "split",
+    "method",
+    "target_rank",
+    "pred",
+    "frame_indices",
+    "crop_box",
+    "frame_peak_x",
+    "frame_peak_y",
+    *LIST_STATS,
+    *SCALAR_STATS,
+]
 GROUP = ["method", "label", "label_name"]
-UNLABELLED = -2  # the label of clips that have none; -1 marks the totals rows, named "(all)"
-POINTING_SCHEMA = pa.schema([("method", pa.string()), ("label", pa.int64()), ("label_name", pa.string()), ("split", pa.string()),
-                             ("clip_id", pa.string()), ("frame", pa.int64()), ("hit", pa.float64()), ("chance", pa.float64())])
+POINTING_SCHEMA = pa.schema(
+    [
+        ("method", pa.string()),
+        ("label", pa.int64()),
+        ("label_name", pa.string()),
+        ("split", pa.string()),
+        ("clip_id", pa.string()),
+        ("frame", pa.int64()),
+        ("hit", pa.float64()),
+        ("chance", pa.float64()),
+    ]
+)
 
 
 def _prepare(part: pd.DataFrame, lengths: dict[str, int]) -> pd.DataFrame:
@@ -59,7 +105,7 @@ def _prepare(part: pd.DataFrame, lengths: dict[str, int]) -> pd.DataFrame:
     part = part[part["target_rank"] == 0]
     out = part[GROUP + ["split"] + [c for c in SCALAR_STATS if c in part.columns]].copy()
     out["label"] = out["label"].fillna(UNLABELLED).astype("int64")
-    out["label_name"] = out["label_name"].fillna("(unlabelled)").astype(object)
+    out["label_name"] = out["label_name"].fillna(UNLABELLED_NAME).astype(object)
     out["split"] = out["split"].fillna("(none)").astype(object)
     out["correct"] = (part["pred"] == part["label"]).astype("float64").where(part["label"].notna())
     for name, length in lengths.items():
@@ -78,10 +124,26 @@ def pointing_rows(part: pd.DataFrame, boxes: pd.DataFrame, tolerance: float) -> 
     """One row per clip time step that has a ground-truth box: hit (0/1) and the chance of a random hit."""
     part = part[part["target_rank"] == 0]
     crop = np.stack(part["crop_box"].to_numpy()) if len(part) else np.zeros((0, 4))
-    steps = part[["method", "label", "label_name", "split", "clip_id", "video_id", "frame_indices", "frame_peak_x", "frame_peak_y"]].assign(
-        label=part["label"].fillna(UNLABELLED).astype("int64"), label_name=part["label_name"].fillna("(unlabelled)").astype(object),
+    steps = part[
+        [
+            "method",
+            "label",
+            "label_name",
+            "split",
+            "clip_id",
+            "video_id",
+            "frame_indices",
+            "frame_peak_x",
+            "frame_peak_y",
+        ]
+    ].assign(
+        label=part["label"].fillna(UNLABELLED).astype("int64"),
+        label_name=part["label_name"].fillna(UNLABELLED_NAME).astype(object),
         split=part["split"].fillna("(none)").astype(object),
-        cx0=crop[:, 0], cy0=crop[:, 1], cx1=crop[:, 2], cy1=crop[:, 3],
+        cx0=crop[:, 0],
+        cy0=crop[:, 1],
+        cx1=crop[:, 2],
+        cy1=crop[:, 3],
     )
     steps = steps.explode(["frame_indices", "frame_peak_x", "frame_peak_y"], ignore_index=True)
     steps = steps.rename(columns={"frame_indices": "frame", "frame_peak_x": "px", "frame_peak_y": "py"})
@@ -93,33 +155,22 @@ def pointing_rows(part: pd.DataFrame, boxes: pd.DataFrame, tolerance: float) -> 
     inter_w = (np.minimum(x1, merged["cx1"]) - np.maximum(x0, merged["cx0"])).clip(lower=0)
     inter_h = (np.minimum(y1, merged["cy1"]) - np.maximum(y0, merged["cy0"])).clip(lower=0)
     chance = inter_w * inter_h / ((merged["cx1"] - merged["cx0"]) * (merged["cy1"] - merged["cy0"]))
-    return merged[["method", "label", "label_name", "split", "clip_id", "frame"]].assign(hit=hit.astype("float64"), chance=chance.astype("float64"))
-
-
-def boxes_path(cfg, meta: dict) -> Path | None:
-    """The ground-truth boxes CSV of a run: ``stats.boxes``, else the dataset's own; None when there is none."""
-    path = cfg.stats.get("boxes") or meta.get("boxes")
-    if path and not Path(path).is_file():
-        log.warning("boxes: %s does not exist; no pointing game or tube IoU", path)
-        return None
-    return Path(path) if path else None
-
-
-def read_boxes(path: str | Path) -> pd.DataFrame:
-    """A boxes CSV (``video_id, frame, x0, y0, x1, y1`` in source pixels), checked."""
-    boxes = pd.read_csv(path, dtype={"video_id": str})
-    missing = {"video_id", "frame", "x0", "y0", "x1", "y1"} - set(boxes.columns)
-    if missing:
-        raise ValueError(f"{path}: boxes CSV lacks columns {sorted(missing)}")
-    return boxes.astype({"video_id": object, "frame": "int64", "x0": "float64", "y0": "float64", "x1": "float64", "y1": "float64"})
+    return merged[["method", "label", "label_name", "split", "clip_id", "frame"]].assign(
+        hit=hit.astype("float64"), chance=chance.astype("float64")
+    )
 
 
 #: the four groupings of every table: per class, over all classes, and both per split
-GROUPINGS = {"per_class": (GROUP, False), "overall": (GROUP, True), "per_split": (["split", *GROUP], False), "split_totals": (["split", *GROUP], True)}
+GROUPINGS = {
+    "per_class": (GROUP, False),
+    "overall": (GROUP, True),
+    "per_split": (["split", *GROUP], False),
+    "split_totals": (["split", *GROUP], True),
+}
 
 
 def _grouped(frame: dd.DataFrame, keys: list[str], everyone: bool):
-    return (frame.assign(label=-1, label_name="(all)") if everyone else frame).groupby(keys, dropna=False)
+    return (frame.assign(label=ALL_LABEL, label_name=ALL_NAME) if everyone else frame).groupby(keys, dropna=False)
 
 
 def aggregate_all(prepared: dd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -132,7 +183,11 @@ def aggregate_all(prepared: dd.DataFrame) -> dict[str, pd.DataFrame]:
     computed = dask.compute(lazy)[0]
     tables = {}
     for name, (means, counts) in computed.items():
-        table = means.join(counts.rename("clips")).reset_index().rename(columns={"correct": "accuracy", "target_prob": "mean_target_prob", "pred_prob": "mean_pred_prob"})
+        table = (
+            means.join(counts.rename("clips"))
+            .reset_index()
+            .rename(columns={"correct": "accuracy", "target_prob": "mean_target_prob", "pred_prob": "mean_pred_prob"})
+        )
         for stat in [*LIST_STATS, *(f"{h}_hist" for h in HISTOGRAMS)]:
             cols = sorted(c for c in table.columns if c.startswith(f"{stat}__"))
             if cols:
@@ -144,7 +199,10 @@ def aggregate_all(prepared: dd.DataFrame) -> dict[str, pd.DataFrame]:
 
 def pointing_all(steps: dd.DataFrame) -> dict[str, pd.DataFrame]:
     """Pointing game and chance for every grouping of :data:`GROUPINGS`, in one Dask computation."""
-    lazy = {name: _grouped(steps, keys, everyone).agg({"hit": ["count", "mean"], "chance": "mean"}) for name, (keys, everyone) in GROUPINGS.items()}
+    lazy = {
+        name: _grouped(steps, keys, everyone).agg({"hit": ["count", "mean"], "chance": "mean"})
+        for name, (keys, everyone) in GROUPINGS.items()
+    }
     tables = {}
     for name, agg in dask.compute(lazy)[0].items():
         agg.columns = ["pointing_frames", "pointing_game", "pointing_chance"]
@@ -169,24 +227,54 @@ def write_pointing(tubes: dd.DataFrame, boxes: pd.DataFrame, tolerance: float, o
 def tube_agreement(part_file: Path, other_dir: Path, other_run: str) -> pd.DataFrame:
     """Spearman correlation of each first-target tube of ``part_file`` with the other run's tube of the same
     clip and target class (the other run's part file of the same name, else all of its files)."""
-    columns = ["clip_id", "label", "label_name", "method", "target", "input_size", "volume", "volume_shape", "volume_codec", "volume_scale"]
+    columns = [
+        "clip_id",
+        "label",
+        "label_name",
+        "method",
+        "target",
+        "input_size",
+        "volume",
+        "volume_shape",
+        "volume_codec",
+        "volume_scale",
+    ]
     mine = pq.read_table(part_file, columns=columns, filters=[("target_rank", "=", 0)]).to_pandas()
-    empty = pd.DataFrame({"clip_id": pd.Series(dtype=object), "label": pd.Series(dtype="int64"), "label_name": pd.Series(dtype=object),
-                          "method": pd.Series(dtype=object), "other_run": pd.Series(dtype=object), "other_method": pd.Series(dtype=object),
-                          "target": pd.Series(dtype="int64"), "spearman": pd.Series(dtype="float64")})
+    empty = pd.DataFrame(
+        {
+            "clip_id": pd.Series(dtype=object),
+            "label": pd.Series(dtype="int64"),
+            "label_name": pd.Series(dtype=object),
+            "method": pd.Series(dtype=object),
+            "other_run": pd.Series(dtype=object),
+            "other_method": pd.Series(dtype=object),
+            "target": pd.Series(dtype="int64"),
+            "spearman": pd.Series(dtype="float64"),
+        }
+    )
     if mine.empty:
         return empty
     same = other_dir / "tubes" / part_file.name
     sources = [same] if same.is_file() else tube_files(other_dir)
     wanted = [("clip_id", "in", mine["clip_id"].tolist())]
-    theirs = pq.ParquetDataset(sources, filters=wanted).read(columns=[c for c in columns if c not in ("label", "label_name")]).to_pandas()
+    theirs = (
+        pq.ParquetDataset(sources, filters=wanted)
+        .read(columns=[c for c in columns if c not in ("label", "label_name")])
+        .to_pandas()
+    )
     if same.is_file() and not set(mine["clip_id"]) <= set(theirs["clip_id"]):  # sharded differently: look everywhere
-        theirs = pq.ParquetDataset(tube_files(other_dir), filters=wanted).read(columns=[c for c in columns if c not in ("label", "label_name")]).to_pandas()
+        theirs = (
+            pq.ParquetDataset(tube_files(other_dir), filters=wanted)
+            .read(columns=[c for c in columns if c not in ("label", "label_name")])
+            .to_pandas()
+        )
     pairs = mine.merge(theirs, on=["clip_id", "target"], suffixes=("", "_other"))
     if pairs.empty:
         return empty
     a = decode_column(pairs)
-    b = decode_column(pd.DataFrame({c: pairs[f"{c}_other"] for c in ("volume", "volume_shape", "volume_codec", "volume_scale")}))
+    b = decode_column(
+        pd.DataFrame({c: pairs[f"{c}_other"] for c in ("volume", "volume_shape", "volume_codec", "volume_scale")})
+    )
     rho = np.empty(len(pairs))
     for i, (va, vb, size) in enumerate(zip(a, b, pairs["input_size"])):
         ta, tb = torch.from_numpy(va)[None], torch.from_numpy(vb)[None]
@@ -194,10 +282,18 @@ def tube_agreement(part_file: Path, other_dir: Path, other_run: str) -> pd.DataF
             size = tuple(int(s) for s in size)
             ta, tb = upsample(ta, size), upsample(tb, size)
         rho[i] = float(spearman(ta, tb)[0])
-    return pd.DataFrame(dict(
-        clip_id=pairs["clip_id"], label=pairs["label"].fillna(UNLABELLED).astype("int64"), label_name=pairs["label_name"].fillna("(unlabelled)").astype(object),
-        method=pairs["method"], other_run=other_run, other_method=pairs["method_other"], target=pairs["target"].astype("int64"), spearman=rho,
-    ))
+    return pd.DataFrame(
+        dict(
+            clip_id=pairs["clip_id"],
+            label=pairs["label"].fillna(UNLABELLED).astype("int64"),
+            label_name=pairs["label_name"].fillna(UNLABELLED_NAME).astype(object),
+            method=pairs["method"],
+            other_run=other_run,
+            other_method=pairs["method_other"],
+            target=pairs["target"].astype("int64"),
+            spearman=rho,
+        )
+    )
 
 
 def agreement(run_dir: Path, others: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -206,12 +302,18 @@ def agreement(run_dir: Path, others: list[str]) -> tuple[pd.DataFrame, pd.DataFr
     for name in others:
         other_dir = run_dir.parent / str(name)
         if not tube_files(other_dir):
-            raise FileNotFoundError(f"stats.compare_runs: {other_dir / 'tubes'} has no tube files; extract run {name!r} first")
+            raise FileNotFoundError(
+                f"stats.compare_runs: {other_dir / 'tubes'} has no tube files; extract run {name!r} first"
+            )
         frames += dask.compute(*[dask.delayed(tube_agreement)(f, other_dir, str(name)) for f in tube_files(run_dir)])
     clips = pd.concat(frames, ignore_index=True)
     keys = ["method", "other_run", "other_method", "label", "label_name"]
-    both = pd.concat([clips, clips.assign(label=-1, label_name="(all)")], ignore_index=True)
-    per_class = both.groupby(keys, dropna=False).agg(clips=("spearman", "count"), spearman=("spearman", "mean"), spearman_median=("spearman", "median")).reset_index()
+    both = pd.concat([clips, clips.assign(label=ALL_LABEL, label_name=ALL_NAME)], ignore_index=True)
+    per_class = (
+        both.groupby(keys, dropna=False)
+        .agg(clips=("spearman", "count"), spearman=("spearman", "mean"), spearman_median=("spearman", "median"))
+        .reset_index()
+    )
     return clips, per_class
 
 
@@ -243,7 +345,9 @@ def run(cfg, run_dir: Path, client=None) -> dict:
     if all(pq.read_metadata(f).num_rows == 0 for f in files):
         failures = read_failures(run_dir)
         reasons = failures["error_type"].value_counts().to_dict() if len(failures) else {}
-        raise RuntimeError(f"{run_dir}: no clip has a tube, so there is nothing to aggregate; failures by reason: {reasons} (see {run_dir / 'failures'})")
+        raise RuntimeError(
+            f"{run_dir}: no clip has a tube, so there is nothing to aggregate; failures by reason: {reasons} (see {run_dir / 'failures'})"
+        )
     lengths = _list_lengths(files)
     present = set(pq.read_schema(files[0]).names)
     tubes = dd.read_parquet([str(f) for f in files], columns=[c for c in COLUMNS if c in present])
@@ -267,8 +371,16 @@ def run(cfg, run_dir: Path, client=None) -> dict:
         write_table_atomic(pa.Table.from_pandas(clips, preserve_index=False), out / "agreement.parquet")
         write_table_atomic(pa.Table.from_pandas(by_class, preserve_index=False), out / "agreement_per_class.parquet")
 
-    write_table_atomic(pa.Table.from_pandas(per_class.sort_values(GROUP), preserve_index=False), out / "per_class.parquet")
+    write_table_atomic(
+        pa.Table.from_pandas(per_class.sort_values(GROUP), preserve_index=False), out / "per_class.parquet"
+    )
     write_table_atomic(pa.Table.from_pandas(overall, preserve_index=False), out / "overall.parquet")
-    write_table_atomic(pa.Table.from_pandas(per_split.sort_values(["split", *GROUP]), preserve_index=False), out / "per_split.parquet")
+    write_table_atomic(
+        pa.Table.from_pandas(per_split.sort_values(["split", *GROUP]), preserve_index=False), out / "per_split.parquet"
+    )
     log.info("stats: %d classes -> %s", len(per_class), out)
-    return json.loads(overall.drop(columns=[c for c in overall if isinstance(overall[c].iloc[0], np.ndarray)]).to_json(orient="records"))
+    return json.loads(
+        overall.drop(columns=[c for c in overall if isinstance(overall[c].iloc[0], np.ndarray)]).to_json(
+            orient="records"
+        )
+    )

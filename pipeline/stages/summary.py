@@ -22,8 +22,13 @@ def show(run_dir: Path, results: dict, console: Console | None = None) -> None:
             pointing = getattr(row, "pointing_game", None)
             chance = getattr(row, "pointing_chance", None)
             table.add_row(
-                row.method, f"{row.clips:,}", _pct(row.accuracy), _pct(row.mean_pred_prob), _pct(row.top10_mass),
-                _pct(pointing), _pct(chance),
+                row.method,
+                f"{row.clips:,}",
+                _pct(row.accuracy),
+                _pct(row.mean_pred_prob),
+                _pct(row.top10_mass),
+                _pct(pointing),
+                _pct(chance),
             )
     console.print(table)
     faith_path = run_dir / "stats" / "faithfulness.parquet"
@@ -37,12 +42,17 @@ def show(run_dir: Path, results: dict, console: Console | None = None) -> None:
     failures = read_failures(run_dir)
     if len(failures):
         counts = failures.groupby(["stage", "error_type"]).size()
-        console.print(f"[yellow]{len(failures)} failures[/] (see {run_dir / 'failures'}): " + ", ".join(f"{s}/{e}: {n}" for (s, e), n in counts.items()))
+        console.print(
+            f"[yellow]{len(failures)} failures[/] (see {run_dir / 'failures'}): "
+            + ", ".join(f"{s}/{e}: {n}" for (s, e), n in counts.items())
+        )
     else:
         console.print("no failures")
     extract = results.get("extract")
     if extract and extract.get("failed_shards"):
-        console.print(f"[red]{len(extract['failed_shards'])} shards failed[/] after their retries (rerun to try them again): {extract['failed_shards']}")
+        console.print(
+            f"[red]{len(extract['failed_shards'])} shards failed[/] after their retries (rerun to try them again): {extract['failed_shards']}"
+        )
     if "train" in results and results["train"].get("trained"):
         console.print(f"demo model trained: test accuracy {_pct(results['train']['test'])}")
     console.print(f"time: {results.get('seconds', 0.0):.1f} s")

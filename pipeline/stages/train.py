@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader, TensorDataset
 
-from pipeline.clips import ClipDataset
-from pipeline.sampling import CenterSampler, UniformSampler
-from pipeline.stages.index import build_clips, probe_all
-from pipeline.video import ResizeCrop
+from pipeline.data.clip_index import build_clips
+from pipeline.data.clips import ClipDataset
+from pipeline.data.probing import probe_all
+from pipeline.data.sampling import CenterSampler, UniformSampler
+from pipeline.data.video import ResizeCrop
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,12 @@ class Classifier(pl.LightningModule):
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=1e-4)
         steps = self.trainer.estimated_stepping_batches
-        return dict(optimizer=optimizer, lr_scheduler=dict(scheduler=torch.optim.lr_scheduler.OneCycleLR(optimizer, self.lr, total_steps=steps), interval="step"))
+        return dict(
+            optimizer=optimizer,
+            lr_scheduler=dict(
+                scheduler=torch.optim.lr_scheduler.OneCycleLR(optimizer, self.lr, total_steps=steps), interval="step"
+            ),
+        )
 
 
 def load_clips(cfg, split: str, sampler) -> TensorDataset:
@@ -76,13 +82,20 @@ def run(cfg, run_dir=None, client=None) -> dict:
         return dict(checkpoint=str(checkpoint), trained=False)
     pl.seed_everything(int(cfg.train.seed), verbose=False)
     inp = cfg.model.input
-    train = load_clips(cfg, "train", UniformSampler(int(inp.clip_len), int(inp.frame_stride), num_clips=int(cfg.train.clips_per_video)))
+    train = load_clips(
+        cfg, "train", UniformSampler(int(inp.clip_len), int(inp.frame_stride), num_clips=int(cfg.train.clips_per_video))
+    )
     test = load_clips(cfg, "test", CenterSampler(int(inp.clip_len), int(inp.frame_stride)))
     net = instantiate(cfg.model.net)
     model = Classifier(net, list(inp.mean), list(inp.std), float(cfg.train.lr), int(cfg.train.epochs))
     trainer = pl.Trainer(
-        max_epochs=int(cfg.train.epochs), accelerator="cpu", devices=1, logger=False,
-        enable_checkpointing=False, enable_model_summary=False, deterministic=True,
+        max_epochs=int(cfg.train.epochs),
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        deterministic=True,
     )
     trainer.fit(model, DataLoader(train, batch_size=int(cfg.train.batch_size), shuffle=True))
     accuracy = dict(train=evaluate(model, train), test=evaluate(model, test))
@@ -90,6 +103,12 @@ def run(cfg, run_dir=None, client=None) -> dict:
     tmp = checkpoint.with_name(f".{checkpoint.name}.tmp-{os.getpid()}")
     torch.save(net.state_dict(), tmp)
     os.replace(tmp, checkpoint)
-    log.info("model: trained on %d clips, accuracy train %.3f test %.3f -> %s", len(train), accuracy["train"], accuracy["test"], checkpoint)
+    log.info(
+        "model: trained on %d clips, accuracy train %.3f test %.3f -> %s",
+        len(train),
+        accuracy["train"],
+        accuracy["test"],
+        checkpoint,
+    )
     print(f"demo model: accuracy train {accuracy['train']:.1%}, test {accuracy['test']:.1%} (saved to {checkpoint})")
     return dict(checkpoint=str(checkpoint), trained=True, **accuracy)

@@ -1,0 +1,1 @@
+"""Data: decoding clips (PyAV, JPEG folders), probing videos, sampling clips, the clip dataset, dataset readers."""

@@ -1,0 +1,226 @@
+"""Dask clusters from config: ``cluster=local`` (this machine), ``cluster=slurm`` (batch jobs), ``cluster=address``.
+
+Each option of the ``cluster`` config group names one function of this module in ``_target_``; its other
+keys are that function's arguments. :func:`validate` checks them before any work starts, :func:`open_client`
+starts (or joins) the cluster and prints the dashboard address.
+
+GPUs: every worker that owns a GPU offers the Dask resource ``GPU=1`` (one worker process per GPU), and an
+extract task that runs on a GPU asks for one, so two tasks never share a device. :func:`worker_gpu` tells a
+task which of its node's GPUs belongs to the worker it runs on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+
+import dask
+from dask.distributed import Client, LocalCluster
+from hydra.utils import get_method
+from omegaconf import OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+log = logging.getLogger(__name__)
+
+#: the Dask resource a GPU worker offers and a GPU task asks for
+GPU = "GPU"
+
+
+def local(
+    n_workers: int = 2,
+    threads_per_worker: int = 1,
+    processes: bool = True,
+    memory_limit="auto",
+    dashboard_address: str = ":0",
+    gpus: int = 0,
+) -> LocalCluster:
+    """A Dask LocalCluster on this machine.
+
+    Args:
+        n_workers: worker processes (or threads, with ``processes=false``) when ``gpus`` is 0.
+        threads_per_worker: tasks a worker runs at once.
+        processes: worker processes (true) or threads of this process (false).
+        memory_limit: per worker, e.g. ``"8GB"``; ``auto`` divides the machine's memory.
+        dashboard_address: ``":8787"``, or ``":0"`` for a free port.
+        gpus: when > 0, one worker per GPU (``n_workers`` is ignored), each offering ``GPU=1``.
+    """
+    gpus = int(gpus)
+    return LocalCluster(
+        n_workers=gpus or int(n_workers),
+        threads_per_worker=1 if gpus else int(threads_per_worker),
+        processes=bool(processes),
+        memory_limit=memory_limit,
+        dashboard_address=dashboard_address,
+        resources={GPU: 1} if gpus else None,
+        silence_logs=logging.WARNING,
+    )
+
+
+def slurm(jobs: int = 1, adapt_min: int | None = None, adapt_max: int | None = None, **job):
+    """A dask-jobqueue SLURMCluster (see :func:`slurm_cluster`) with its jobs submitted.
+
+    Args:
+        jobs: jobs to start (when not adaptive).
+        adapt_min, adapt_max: with ``adapt_max`` set, jobs come and go with the work (Dask ``adapt``).
+        **job: what one job is, see :func:`slurm_cluster`.
+    """
+    cluster = slurm_cluster(**job)
+    if adapt_max is not None:
+        cluster.adapt(minimum_jobs=int(adapt_min or 0), maximum_jobs=int(adapt_max))
+    else:
+        cluster.scale(jobs=int(jobs))
+    return cluster
+
+
+def slurm_cluster(
+    queue: str | None = None,
+    account: str | None = None,
+    walltime: str = "04:00:00",
+    cores: int = 8,
+    memory: str = "32GB",
+    gpus_per_job: int = 0,
+    job_extra_directives: list[str] = (),
+    job_script_prologue: list[str] = (),
+    log_directory: str | None = None,
+    local_directory: str | None = None,
+    interface: str | None = None,
+    python: str | None = None,
+    dashboard_address: str = ":0",
+):
+    """A dask-jobqueue SLURMCluster with no job submitted yet: every SLURM job is one node's share of workers.
+
+    Args:
+        queue, account: the partition (``-p``) and account (``-A``).
+        walltime: ``HH:MM:SS`` per job; a preempted or expired job's shards are retried elsewhere.
+        cores, memory: per job (``--cpus-per-task``, ``--mem``); DataLoader workers use these cores.
+        gpus_per_job: GPUs per job (``--gres=gpu:N``); the job then runs one worker per GPU with ``GPU=1``.
+            With 0, one CPU worker per job.
+        job_extra_directives: more ``#SBATCH`` lines, e.g. ``["--constraint=a100", "--qos=low"]``.
+        job_script_prologue: shell lines run before the worker starts (``module load``, ``source venv``).
+        log_directory: where SLURM writes the jobs' stdout/stderr.
+        local_directory: worker scratch space (node-local disk).
+        interface: network interface of the workers and scheduler (e.g. ``ib0``).
+        python: the worker's Python; default this one.
+        dashboard_address: the scheduler's dashboard.
+    """
+    from dask_jobqueue import SLURMCluster
+
+    gpus = int(gpus_per_job)
+    directives = list(job_extra_directives) + ([f"--gres=gpu:{gpus}"] if gpus else [])
+    return SLURMCluster(
+        queue=queue,
+        account=account,
+        walltime=walltime,
+        cores=int(cores),
+        memory=memory,
+        processes=gpus or 1,
+        job_extra_directives=directives,
+        job_script_prologue=list(job_script_prologue),
+        worker_extra_args=["--resources", f"{GPU}=1"] if gpus else [],
+        log_directory=log_directory,
+        local_directory=local_directory,
+        interface=interface,
+        python=python,
+        scheduler_options={"dashboard_address": dashboard_address},
+    )
+
+
+def address(address: str) -> str:
+    """A running Dask scheduler, e.g. ``tcp://host:8786`` (started with ``dask scheduler``)."""
+    return address
+
+
+def _settings(cfg) -> tuple[callable, dict]:
+    """The cluster function named by ``cfg._target_`` and its keyword arguments, checked against its signature."""
+    try:
+        settings = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as err:
+        raise ValueError(
+            f"cluster.{err.full_key.split('.')[-1]} must be set (e.g. cluster.address=tcp://host:8786)"
+        ) from None
+    target = settings.pop("_target_", None)
+    try:
+        fn = get_method(target)
+    except Exception:
+        raise ValueError(
+            f"cluster._target_={target!r} is not a cluster of pipeline.runtime.cluster (local, slurm, address)"
+        ) from None
+    signatures = [inspect.signature(fn)] + ([inspect.signature(slurm_cluster)] if fn is slurm else [])
+    try:
+        if fn is slurm:  # its **job are slurm_cluster's arguments
+            signatures[1].bind(**{k: v for k, v in settings.items() if k not in ("jobs", "adapt_min", "adapt_max")})
+        signatures[0].bind(**settings)
+    except TypeError as err:
+        known = ", ".join(name for sig in signatures for name in sig.parameters if name != "job")
+        raise ValueError(f"bad cluster option for {target}: {err} (options: {known})") from None
+    return fn, settings
+
+
+def validate(cfg) -> None:
+    """Check the ``cluster`` config group before any work: known keys, sane values. Raises ValueError."""
+    fn, settings = _settings(cfg)
+    for key in ("n_workers", "threads_per_worker", "cores", "jobs"):
+        if key in settings and int(settings[key]) < 1:
+            raise ValueError(f"cluster.{key} must be >= 1, got {settings[key]}")
+    for key in ("gpus", "gpus_per_job", "adapt_min"):
+        if settings.get(key) is not None and int(settings[key]) < 0:
+            raise ValueError(f"cluster.{key} must be >= 0, got {settings[key]}")
+    if settings.get("adapt_max") is not None and int(settings["adapt_max"]) < int(settings.get("adapt_min") or 0):
+        raise ValueError(
+            f"cluster.adapt_max ({settings['adapt_max']}) must be >= cluster.adapt_min ({settings['adapt_min']})"
+        )
+    if fn is address and "://" not in str(settings["address"]):
+        raise ValueError(
+            f"cluster.address must be a scheduler address like tcp://host:8786, got {settings['address']!r}"
+        )
+    if "memory_limit" in settings and settings["memory_limit"] not in ("auto", None, 0):
+        try:
+            dask.utils.parse_bytes(settings["memory_limit"])
+        except (ValueError, TypeError):
+            raise ValueError(
+                f"cluster.memory_limit must be 'auto' or a size like '8GB', got {settings['memory_limit']!r}"
+            ) from None
+
+
+def offers_gpus(cfg) -> bool:
+    """Whether the configured cluster's workers offer the ``GPU`` resource (unknown for ``address``: assumed)."""
+    _, settings = _settings(cfg)
+    return int(settings.get("gpus", 0) or settings.get("gpus_per_job", 0) or 0) > 0 or "address" in settings
+
+
+@contextlib.contextmanager
+def open_client(cfg):
+    """A Dask client for ``cfg`` (the ``cluster`` config group); a cluster started here is closed on exit.
+
+    Worker processes are made non-daemonic so that a task may start DataLoader worker processes.
+    """
+    fn, settings = _settings(cfg)
+    with dask.config.set({"distributed.worker.daemon": False, "distributed.admin.system-monitor.gil.enabled": False}):
+        made = fn(**settings)
+        cluster = None if isinstance(made, str) else made
+        client = Client(made)
+        try:
+            if client.dashboard_link:
+                log.info("Dask dashboard: %s", client.dashboard_link)
+            yield client
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+
+
+def worker_gpu(device_count: int) -> int:
+    """The GPU of the worker running the calling task: its slot on the node (the last number of its name).
+
+    LocalCluster names workers 0, 1, ...; a SLURM job with N workers names them ``<job>-0 .. <job>-(N-1)``;
+    both match the job's visible GPUs in order.
+    """
+    from dask.distributed import get_worker
+
+    try:
+        name = str(get_worker().name)
+    except ValueError:  # not inside a Dask worker
+        return 0
+    slot = name.rsplit("-", 1)[-1]
+    return int(slot) % max(device_count, 1) if slot.isdigit() else 0

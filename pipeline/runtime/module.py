@@ -1,0 +1,81 @@
+"""The LightningModule of the extract stage: ``predict_step`` = forward + tubes + per-clip statistics."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+
+from pipeline.explain.clipstats import clip_statistics
+from pipeline.explain.explainer import TubeExplainer, upsample
+from pipeline.store import dequantise, quantise
+
+TARGET_MODES = ("pred", "label", "topk")
+
+
+class TubeModule(pl.LightningModule):
+    """Explains batches of clips.
+
+    Args:
+        explainer: the model, layer and method.
+        mean, std: per-channel normalisation applied on the device to ``[0, 1]`` clips.
+        target: ``pred`` (the predicted class), ``label`` (the clip's true class) or ``topk`` (the ``k``
+            highest-scoring classes, sharing one forward pass).
+        k: number of classes for ``target=topk``.
+        codec: the store codec; tubes are encoded here and statistics computed on the decoded tube.
+        labels: ``(num_clips,)`` true labels of the shard's clips (-1 = unknown), needed for ``target=label``.
+    """
+
+    def __init__(
+        self,
+        explainer: TubeExplainer,
+        mean,
+        std,
+        target: str = "pred",
+        k: int = 1,
+        codec: str = "float16",
+        labels: torch.Tensor | None = None,
+    ):
+        super().__init__()
+        if target not in TARGET_MODES:
+            raise ValueError(f"target.mode must be one of {TARGET_MODES}, got {target!r}")
+        self.explainer = explainer
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1, 1))
+        self.target, self.k, self.codec = target, (int(k) if target == "topk" else 1), codec
+        self.labels = labels
+
+    def _selector(self, positions: torch.Tensor):
+        if self.target == "pred":
+            return lambda logits: logits.argmax(1, keepdim=True)
+        if self.target == "topk":
+            return lambda logits: logits.topk(min(self.k, logits.shape[1]), dim=1).indices
+        labels = self.labels[positions.cpu()].to(self.device)[:, None]
+        return lambda logits: labels
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        if batch["video"] is None:
+            return dict(batch, tubes=None)
+        x = (batch["video"].to(self.mean.dtype) - self.mean) / self.std
+        explanation = self.explainer(x, self._selector(batch["positions"]))
+        n, k = explanation.targets.shape
+        stored, scale = quantise(explanation.tubes, self.codec)
+        decoded = dequantise(stored, scale)
+        size = tuple(x.shape[2:])
+        up = upsample(decoded.reshape(n * k, *decoded.shape[2:]), size)
+        stats = clip_statistics(up, batch["crop_box"].repeat_interleave(k, dim=0))
+        probs = explanation.logits.softmax(1)
+        pred_prob, pred = probs.max(1)
+        return dict(
+            positions=batch["positions"],
+            failures=batch["failures"],
+            crop_box=batch["crop_box"].cpu(),
+            input_size=size,
+            targets=explanation.targets.cpu(),
+            target_logit=explanation.logits.gather(1, explanation.targets).cpu(),
+            target_prob=probs.gather(1, explanation.targets).cpu(),
+            pred=pred.cpu(),
+            pred_prob=pred_prob.cpu(),
+            tubes=stored.cpu(),
+            scale=scale.cpu(),
+            stats={name: value.cpu() for name, value in stats.items()},
+        )

@@ -1,0 +1,116 @@
+"""Every reader of the output contract: the index, the tubes (:func:`read_tubes`), the failures, the boxes."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.store.codec import decode_volume
+from pipeline.store.schema import FAILURE_SCHEMA
+
+log = logging.getLogger(__name__)
+
+
+def tube_files(run_dir: str | Path) -> list[Path]:
+    return sorted((Path(run_dir) / "tubes").glob("part-*.parquet"))
+
+
+def read_tubes(
+    run_dir: str | Path, columns: list[str] | None = None, upsample: bool = False, filters=None
+) -> pd.DataFrame:
+    """Read a run's tubes as a DataFrame whose ``volume`` column holds float32 numpy arrays.
+
+    Args:
+        run_dir: ``outputs/<run_name>``.
+        columns: columns to read (``None``: all). ``volume`` is decoded whenever it is among them.
+        upsample: return each volume at its clip's ``input_size`` (T, H, W), trilinearly upsampled exactly as
+            the extractor did before computing statistics.
+        filters: pyarrow filters, e.g. ``[("label_name", "=", "MoveLeft")]``.
+    """
+    files = tube_files(run_dir)
+    if not files:
+        raise FileNotFoundError(f"{Path(run_dir) / 'tubes'}: no tube files; run the extract stage first")
+    wanted = None
+    if columns is not None:
+        wanted = list(dict.fromkeys(columns))
+        if "volume" in wanted:
+            wanted += [c for c in ("volume_shape", "volume_codec", "volume_scale") if c not in wanted]
+            if upsample and "input_size" not in wanted:
+                wanted.append("input_size")
+    table = pq.ParquetDataset(files, filters=filters).read(columns=wanted)
+    frame = table.to_pandas()
+    if "volume" in frame.columns:
+        frame["volume"] = decode_column(frame, upsample=upsample)
+    if columns is not None:
+        frame = frame[list(columns)]
+    return frame
+
+
+def decode_column(frame: pd.DataFrame, upsample: bool = False) -> list[np.ndarray]:
+    """Decode the ``volume`` column of a tubes frame; with ``upsample``, to each row's ``input_size``."""
+    from pipeline.explain.explainer import upsample as upsample_tubes
+
+    volumes = [
+        decode_volume(data, shape, codec, scale)
+        for data, shape, codec, scale in zip(
+            frame["volume"], frame["volume_shape"], frame["volume_codec"], frame["volume_scale"]
+        )
+    ]
+    if not upsample:
+        return volumes
+    out: list[np.ndarray | None] = [None] * len(volumes)
+    groups: dict[tuple, list[int]] = {}
+    for i, (vol, size) in enumerate(zip(volumes, frame["input_size"])):
+        groups.setdefault((vol.shape, tuple(int(s) for s in size)), []).append(i)
+    for (_, size), rows in groups.items():
+        for start in range(0, len(rows), 256):  # bounded memory for large frames
+            chunk = rows[start : start + 256]
+            batch = upsample_tubes(torch.from_numpy(np.stack([volumes[i] for i in chunk])), size).numpy()
+            for i, vol in zip(chunk, batch):
+                out[i] = vol
+    return out
+
+
+def read_index(run_dir: str | Path) -> tuple[pd.DataFrame, dict]:
+    """The index table and its metadata (``classes``, ``boxes``)."""
+    path = Path(run_dir) / "index.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no index; run the index stage first (stage=index)")
+    table = pq.read_table(path)
+    meta = json.loads(table.schema.metadata[b"saliency_tubes"])
+    return table.to_pandas(), meta
+
+
+def read_failures(run_dir: str | Path) -> pd.DataFrame:
+    """All failure rows of a run (index and extract), empty with the contract's columns when none."""
+    files = sorted((Path(run_dir) / "failures").glob("*.parquet"))
+    if not files:
+        return FAILURE_SCHEMA.empty_table().to_pandas()
+    return pa.concat_tables([pq.read_table(f, schema=FAILURE_SCHEMA) for f in files]).to_pandas()
+
+
+def read_boxes(path: str | Path) -> pd.DataFrame:
+    """A boxes CSV (``video_id, frame, x0, y0, x1, y1`` in source pixels), checked."""
+    boxes = pd.read_csv(path, dtype={"video_id": str})
+    missing = {"video_id", "frame", "x0", "y0", "x1", "y1"} - set(boxes.columns)
+    if missing:
+        raise ValueError(f"{path}: boxes CSV lacks columns {sorted(missing)}")
+    return boxes.astype(
+        {"video_id": object, "frame": "int64", "x0": "float64", "y0": "float64", "x1": "float64", "y1": "float64"}
+    )
+
+
+def boxes_path(cfg, meta: dict) -> Path | None:
+    """The ground-truth boxes CSV of a run: ``stats.boxes``, else the dataset's own; None when there is none."""
+    path = cfg.stats.get("boxes") or meta.get("boxes")
+    if path and not Path(path).is_file():
+        log.warning("boxes: %s does not exist; no pointing game or tube IoU", path)
+        return None
+    return Path(path) if path else None

@@ -1,0 +1,90 @@
+"""The output contract's tables: Parquet schemas of the index, the tubes and the failures, and the label
+sentinels every aggregate table uses."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+COMPRESSION = "zstd"
+
+#: ``label`` / ``label_name`` of the totals rows of aggregate tables (every class together)
+ALL_LABEL, ALL_NAME = -1, "(all)"
+#: ``label`` / ``label_name`` that aggregate tables give clips without a label
+UNLABELLED, UNLABELLED_NAME = -2, "(unlabelled)"
+
+INDEX_SCHEMA = pa.schema(
+    [
+        ("clip_id", pa.string()),
+        ("video_id", pa.string()),
+        ("source", pa.string()),
+        ("label", pa.int32()),
+        ("label_name", pa.string()),
+        ("split", pa.string()),
+        ("frame_indices", pa.list_(pa.int32())),
+        ("padded", pa.int32()),
+        ("num_frames", pa.int32()),
+        ("fps", pa.float32()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("shard", pa.int32()),
+        # added by the dataset readers (issue 3): the segment a clip comes from and the probe's codec/duration
+        ("segment_id", pa.string()),
+        ("start_frame", pa.int32()),
+        ("end_frame", pa.int32()),
+        ("codec", pa.string()),
+        ("duration", pa.float32()),
+    ]
+)
+
+#: index columns that describe the source rather than the clip; tube tables leave them out
+SOURCE_COLUMNS = ("num_frames", "fps", "width", "height", "segment_id", "start_frame", "end_frame", "codec", "duration")
+
+_F32, _I32, _LF32, _LI32 = pa.float32(), pa.int32(), pa.list_(pa.float32()), pa.list_(pa.int32())
+
+TUBE_SCHEMA = pa.schema(
+    [f for f in INDEX_SCHEMA if f.name not in SOURCE_COLUMNS]
+    + [
+        ("crop_box", _LF32),
+        ("input_size", _LI32),
+        ("method", pa.string()),
+        ("layer", pa.string()),
+        ("target", _I32),
+        ("target_name", pa.string()),
+        ("target_rank", _I32),
+        ("target_logit", _F32),
+        ("target_prob", _F32),
+        ("pred", _I32),
+        ("pred_name", pa.string()),
+        ("pred_prob", _F32),
+        ("volume", pa.binary()),
+        ("volume_shape", _LI32),
+        ("volume_codec", pa.string()),
+        ("volume_scale", _F32),
+        # per-clip statistics, computed on the decoded tube upsampled to input_size
+        ("mass", _F32),
+        ("peak_t", _I32),
+        ("peak_y", _F32),
+        ("peak_x", _F32),
+        ("peak_frame", _I32),
+        ("centroid_t", _F32),
+        ("centroid_y", _F32),
+        ("centroid_x", _F32),
+        ("top10_mass", _F32),
+        ("entropy", _F32),
+        ("temporal_profile", _LF32),
+        ("frame_peak_x", _LF32),
+        ("frame_peak_y", _LF32),
+        ("border_mass", _F32),
+        ("density", _LF32),  # DENSITY_GRID x DENSITY_GRID, row-major
+    ]
+)
+
+FAILURE_SCHEMA = pa.schema(
+    [
+        ("clip_id", pa.string()),
+        ("source", pa.string()),
+        ("stage", pa.string()),
+        ("error_type", pa.string()),
+        ("message", pa.string()),
+    ]
+)
