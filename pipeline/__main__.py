@@ -1,18 +1,17 @@
 """Command line: ``python -m pipeline stage=<index|extract|stats|evaluate|report|all|train|demo> [overrides]``.
 
-Each stage reads the previous stage's files in ``outputs/<run_name>/`` and nothing else. The resolved
-configuration of the latest invocation is saved as ``outputs/<run_name>/config.yaml``, and every invocation's
-in ``outputs/<run_name>/configs/``.
+Each stage reads the previous stage's files in ``outputs/<run_name>/`` and nothing else. Every setting is
+checked first; then the resolved configuration of the latest invocation is saved as
+``outputs/<run_name>/config.yaml``, and every invocation's in ``outputs/<run_name>/configs/``
+(:mod:`pipeline.run_folder`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 import warnings
-from datetime import datetime, timezone
 from pathlib import Path
 
 import hydra
@@ -22,6 +21,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from pipeline.data.datasets import DatasetError
 from pipeline.models import ModelError
+from pipeline.run_folder import check_run_name, open_run_folder
 from pipeline.runtime import cluster
 from pipeline.runtime.cluster import open_client
 from pipeline.stages import evaluate, extract, index, report, stats, summary, train
@@ -57,27 +57,25 @@ def stages_of(stage) -> list[str]:
 
 
 def run(cfg: DictConfig) -> dict:
-    """Run the configured stage(s); returns what each stage reported."""
+    """Run the configured stage(s); returns what each stage reported. Every setting is checked before the run
+    folder is created or its ``config.yaml`` touched."""
     names = stages_of(cfg.stage)
-    run_dir = Path(cfg.paths.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = OmegaConf.to_yaml(cfg, resolve=True)
-    (run_dir / "config.yaml").write_text(resolved)
-    (run_dir / "configs").mkdir(exist_ok=True)  # every invocation's config is kept (once: not by DDP's extra ranks)
-    if os.environ.get("LOCAL_RANK", "0") == "0":
-        stamp = datetime.now(timezone.utc).strftime(
-            "%Y%m%dT%H%M%S.%f"
-        )  # microseconds: one process may run stages twice a second
-        (run_dir / "configs" / f"{stamp}-{os.getpid()}-{'-'.join(names)}.yaml").write_text(resolved)
-    started = time.perf_counter()
-    results: dict = {}
+    check_run_name(cfg.run_name)
     if NEEDS_CLUSTER & set(names):
         cluster.validate(cfg.cluster)
     for i, name in enumerate(names):  # check every stage's settings before any work starts
         if hasattr(STAGES[name], "validate"):
             STAGES[name].validate(cfg, upstream=tuple(names[:i]))
+    with open_run_folder(cfg, names) as run_dir:
+        return run_stages(cfg, names, run_dir)
 
-    def run_stages(client=None):
+
+def run_stages(cfg: DictConfig, names: list[str], run_dir: Path) -> dict:
+    """Run the stages in order, on one Dask cluster when one of them needs it."""
+    started = time.perf_counter()
+    results: dict = {}
+
+    def each_stage(client=None):
         for name in names:
             t0 = time.perf_counter()
             results[name] = STAGES[name].run(cfg, run_dir, client=client)
@@ -85,9 +83,9 @@ def run(cfg: DictConfig) -> dict:
 
     if NEEDS_CLUSTER & set(names) and not (names == ["extract"] and extract.uses_ddp(cfg)):
         with open_client(cfg.cluster) as client:
-            run_stages(client)
+            each_stage(client)
     else:
-        run_stages()
+        each_stage()
     results["seconds"] = time.perf_counter() - started
     if cfg.stage in SEQUENCES or "stats" in names:
         summary.show(run_dir, results)

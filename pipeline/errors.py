@@ -21,3 +21,8 @@ class DatasetError(UserError):
 
 class ModelError(UserError):
     """A model, checkpoint or layer name that cannot be used; the message says which and why."""
+
+
+class OutputError(UserError):
+    """A file of the run (a part, the index, a statistics table, the ledger) that cannot be read; the message
+    names the file and the command that rebuilds it."""

@@ -17,23 +17,35 @@ class FrameRangeError(ValueError):
     """A segment that does not fit in its video."""
 
 
+def _bounds(start: float, end: float | None, unit: str = "") -> str:
+    """``[start, end)`` as written, e.g. ``[2.5s, 4s)`` or ``[30, end)``."""
+    return f"[{start:g}{unit}, {'end' if end is None else f'{end:g}{unit}'})"
+
+
 def _frame_range(rec: VideoRecord, info: VideoInfo, fps: float) -> tuple[int, int]:
     """The record's 0-based ``[start, end)`` frames in this video; :class:`FrameRangeError` when it does not fit."""
+    frames = info.num_frames
+    length = f"{frames} frames" + (f", {frames / fps:.2f}s" if math.isfinite(fps) and fps > 0 else "")
     if rec.start_sec is not None or rec.end_sec is not None:
         if not math.isfinite(fps):
             raise FrameRangeError(
                 f"{rec.source}: a segment in seconds needs the frame rate (set dataset.fps for frame folders)"
             )
         start = math.ceil((rec.start_sec or 0.0) * fps - 1e-6)
-        end = info.num_frames if rec.end_sec is None else math.ceil(rec.end_sec * fps - 1e-6)
-        where = f"[{rec.start_sec}s, {rec.end_sec}s) = frames [{start}, {end})"
+        end = frames if rec.end_sec is None else math.ceil(rec.end_sec * fps - 1e-6)
+        where = (
+            f"{_bounds(rec.start_sec or 0.0, rec.end_sec, 's')} = frames "
+            f"{_bounds(start, None if rec.end_sec is None else end)}"
+        )
     else:
-        start, end = rec.start_frame, info.num_frames if rec.end_frame is None else rec.end_frame
-        where = f"frames [{start}, {end})"
+        start, end = rec.start_frame, frames if rec.end_frame is None else rec.end_frame
+        where = f"frames {_bounds(start, rec.end_frame)}"
+    if start >= frames:
+        raise FrameRangeError(f"{rec.source}: {where} start at or after the end of the video ({length})")
     if end <= start:
         raise FrameRangeError(f"{rec.source}: {where} hold no frame (the segment stops before it starts)")
-    if start < 0 or end > info.num_frames:
-        raise FrameRangeError(f"{rec.source}: {where} lie beyond the video's {info.num_frames} frames")
+    if start < 0 or end > frames:
+        raise FrameRangeError(f"{rec.source}: {where} lie beyond the video's {length}")
     return start, end
 
 

@@ -38,7 +38,7 @@ from pipeline.store import (
     write_table_atomic,
 )
 from pipeline.store.ledger import Ledger
-from pipeline.store.provenance import fingerprint, shard_digest
+from pipeline.store.provenance import fingerprint, save_tubes_config, shard_digest
 
 log = logging.getLogger(__name__)
 
@@ -138,10 +138,19 @@ def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
 
 
 class ShardProgress:
-    """The one progress bar of the stage: clips handled over all workers, fed by the shards' batch events."""
+    """The one progress bar of the stage: clips handled over all workers, fed by the shards' batch events; the
+    clips that failed (failure rows, or a failed shard's clips) show apart as ``failed=N``."""
 
     def __init__(self, bar: tqdm):
         self.bar, self.done, self.ended, self.lock = bar, {}, set(), threading.Lock()
+        self.failed = 0
+
+    def add_failed(self, clips: int) -> None:
+        """Count ``clips`` more failed clips of an ended shard."""
+        if clips:
+            with self.lock:
+                self.failed += clips
+                self.bar.set_postfix(failed=self.failed)
 
     def set(self, shard: int, done: int, end: bool = False) -> None:
         """``done`` clips of ``shard`` handled so far (a retried shard starts again from 0); after ``end``, a
@@ -172,6 +181,7 @@ def run(cfg, run_dir: Path, client=None) -> dict:
     index, meta = read_index(run_dir)
     config_hash = fingerprint(cfg)
     ledger = Ledger(run_dir, config_hash)
+    save_tubes_config(run_dir, cfg)
     shards = {int(shard): rows for shard, rows in index.groupby("shard", sort=True)}
     todo = plan(run_dir, shards, config_hash, ledger)
     log.info("extract: %d shards, %d already done, %d to run", len(shards), len(shards) - len(todo), len(todo))
@@ -267,6 +277,7 @@ def run_on_dask(
                         failures=result["failures"],
                         seconds=result["seconds"],
                     )
+                    progress.add_failed(result["failures"])
                 else:
                     error = future.exception()
                     if fail_fast:
@@ -275,6 +286,7 @@ def run_on_dask(
                         )
                     failed[shard] = f"{type(error).__name__}: {error}"
                     record_failed_shard(run_dir, shard, todo[shard], error, ledger)
+                    progress.add_failed(len(todo[shard]))
                 progress.set(shard, len(todo[shard]), end=True)
         finally:
             client.unsubscribe_topic(topic)

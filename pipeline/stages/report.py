@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -29,7 +30,18 @@ from tqdm import tqdm
 
 from pipeline.data.video import VideoError, read_frames
 from pipeline.report import render
-from pipeline.store import UNLABELLED_NAME, read_failures, read_index, read_tubes, tube_files
+from pipeline.store import (
+    REPAIR,
+    UNLABELLED_NAME,
+    read_failures,
+    read_index,
+    read_table,
+    read_tubes,
+    readable,
+    replace_folder,
+    tube_files,
+)
+from pipeline.store.provenance import TUBES_CONFIG, check_tubes_made_by
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +102,8 @@ def pick_gallery(summary: pd.DataFrame, per_class: int) -> pd.DataFrame:
 
 
 def _optional(path: Path) -> pd.DataFrame | None:
-    return pd.read_parquet(path) if path.is_file() else None
+    repair = "rebuild it with stage=evaluate" if path.name.startswith("faith") else REPAIR["stats"]
+    return read_table(path, repair) if path.is_file() else None
 
 
 class ClipRenderer:
@@ -183,6 +196,14 @@ def _records(frame: pd.DataFrame | None) -> list[dict]:
     ]
 
 
+def _shown_config(run_dir: Path) -> str:
+    """The configuration that made the tubes (kept by the extract stage), else the run's latest command's."""
+    for name in (TUBES_CONFIG, "config.yaml"):
+        if (run_dir / name).is_file():
+            return (run_dir / name).read_text()
+    return ""
+
+
 def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
     """Settings of this stage, checked before any work starts."""
     if int(cfg.report.clips_per_class) < 1:
@@ -190,8 +211,24 @@ def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
 
 
 def run(cfg, run_dir: Path, client=None) -> dict:
+    """Build the report in a temporary folder beside ``report/`` and put it in place only when complete: a
+    report run that fails leaves the previous report as it was."""
+    for left in run_dir.glob(".report.*"):  # what an interrupted build left
+        shutil.rmtree(left, ignore_errors=True)
+    check_tubes_made_by(run_dir, cfg, "report")
     out = run_dir / "report"
-    shutil.rmtree(out, ignore_errors=True)  # generated: rebuilt whole, so no picture of an older run lingers
+    building = run_dir / f".report.tmp-{os.getpid()}"
+    try:
+        result = _build(cfg, run_dir, building)
+        replace_folder(building, out)  # rebuilt whole, so no picture of an older run lingers
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    log.info("report: %s (%d pages, %.1f MB)", out / "index.html", result["pages"], result["bytes"] / 1e6)
+    return dict(result, report=str(out / "index.html"))
+
+
+def _build(cfg, run_dir: Path, out: Path) -> dict:
+    """Render the whole report into the folder ``out``."""
     assets = out / "assets"
     assets.mkdir(parents=True)
     _, meta = read_index(run_dir)
@@ -200,14 +237,16 @@ def run(cfg, run_dir: Path, client=None) -> dict:
         raise FileNotFoundError(
             f"{stats / 'per_class.parquet'}: no statistics; run the stats stage first (stage=stats)"
         )
-    per_class, overall = pd.read_parquet(stats / "per_class.parquet"), pd.read_parquet(stats / "overall.parquet")
+    per_class = read_table(stats / "per_class.parquet", REPAIR["stats"])
+    overall = read_table(stats / "overall.parquet", REPAIR["stats"])
     per_split = _optional(stats / "per_split.parquet")
     faith = _optional(stats / "faithfulness.parquet")
     agreement = _optional(stats / "agreement_per_class.parquet")
     failures = read_failures(run_dir)
     others = list(cfg.stats.get("compare_runs") or [])
 
-    summary = read_summary(run_dir)
+    with readable(tube_files(run_dir), REPAIR["tubes"]):
+        summary = read_summary(run_dir)
     gallery = pick_gallery(summary, int(cfg.report.clips_per_class))
     details = read_tubes(
         run_dir, columns=DETAIL_COLUMNS, upsample=True, filters=[("clip_id", "in", sorted(set(gallery["clip_id"])))]
@@ -329,13 +368,11 @@ def run(cfg, run_dir: Path, client=None) -> dict:
             failures=_records(failures.head(200)),
             failure_count=len(failures),
             num_classes=len(meta["classes"]),
-            config=(run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else "",
+            config=_shown_config(run_dir),
         )
     )
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    log.info("report: %s (%d pages, %.1f MB)", out / "index.html", len(class_records) + 1, size / 1e6)
     return dict(
-        report=str(out / "index.html"),
         pages=len(class_records) + 1,
         clips=int(gallery["clip_id"].nunique()),
         bytes=size,

@@ -40,6 +40,7 @@ from pipeline.explain.faithfulness import spearman
 from pipeline.store import (
     ALL_LABEL,
     ALL_NAME,
+    REPAIR,
     UNLABELLED,
     UNLABELLED_NAME,
     boxes_path,
@@ -47,9 +48,12 @@ from pipeline.store import (
     read_boxes,
     read_failures,
     read_index,
+    readable,
+    replace_folder,
     tube_files,
     write_table_atomic,
 )
+from pipeline.store.provenance import check_tubes_made_by
 
 log = logging.getLogger(__name__)
 
@@ -216,11 +220,7 @@ def write_pointing(tubes: dd.DataFrame, boxes: pd.DataFrame, tolerance: float, o
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     rows.to_parquet(tmp, write_index=False, compression="zstd", schema=POINTING_SCHEMA)
-    if out.is_dir():
-        shutil.rmtree(out)
-    elif out.exists():
-        out.unlink()
-    os.replace(tmp, out)
+    replace_folder(tmp, out)
     return dd.read_parquet(out)
 
 
@@ -339,9 +339,16 @@ def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
 
 
 def run(cfg, run_dir: Path, client=None) -> dict:
+    """Aggregate the run's tubes into ``stats/``; an unreadable part is named with the command that repairs it."""
     files = tube_files(run_dir)
     if not files:
         raise FileNotFoundError(f"{run_dir / 'tubes'}: no tube files; run the extract stage first")
+    check_tubes_made_by(run_dir, cfg, "stats")
+    with readable(files, REPAIR["tubes"]):
+        return _aggregate(cfg, run_dir, files)
+
+
+def _aggregate(cfg, run_dir: Path, files: list[Path]) -> dict:
     if all(pq.read_metadata(f).num_rows == 0 for f in files):
         failures = read_failures(run_dir)
         reasons = failures["error_type"].value_counts().to_dict() if len(failures) else {}

@@ -5,14 +5,26 @@ Users read a run with :func:`read_tubes` (tubes, decoded and optionally upsample
 """
 
 from pipeline.store.codec import CODECS, decode_volume, dequantise, encode_volume, quantise
-from pipeline.store.files import failure_row, failures_table, file_metadata, part_name, shard_parts, write_table_atomic
+from pipeline.store.files import (
+    failure_row,
+    failures_table,
+    file_metadata,
+    part_name,
+    replace_folder,
+    shard_parts,
+    write_table_atomic,
+    write_text_atomic,
+)
 from pipeline.store.readers import (
+    REPAIR,
     boxes_path,
     decode_column,
     read_boxes,
     read_failures,
     read_index,
+    read_table,
     read_tubes,
+    readable,
     tube_files,
 )
 from pipeline.store.schema import (
@@ -34,6 +46,7 @@ __all__ = [
     "COMPRESSION",
     "FAILURE_SCHEMA",
     "INDEX_SCHEMA",
+    "REPAIR",
     "SOURCE_COLUMNS",
     "TUBE_SCHEMA",
     "UNLABELLED",
@@ -48,11 +61,15 @@ __all__ = [
     "file_metadata",
     "part_name",
     "read_boxes",
+    "replace_folder",
     "read_failures",
     "read_index",
+    "read_table",
     "read_tubes",
+    "readable",
     "shard_parts",
     "tube_files",
     "quantise",
     "write_table_atomic",
+    "write_text_atomic",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -24,6 +25,31 @@ def write_table_atomic(table: pa.Table, path: str | Path, metadata: dict[str, st
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def write_text_atomic(text: str, path: str | Path) -> None:
+    """Write ``text`` to ``path`` so that the file appears complete or not at all (temp + fsync + rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def replace_folder(built: str | Path, path: str | Path) -> None:
+    """Put the complete folder ``built`` in the place of ``path`` (a folder, a file or nothing): the old one is
+    renamed away and removed only once the new one is in place, so a reader sees the old or the new, whole."""
+    built, path = Path(built), Path(path)
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(built, path)
+    if old.is_dir():
+        shutil.rmtree(old)
+    elif old.exists():
+        old.unlink()
 
 
 def file_metadata(path: str | Path) -> dict[str, str]:

@@ -4,15 +4,21 @@ which configuration made them.
 Only the driver of the extract stage writes it, after each shard, atomically (temp + fsync + rename), so a
 killed run leaves the last consistent record. The part files stay the ground truth: a part published just
 before a kill but missing from the manifest is adopted on the next run (its Parquet metadata names the
-configuration and clips it was made for).
+configuration and clips it was made for). A manifest that cannot be read is set aside (never deleted) and
+rebuilt the same way, from the parts' own metadata.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
+
+from pipeline.store.files import write_text_atomic
+
+log = logging.getLogger(__name__)
 
 
 class Ledger:
@@ -29,7 +35,7 @@ class Ledger:
     def __init__(self, run_dir: Path, config_hash: str):
         self.path = Path(run_dir) / "manifest.json"
         self.config_hash = config_hash
-        data = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        data = self._read()
         recorded = data.get("config_hash", config_hash)
         if recorded != config_hash:
             raise RuntimeError(
@@ -38,6 +44,30 @@ class Ledger:
             )
         self.done: dict[int, dict] = {int(k): v for k, v in data.get("done", {}).items()}
         self.failed: dict[int, dict] = {int(k): v for k, v in data.get("failed", {}).items()}
+
+    def _read(self) -> dict:
+        """The manifest's record; empty when there is none, or when it cannot be read (then it is moved to
+        ``manifest.json.unreadable-<time>`` and the parts it described are adopted again by the extract stage)."""
+        if not self.path.is_file():
+            return {}
+        try:
+            data = json.loads(self.path.read_text())
+            if not isinstance(data, dict) or not all(isinstance(data.get(k, {}), dict) for k in ("done", "failed")):
+                raise ValueError("not a manifest of this pipeline")
+            for entries in (data.get("done", {}), data.get("failed", {})):
+                if not all(str(k).isdigit() and isinstance(v, dict) and "shard_hash" in v for k, v in entries.items()):
+                    raise ValueError("a shard entry without its shard_hash")
+            return data
+        except (ValueError, UnicodeDecodeError) as err:
+            aside = self.path.with_name(f"{self.path.name}.unreadable-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")
+            os.replace(self.path, aside)
+            log.warning(
+                "%s cannot be read (%s); moved to %s, rebuilding it from the parts' own metadata",
+                self.path,
+                err,
+                aside.name,
+            )
+            return {}
 
     def is_done(self, shard: int, shard_hash: str) -> bool:
         entry = self.done.get(shard)
@@ -70,9 +100,4 @@ class Ledger:
             done={str(k): v for k, v in sorted(self.done.items())},
             failed={str(k): v for k, v in sorted(self.failed.items())},
         )
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        with open(tmp, "w") as handle:
-            json.dump(data, handle, indent=1)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.path)
+        write_text_atomic(json.dumps(data, indent=1), self.path)

@@ -1,17 +1,27 @@
 """What made a run's tubes: the fingerprint of the tube-deciding settings and the hashes that identify a shard.
 
 The fingerprint is stored in every part file's metadata and in the ledger; a run directory never mixes tubes
-of two fingerprints.
+of two fingerprints. The extract stage also keeps its whole resolved configuration beside them
+(``tubes_config.yaml``): the stages after it read what made the tubes from there, and say so when a command's
+tube-deciding settings differ from it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
+
+from pipeline.store.files import file_metadata, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+#: the resolved configuration of the extract command that made a run's tubes, beside ``manifest.json``
+TUBES_CONFIG = "tubes_config.yaml"
 
 
 def digest(obj) -> str:
@@ -43,3 +53,64 @@ def fingerprint(cfg) -> str:
     keyed = {key: resolved.get(key) for key in FINGERPRINT_KEYS}
     keyed["checkpoint_sha256"] = checkpoint_digest(resolved["model"].get("checkpoint"))
     return digest(keyed)
+
+
+def save_tubes_config(run_dir: Path, cfg) -> None:
+    """Keep the extract command's resolved configuration with the ledger and the parts (atomically)."""
+    write_text_atomic(OmegaConf.to_yaml(cfg, resolve=True), Path(run_dir) / TUBES_CONFIG)
+
+
+def recorded_fingerprint(run_dir: Path) -> str | None:
+    """The fingerprint the run's tubes were made with: the ledger's, else the first readable part's metadata."""
+    try:
+        recorded = json.loads((Path(run_dir) / "manifest.json").read_text()).get("config_hash")
+        if recorded:
+            return str(recorded)
+    except (OSError, ValueError, AttributeError):
+        pass
+    for part in sorted((Path(run_dir) / "tubes").glob("part-*.parquet")):
+        try:
+            return file_metadata(part).get("config_hash")
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _flat(tree, prefix: str = "") -> dict[str, object]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def differences(made: dict, cfg) -> list[str]:
+    """The tube-deciding settings in which ``cfg`` differs from ``made`` (a resolved configuration), as
+    ``key: made -> command`` lines."""
+    now = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    old = _flat({k: made.get(k) for k in FINGERPRINT_KEYS})
+    new = _flat({k: now.get(k) for k in FINGERPRINT_KEYS})
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def check_tubes_made_by(run_dir: Path, cfg, stage: str) -> None:
+    """Warn when ``cfg``'s fingerprint is not the one the run's tubes were made with, naming the settings that
+    differ; ``stage`` (stats, report) then describes the tubes as they were made (see ``tubes_config.yaml``)."""
+    recorded = recorded_fingerprint(run_dir)
+    if recorded is None or recorded == fingerprint(cfg):
+        return
+    path = Path(run_dir) / TUBES_CONFIG
+    made = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else None
+    changed = differences(made, cfg) if made is not None else []
+    if made is not None and not changed:
+        changed = ["model.checkpoint: same path, other contents than when the tubes were made"]
+    log.warning(
+        "%s: this command's tube-deciding settings differ from those that made %s's tubes (%s); "
+        "the %s stage uses the tubes as they were made (see %s)",
+        stage,
+        Path(run_dir).name,
+        "; ".join(changed) if changed else f"fingerprint {recorded} != {fingerprint(cfg)}",
+        stage,
+        path if made is not None else Path(run_dir) / "manifest.json",
+    )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -12,14 +14,61 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from pipeline.errors import OutputError
 from pipeline.store.codec import decode_volume
 from pipeline.store.schema import FAILURE_SCHEMA
 
 log = logging.getLogger(__name__)
 
 
+#: the command that rebuilds each kind of file of a run
+REPAIR = {
+    "tubes": "rerun stage=extract with the run's settings: it sets an unreadable part aside and recomputes its shard",
+    "index": "rebuild it with stage=index",
+    "stats": "rebuild it with stage=stats",
+    "failures": "rerun the stage that wrote it (stage=index for failures/index.parquet, stage=extract for parts)",
+}
+
+
 def tube_files(run_dir: str | Path) -> list[Path]:
     return sorted((Path(run_dir) / "tubes").glob("part-*.parquet"))
+
+
+def unreadable_file(files: Sequence[str | Path]) -> tuple[Path, Exception] | None:
+    """The first of ``files`` that Parquet cannot read whole (footer, schema or data), with the error."""
+    for path in files:
+        try:
+            pq.read_table(path)
+        except (pa.ArrowException, OSError) as err:
+            return Path(path), err
+    return None
+
+
+@contextmanager
+def readable(files: Sequence[str | Path], repair: str) -> Iterator[None]:
+    """Turn a Parquet read error inside the block into an :class:`~pipeline.errors.OutputError` that names the
+    file at fault (found by reading ``files`` one by one) and ``repair``, the command that rebuilds it.
+
+    Example:
+        >>> with readable(tube_files(run_dir), REPAIR["tubes"]):
+        ...     frame = pq.ParquetDataset(tube_files(run_dir)).read().to_pandas()
+    """
+    try:
+        yield
+    except (pa.ArrowException, OSError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        found = unreadable_file(files) if len(files) != 1 else (Path(files[0]), err)
+        if found is None:  # every file reads alone: the error is not one file's
+            raise
+        path, cause = found
+        raise OutputError(f"{path}: cannot be read ({type(cause).__name__}: {cause}); {repair}") from err
+
+
+def read_table(path: str | Path, repair: str, **kwargs) -> pd.DataFrame:
+    """One Parquet table of a run as a DataFrame; an unreadable file is an OutputError naming it and ``repair``."""
+    with readable([path], repair):
+        return pq.read_table(path, **kwargs).to_pandas()
 
 
 def read_tubes(
@@ -44,8 +93,8 @@ def read_tubes(
             wanted += [c for c in ("volume_shape", "volume_codec", "volume_scale") if c not in wanted]
             if upsample and "input_size" not in wanted:
                 wanted.append("input_size")
-    table = pq.ParquetDataset(files, filters=filters).read(columns=wanted)
-    frame = table.to_pandas()
+    with readable(files, REPAIR["tubes"]):
+        frame = pq.ParquetDataset(files, filters=filters).read(columns=wanted).to_pandas()
     if "volume" in frame.columns:
         frame["volume"] = decode_column(frame, upsample=upsample)
     if columns is not None:
@@ -83,8 +132,14 @@ def read_index(run_dir: str | Path) -> tuple[pd.DataFrame, dict]:
     path = Path(run_dir) / "index.parquet"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no index; run the index stage first (stage=index)")
-    table = pq.read_table(path)
-    meta = json.loads(table.schema.metadata[b"saliency_tubes"])
+    with readable([path], REPAIR["index"]):
+        table = pq.read_table(path)
+    try:
+        meta = json.loads(table.schema.metadata[b"saliency_tubes"])
+    except (TypeError, KeyError, ValueError) as err:
+        raise OutputError(
+            f"{path}: not an index of this pipeline (no saliency_tubes metadata); {REPAIR['index']}"
+        ) from err
     return table.to_pandas(), meta
 
 
@@ -93,7 +148,8 @@ def read_failures(run_dir: str | Path) -> pd.DataFrame:
     files = sorted((Path(run_dir) / "failures").glob("*.parquet"))
     if not files:
         return FAILURE_SCHEMA.empty_table().to_pandas()
-    return pa.concat_tables([pq.read_table(f, schema=FAILURE_SCHEMA) for f in files]).to_pandas()
+    with readable(files, REPAIR["failures"]):
+        return pa.concat_tables([pq.read_table(f, schema=FAILURE_SCHEMA) for f in files]).to_pandas()
 
 
 def read_boxes(path: str | Path) -> pd.DataFrame:

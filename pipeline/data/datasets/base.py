@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import csv
+import difflib
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import DatasetError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -61,11 +65,15 @@ class DatasetReader(ABC):
         return None
 
 
-def read_csv_rows(path: Path, required: list[str]) -> Iterator[tuple[str, dict[str, str]]]:
+def read_csv_rows(
+    path: Path, required: list[str], known: list[str] | None = None
+) -> Iterator[tuple[str, dict[str, str]]]:
     """The rows of a CSV file as ``(where, row)``, ``where`` = ``"<file name>:<line>"``.
 
     Raises :class:`DatasetError` when the file is missing or lacks a ``required`` column. A row with more
-    fields than the header is yielded with the extra values under the key ``None`` (callers report it).
+    fields than the header is yielded with the extra values under the key ``None`` (callers report it). With
+    ``known`` (every column the caller reads), a column of the header it does not know is a warning that names
+    the known columns and, for a likely typo, the one meant (``lable``: did you mean ``label``?).
     """
     if not path.is_file():
         raise DatasetError(f"{path}: file not found")
@@ -74,10 +82,22 @@ def read_csv_rows(path: Path, required: list[str]) -> Iterator[tuple[str, dict[s
         missing = [c for c in required if c not in (reader.fieldnames or [])]
         if missing:
             raise DatasetError(f"{path}: missing column(s) {missing}; the header is {reader.fieldnames}")
+        if known is not None:
+            warn_unknown_columns(path, reader.fieldnames or [], known)
         for row in reader:
             if not any((v or "").strip() for k, v in row.items() if k is not None):
                 continue  # a blank line
             yield f"{path.name}:{reader.line_num}", row
+
+
+def warn_unknown_columns(path: Path, header: list[str], known: list[str]) -> None:
+    """Log one warning per column of ``header`` that is not in ``known`` (it is ignored)."""
+    for column in header:
+        if column in known:
+            continue
+        close = difflib.get_close_matches(column, known, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        log.warning("%s: column %r is not read and is ignored (%sknown columns: %s)", path, column, hint, known)
 
 
 class RowError(Exception):

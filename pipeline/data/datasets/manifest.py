@@ -33,6 +33,9 @@ from pipeline.data.datasets.base import (
     read_csv_rows,
 )
 
+#: the columns a manifest may have (see the module notes)
+COLUMNS = ["path", "label", "start_frame", "end_frame", "start_sec", "end_sec", "video_id", "split"]
+
 
 class Manifest(DatasetReader):
     """Reads a manifest CSV (see the module notes).
@@ -58,7 +61,7 @@ class Manifest(DatasetReader):
         self.root = Path(root) if root else self.csv.parent
         self.split = split
         self.fps = float(fps) if fps is not None else None
-        self.rows = list(read_csv_rows(self.csv, ["path"]))
+        self.rows = list(read_csv_rows(self.csv, ["path"], known=COLUMNS))
         self.classes = self._read_classes(Path(classes)) if classes else self._labels_in_csv()
         self._lookup = {name: i for i, name in enumerate(self.classes)}
 
