@@ -11,8 +11,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from pipeline.__main__ import stages_of
+from pipeline.__main__ import run, stages_of
 from pipeline.data.sampling import CenterSampler, UniformSampler
+from pipeline.errors import ConfigError
 from pipeline.explain.explainer import CAM, GradCAM, TubeExplainer
 from pipeline.models import build_model
 from tests.conftest import CONF_DIR, make_cfg
@@ -94,3 +95,33 @@ def test_cli_runs_a_stage_and_saves_its_config(tmp_path, synthetic_root):
 
     bad = subprocess.run(args + ["method=gradcamm"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "gradcamm" in bad.stderr
+
+    # a command rejected by validation changes nothing in the run: not config.yaml, not configs/, no log line
+    kept = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    for override, why in (
+        ("store.codec=float8", "store.codec must be one of ('float16', 'float32'), got 'float8'"),
+        ("run_name=../escape", "run_name='../escape': a run name is one folder name"),
+    ):
+        rejected = subprocess.run(
+            [*args[:3], "stage=extract", *args[4:], override], cwd=REPO, capture_output=True, text=True, timeout=300
+        )
+        lines = [line for line in (rejected.stdout + rejected.stderr).splitlines() if line.strip()]
+        assert rejected.returncode == 2 and len(lines) == 1 and why in lines[0], rejected.stdout + rejected.stderr
+    assert {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs"]  # nothing beside outputs/ (no escape/)
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["demo"]
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "..", ".", ".hidden", "", "a b", "/abs", "x/../../y"])
+def test_a_run_name_is_one_plain_folder_name(tmp_path, name):
+    """A run stays inside outputs/: a name with a separator or '..' is refused before anything is written."""
+    with pytest.raises(ConfigError, match="a run name is one folder name"):
+        run(make_cfg(tmp_path, ["stage=report", f"run_name='{name}'"]))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plain_run_names_are_accepted(tmp_path):
+    from pipeline.run_folder import check_run_name
+
+    for name in ("demo", "demo-grad_2.1", "R3D.v2", "x..y", "_tmp"):
+        check_run_name(name)

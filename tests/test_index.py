@@ -114,3 +114,21 @@ def test_frame_folder_without_fps_and_target_fps_is_a_failure_row():
     assert rows["video_id"].unique().tolist() == ["g"] and rows["fps"].unique().tolist() == [50.0]
     assert [(f["clip_id"], f["error_type"]) for f in failures] == [("f", "SamplingError")]
     assert "frame rate" in failures[0]["message"] and "frames/f" in failures[0]["message"]
+
+
+def test_time_ranges_read_without_none():
+    """A segment past the video's end, in seconds or frames, open-ended or not: the message says where and why."""
+    info = VideoInfo(num_frames=16, fps=25.0, width=64, height=48, codec="h264", duration=0.64)
+    records = [
+        VideoRecord("a", "a.mp4", 0, "x", "train", start_sec=100.0),  # from 100 s to the end
+        VideoRecord("b", "b.mp4", 0, "x", "train", start_sec=0.2, end_sec=2.0),  # ends after the video
+        VideoRecord("c", "c.mp4", 0, "x", "train", 20, None),  # from frame 20 to the end
+    ]
+    _, failures = build_clips(records, {f"{n}.mp4": info for n in "abc"}, SlidingSampler(2))
+    messages = {f["source"]: f["message"] for f in failures}
+    assert messages == {
+        "a.mp4": "a.mp4: [100s, end) = frames [2500, end) start at or after the end of the video (16 frames, 0.64s)",
+        "b.mp4": "b.mp4: [0.2s, 2s) = frames [5, 50) lie beyond the video's 16 frames, 0.64s",
+        "c.mp4": "c.mp4: frames [20, end) start at or after the end of the video (16 frames, 0.64s)",
+    }
+    assert not any("None" in m for m in messages.values())

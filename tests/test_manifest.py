@@ -191,3 +191,19 @@ def test_every_bad_input_is_a_failure_row(media, tmp_path):
     summary.show(run_dir, {"seconds": 1.0}, console=console)
     text = console.export_text()
     assert "9 failures" in text and "index/VideoError: 4" in text and "index/MalformedRow: 2" in text
+
+
+def test_an_unknown_column_is_a_warning_with_the_likely_one(media, tmp_path, caplog):
+    """A misspelled ``label`` column would drop every label silently: the reader names it and the column meant."""
+    csv = write_manifest(tmp_path, ["path,lable,notes", f"{media}/videos/run_01.mp4,run,first take"])
+    with caplog.at_level("WARNING"):
+        records, _ = Manifest(str(csv)).records()
+    assert records[0].label is None  # the column is not read
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 2
+    assert f"{csv}: column 'lable' is not read and is ignored (did you mean 'label'?" in warned[0]
+    assert "known columns: ['path', 'label', 'start_frame'" in warned[0]
+    assert "'notes' is not read" in warned[1] and "did you mean" not in warned[1]
+    caplog.clear()
+    Manifest(str(write_manifest(tmp_path, [HEADER, f"{media}/videos/run_01.mp4,run,,,,,,"], "ok.csv"))).records()
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -9,6 +10,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from pipeline.__main__ import run
 from pipeline.data.video import ResizeCrop, read_frames
@@ -348,3 +350,39 @@ def test_worker_threads_of_one_process_do_not_share_a_model(cam_run):
     assert len(threads) == 8
     for clip_id, volume in one["volume"].items():
         np.testing.assert_allclose(threads.loc[clip_id, "volume"], volume, rtol=1e-5, atol=1e-6)
+
+
+def test_stages_after_extract_read_what_made_the_tubes(cam_run, caplog):
+    """The extract command's configuration is kept with the parts; a report command with another tube setting
+    says which one differs and shows the configuration that made the tubes, not its own."""
+    root, run_dir, overrides = cam_run
+    made = OmegaConf.load(run_dir / "tubes_config.yaml")
+    assert made.store.codec == "float32" and "extract" in str(made.stage)  # the latest extract command
+    with caplog.at_level("WARNING"):
+        run(make_cfg(root, overrides + ["run_name=cam", "store.codec=float16", "stage=report"]))
+    assert "store.codec: 'float32' -> 'float16'" in caplog.text and "tubes_config.yaml" in caplog.text
+    assert OmegaConf.load(run_dir / "config.yaml").store.codec == "float16"  # the latest command
+    overview = (run_dir / "report" / "index.html").read_text()
+    assert "codec: float32" in overview and "codec: float16" not in overview
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        run(make_cfg(root, overrides + ["run_name=cam", "store.codec=float32", "stage=stats"]))
+    assert "differ" not in caplog.text
+
+
+def test_a_garbage_ledger_is_rebuilt_from_the_parts(cam_run):
+    """manifest.json overwritten with garbage: the rerun sets it aside, adopts every part from its own metadata
+    (nothing recomputed: same inode, same bytes) and records the same shards again."""
+    root, run_dir, overrides = cam_run
+    before = {p.name: (p.stat().st_ino, p.read_bytes()) for p in sorted((run_dir / "tubes").glob("part-*.parquet"))}
+    recorded = json.loads((run_dir / "manifest.json").read_text())
+    (run_dir / "manifest.json").write_text("\x00garbage{")
+    run(make_cfg(root, overrides + ["run_name=cam", "store.codec=float32", "stage=extract"]))
+    after = {p.name: (p.stat().st_ino, p.read_bytes()) for p in sorted((run_dir / "tubes").glob("part-*.parquet"))}
+    assert after == before
+    rebuilt = json.loads((run_dir / "manifest.json").read_text())
+    assert rebuilt["config_hash"] == recorded["config_hash"] and rebuilt["done"].keys() == recorded["done"].keys()
+    assert all(rebuilt["done"][s]["rows"] == recorded["done"][s]["rows"] for s in recorded["done"])
+    assert [p.read_text() for p in run_dir.glob("manifest.json.unreadable-*")] == ["\x00garbage{"]
+    tubes = read_tubes(run_dir, columns=["clip_id"])
+    assert tubes["clip_id"].is_unique

@@ -147,3 +147,39 @@ def test_the_error_hook_catches_a_script_error(built, tmp_path):
     finally:
         broken.unlink()
     assert "data-js-error" in re.search(r"<html[^>]*>", dom.stdout).group(0)
+
+
+def _tree(folder):
+    return {p.relative_to(folder): (p.stat().st_ino, p.read_bytes()) for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_failing_report_leaves_the_last_good_one(built, tmp_path):
+    """A truncated tube part, then a truncated statistics table: each report run fails with one line naming the
+    file and the command that repairs it, and the previous report stays whole, file for file."""
+    from pipeline.errors import OutputError
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(built[0], run_dir)
+    good = _tree(run_dir / "report")
+    part = sorted((run_dir / "tubes").glob("part-*.parquet"))[1]
+    whole = part.read_bytes()
+    part.write_bytes(whole[: len(whole) // 2])
+    cfg = config(clips_per_class=PER_CLASS)
+    with pytest.raises(OutputError, match=rf"^{re.escape(str(part))}: cannot be read \(.*\); rerun stage=extract"):
+        report.run(cfg, run_dir)
+    assert _tree(run_dir / "report") == good
+    with pytest.raises(OutputError, match=rf"^{re.escape(str(part))}: cannot be read .*stage=extract"):
+        stats.run(cfg, run_dir)
+
+    part.write_bytes(whole)
+    table = run_dir / "stats" / "per_class.parquet"
+    table.write_bytes(b"not parquet at all")
+    with pytest.raises(OutputError, match=rf"^{re.escape(str(table))}: cannot be read .*rebuild it with stage=stats"):
+        report.run(cfg, run_dir)
+    assert _tree(run_dir / "report") == good
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == []  # no half-built folder left
+
+    stats.run(cfg, run_dir)  # the repair the message names; then the report is replaced whole
+    report.run(cfg, run_dir)
+    rebuilt = _tree(run_dir / "report")
+    assert rebuilt.keys() == good.keys() and all(rebuilt[k][0] != good[k][0] for k in good)

@@ -291,3 +291,48 @@ def test_read_tubes_filter_matching_nothing(run_dir):
     frame = read_tubes(path, columns=["clip_id", "volume"], upsample=True, filters=[("label_name", "=", "Nope")])
     assert list(frame.columns) == ["clip_id", "volume"]
     assert len(frame) == 0
+
+
+# ------------------------------------------------------------------------------------------------ damaged files
+
+
+def test_an_unreadable_part_is_named_with_its_repair(run_dir):
+    from pipeline.errors import OutputError
+
+    folder, _, _ = run_dir
+    part = folder / "tubes" / "part-00001.parquet"
+    part.write_bytes(part.read_bytes()[:-40])  # the footer is cut off
+    with pytest.raises(OutputError, match=rf"^{part}: cannot be read \(ArrowInvalid: .*\); rerun stage=extract"):
+        read_tubes(folder, columns=["clip_id"])
+    (folder / "failures").mkdir()
+    (folder / "failures" / "index.parquet").write_bytes(b"PAR1 garbage")
+    with pytest.raises(OutputError, match=rf"{folder / 'failures' / 'index.parquet'}: cannot be read"):
+        read_failures(folder)
+
+
+def test_an_index_that_is_not_ours_is_named(tmp_path):
+    from pipeline.errors import OutputError
+    from pipeline.store import read_index
+
+    (tmp_path / "index.parquet").write_bytes(b"")
+    with pytest.raises(OutputError, match=r"index.parquet: cannot be read .*rebuild it with stage=index"):
+        read_index(tmp_path)
+    pq.write_table(pa.table({"clip_id": ["a"]}), tmp_path / "index.parquet")
+    with pytest.raises(OutputError, match=r"index.parquet: not an index of this pipeline .*stage=index"):
+        read_index(tmp_path)
+
+
+@pytest.mark.parametrize("text", ["", "{not json", "[1, 2]", '{"done": {"0": {"rows": 3}}}', '{"done": []}'])
+def test_an_unreadable_ledger_is_set_aside_and_started_again(tmp_path, text, caplog):
+    """The manifest is a record the parts can rebuild: an unreadable one is moved aside (never deleted)."""
+    from pipeline.store.ledger import Ledger
+
+    (tmp_path / "manifest.json").write_text(text)
+    with caplog.at_level("WARNING"):
+        ledger = Ledger(tmp_path, "abc")
+    assert ledger.done == {} and ledger.failed == {}
+    aside = list(tmp_path.glob("manifest.json.unreadable-*"))
+    assert len(aside) == 1 and aside[0].read_text() == text and not (tmp_path / "manifest.json").exists()
+    assert "cannot be read" in caplog.text and "rebuilding it from the parts' own metadata" in caplog.text
+    ledger.finish(3, "h", rows=2)
+    assert Ledger(tmp_path, "abc").is_done(3, "h")

@@ -97,6 +97,8 @@ def differences(made: dict, cfg) -> list[str]:
 def check_tubes_made_by(run_dir: Path, cfg, stage: str) -> None:
     """Warn when ``cfg``'s fingerprint is not the one the run's tubes were made with, naming the settings that
     differ; ``stage`` (stats, report) then describes the tubes as they were made (see ``tubes_config.yaml``)."""
+    if any(key not in cfg for key in FINGERPRINT_KEYS):  # a tool's settings of the stats and report stages alone
+        return
     recorded = recorded_fingerprint(run_dir)
     if recorded is None or recorded == fingerprint(cfg):
         return
