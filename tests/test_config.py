@@ -13,7 +13,8 @@ from omegaconf import OmegaConf
 
 from pipeline.__main__ import stages_of
 from pipeline.data.sampling import CenterSampler, UniformSampler
-from pipeline.explain.explainer import CAM, GradCAM, TubeExplainer
+from pipeline.explain.explainer import TubeExplainer
+from pipeline.explain.methods import CAM, GradCAM
 from pipeline.models import build_model
 from tests.conftest import CONF_DIR, make_cfg
 

@@ -17,18 +17,9 @@ from pytorch_grad_cam import XGradCAM as PgcXGradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from pipeline.explain.explainer import (
-    CAM,
-    Fusion,
-    GradCAM,
-    GradCAMPlusPlus,
-    LayerCAM,
-    ScoreCAM,
-    TubeExplainer,
-    XGradCAM,
-    upsample,
-)
-from pipeline.explain.methods import MethodError
+from pipeline.explain.explainer import TubeExplainer
+from pipeline.explain.methods import CAM, Fusion, GradCAM, GradCAMPlusPlus, LayerCAM, MethodError, ScoreCAM, XGradCAM
+from pipeline.explain.upsample import upsample
 from pipeline.models import DemoNet3D
 
 SHAPE = (3, 8, 32, 32)
@@ -215,9 +206,9 @@ def test_lightning_bf16_mixed_predict(net, name):
         out = trainer.predict(module, torch.utils.data.DataLoader(batches, batch_size=None))
         results[precision] = out
     for full, mixed in zip(results["32-true"], results["bf16-mixed"]):
-        assert mixed["tubes"].dtype == torch.float32
-        same = (full["targets"] == mixed["targets"]).flatten()
-        scale = full["tubes"].abs().amax()
+        assert mixed.tubes.dtype == torch.float32
+        same = (full.targets == mixed.targets).flatten()
+        scale = full.tubes.abs().amax()
         assert scale > 0
-        assert ((full["tubes"][same] - mixed["tubes"][same]).abs().max() / scale) < 0.1
-        assert not torch.equal(full["tubes"], mixed["tubes"])  # the model really ran in bf16
+        assert ((full.tubes[same] - mixed.tubes[same]).abs().max() / scale) < 0.1
+        assert not torch.equal(full.tubes, mixed.tubes)  # the model really ran in bf16

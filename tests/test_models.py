@@ -14,16 +14,15 @@ from oracles import assert_tubes_close, oracle_scorecam, oracle_tubes, reference
 from torch import nn
 from torchvision.models.video.mvit import MSBlockConfig
 
-from pipeline.explain.explainer import (
+from pipeline.explain.explainer import TubeExplainer, classifier_weight
+from pipeline.explain.methods import (
     CAM,
     Fusion,
     GradCAM,
     GradCAMPlusPlus,
     LayerCAM,
     ScoreCAM,
-    TubeExplainer,
     XGradCAM,
-    classifier_weight,
 )
 from pipeline.models import ModelError, build_model, load_checkpoint
 from pipeline.models.mfnet import MFNet3D
