@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers.config import make_cfg
 from pipeline.__main__ import run
 from pipeline.errors import ConfigError, StageFailed
 from pipeline.models import DemoNet3D
@@ -21,7 +22,6 @@ from pipeline.runtime import cluster
 from pipeline.runtime.builders import make_trainer
 from pipeline.stages import extract
 from pipeline.store import read_failures, read_index, read_tubes
-from tests.conftest import make_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -145,7 +145,7 @@ def test_retries_killed_workers_and_a_rerun(pipeline_overrides, tmp_path):
     (traps / "raise-2").touch()
     overrides = [
         *pipeline_overrides,
-        "model.net._target_=trapped_net.TrappedNet",
+        "model.net._target_=helpers.traps.TrappedNet",
         f"+model.net.trap={traps}",
         "extract.retries=1",
         "index.clips_per_shard=2",

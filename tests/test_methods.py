@@ -1,4 +1,4 @@
-"""Each method of the CAM family against its formula written out (tests/oracles.py) and against
+"""Each method of the CAM family against its formula written out (tests/helpers/oracles.py) and against
 pytorch-grad-cam; top-k sharing one pass, fusion, Score-CAM chunking, precision."""
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import pytorch_grad_cam.base_cam as grad_cam_base
 import torch
-from oracles import assert_tubes_close, oracle_scorecam, oracle_tubes, reference_evidence
 from pytorch_grad_cam import GradCAM as PgcGradCAM
 from pytorch_grad_cam import GradCAMPlusPlus as PgcGradCAMPlusPlus
 from pytorch_grad_cam import LayerCAM as PgcLayerCAM
@@ -17,6 +16,7 @@ from pytorch_grad_cam import XGradCAM as PgcXGradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
+from helpers.oracles import assert_tubes_close, oracle_scorecam, oracle_tubes, reference_evidence
 from pipeline.explain.explainer import TubeExplainer
 from pipeline.explain.methods import CAM, Fusion, GradCAM, GradCAMPlusPlus, LayerCAM, MethodError, ScoreCAM, XGradCAM
 from pipeline.explain.upsample import upsample

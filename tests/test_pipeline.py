@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from helpers.config import make_cfg
 from pipeline.__main__ import run
 from pipeline.data.video import ResizeCrop, read_frames
 from pipeline.errors import ConfigError
@@ -17,7 +18,6 @@ from pipeline.explain.upsample import upsample
 from pipeline.models import DemoNet3D, load_checkpoint
 from pipeline.runtime.writer import TubeWriter
 from pipeline.store import INDEX_SCHEMA, TUBE_SCHEMA, dequantise, read_failures, read_index, read_tubes
-from tests.conftest import make_cfg
 
 MEAN, STD = 0.45, 0.225
 

@@ -110,16 +110,17 @@ def _prepare(part: pd.DataFrame, lengths: dict[str, int]) -> pd.DataFrame:
     out["label_name"] = out["label_name"].fillna(UNLABELLED_NAME).astype(object)
     out["split"] = out["split"].fillna("(none)").astype(object)
     out["correct"] = (part["pred"] == part["label"]).astype("float64").where(part["label"].notna())
+    expanded = {}  # built apart and joined once (inserting columns one by one fragments the frame)
     for name, length in lengths.items():
         values = np.stack(part[name].to_numpy()) if len(part) else np.zeros((0, length))
         for i in range(length):
-            out[f"{name}__{i:03d}"] = values[:, i].astype("float64")
+            expanded[f"{name}__{i:03d}"] = values[:, i].astype("float64")
     for name in HISTOGRAMS:  # one-hot bins: their mean per group is the share of clips in each bin
         if name in part.columns:
             bins = np.clip((part[name].to_numpy(dtype="float64") * HIST_BINS).astype(int), 0, HIST_BINS - 1)
             for b in range(HIST_BINS):
-                out[f"{name}_hist__{b:03d}"] = (bins == b).astype("float64")
-    return out
+                expanded[f"{name}_hist__{b:03d}"] = (bins == b).astype("float64")
+    return pd.concat([out, pd.DataFrame(expanded, index=out.index)], axis=1)
 
 
 def pointing_rows(part: pd.DataFrame, boxes: pd.DataFrame, tolerance: float) -> pd.DataFrame:
@@ -190,12 +191,13 @@ def aggregate_all(prepared: dd.DataFrame) -> dict[str, pd.DataFrame]:
             .reset_index()
             .rename(columns={"correct": "accuracy", "target_prob": "mean_target_prob", "pred_prob": "mean_pred_prob"})
         )
+        lists, expanded = {}, []
         for stat in [*LIST_STATS, *(f"{h}_hist" for h in HISTOGRAMS)]:
             cols = sorted(c for c in table.columns if c.startswith(f"{stat}__"))
             if cols:
-                table[stat] = list(table[cols].to_numpy(dtype=np.float32))
-                table = table.drop(columns=cols)
-        tables[name] = table
+                lists[stat] = list(table[cols].to_numpy(dtype=np.float32))
+                expanded += cols
+        tables[name] = table.drop(columns=expanded).assign(**lists)
     return tables
 
 
