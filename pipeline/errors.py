@@ -23,6 +23,15 @@ class ModelError(UserError):
     """A model, checkpoint or layer name that cannot be used; the message says which and why."""
 
 
+class StageFailed(UserError):
+    """A stage stopped before it finished its work (``extract.fail_fast``, an earlier stage that failed); the
+    message says what is left and how to go on."""
+
+
+class MissingInput(UserError):
+    """What a stage reads (an earlier stage's output) is missing; the message names it and the command that makes it."""
+
+
 class OutputError(UserError):
     """A file of the run (a part, the index, a statistics table, the ledger) that cannot be read; the message
     names the file and the command that rebuilds it."""

@@ -29,6 +29,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from tqdm import tqdm
 
 from pipeline.data.video import VideoError, read_frames
+from pipeline.errors import ConfigError, MissingInput
 from pipeline.report import render
 from pipeline.store import (
     REPAIR,
@@ -207,7 +208,7 @@ def _shown_config(run_dir: Path) -> str:
 def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
     """Settings of this stage, checked before any work starts."""
     if int(cfg.report.clips_per_class) < 1:
-        raise ValueError(f"report.clips_per_class must be >= 1, got {cfg.report.clips_per_class}")
+        raise ConfigError(f"report.clips_per_class must be >= 1, got {cfg.report.clips_per_class}")
 
 
 def run(cfg, run_dir: Path, client=None) -> dict:
@@ -234,9 +235,7 @@ def _build(cfg, run_dir: Path, out: Path) -> dict:
     _, meta = read_index(run_dir)
     stats = run_dir / "stats"
     if not (stats / "per_class.parquet").is_file():
-        raise FileNotFoundError(
-            f"{stats / 'per_class.parquet'}: no statistics; run the stats stage first (stage=stats)"
-        )
+        raise MissingInput(f"{stats / 'per_class.parquet'}: no statistics; run the stats stage first (stage=stats)")
     per_class = read_table(stats / "per_class.parquet", REPAIR["stats"])
     overall = read_table(stats / "overall.parquet", REPAIR["stats"])
     per_split = _optional(stats / "per_split.parquet")

@@ -6,14 +6,17 @@ Users read a run with :func:`read_tubes` (tubes, decoded and optionally upsample
 
 from pipeline.store.codec import CODECS, decode_volume, dequantise, encode_volume, quantise
 from pipeline.store.files import (
+    atomic_write,
     failure_row,
     failures_table,
     file_metadata,
     part_name,
+    publish,
     replace_folder,
+    shard_failure_rows,
     shard_parts,
+    temp_path,
     write_table_atomic,
-    write_text_atomic,
 )
 from pipeline.store.readers import (
     REPAIR,
@@ -25,6 +28,7 @@ from pipeline.store.readers import (
     read_table,
     read_tubes,
     readable,
+    require_tubes,
     tube_files,
 )
 from pipeline.store.schema import (
@@ -51,6 +55,7 @@ __all__ = [
     "TUBE_SCHEMA",
     "UNLABELLED",
     "UNLABELLED_NAME",
+    "atomic_write",
     "boxes_path",
     "decode_column",
     "decode_volume",
@@ -60,6 +65,8 @@ __all__ = [
     "failures_table",
     "file_metadata",
     "part_name",
+    "publish",
+    "quantise",
     "read_boxes",
     "replace_folder",
     "read_failures",
@@ -67,9 +74,10 @@ __all__ = [
     "read_table",
     "read_tubes",
     "readable",
+    "require_tubes",
+    "shard_failure_rows",
     "shard_parts",
+    "temp_path",
     "tube_files",
-    "quantise",
     "write_table_atomic",
-    "write_text_atomic",
 ]

@@ -16,13 +16,14 @@ import os
 import time
 from pathlib import Path
 
-from pipeline.store.files import write_text_atomic
+from pipeline.errors import ConfigError
+from pipeline.store.files import atomic_write
 
 log = logging.getLogger(__name__)
 
 
 class Ledger:
-    """Finished and failed shards of one run directory.
+    """The ledger: finished and failed shards of one run directory.
 
     Args:
         run_dir: ``outputs/<run_name>``.
@@ -38,7 +39,7 @@ class Ledger:
         data = self._read()
         recorded = data.get("config_hash", config_hash)
         if recorded != config_hash:
-            raise RuntimeError(
+            raise ConfigError(
                 f"{run_dir} holds tubes made with another configuration (manifest {recorded} != {config_hash}); "
                 "choose a new run_name or delete the run directory"
             )
@@ -100,4 +101,5 @@ class Ledger:
             done={str(k): v for k, v in sorted(self.done.items())},
             failed={str(k): v for k, v in sorted(self.failed.items())},
         )
-        write_text_atomic(json.dumps(data, indent=1), self.path)
+        with atomic_write(self.path) as tmp:
+            tmp.write_text(json.dumps(data, indent=1))

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.store.files import file_metadata, write_text_atomic
+from pipeline.store.files import atomic_write, file_metadata
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,8 @@ def fingerprint(cfg) -> str:
 
 def save_tubes_config(run_dir: Path, cfg) -> None:
     """Keep the extract command's resolved configuration with the ledger and the parts (atomically)."""
-    write_text_atomic(OmegaConf.to_yaml(cfg, resolve=True), Path(run_dir) / TUBES_CONFIG)
+    with atomic_write(Path(run_dir) / TUBES_CONFIG) as tmp:
+        tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def recorded_fingerprint(run_dir: Path) -> str | None:
