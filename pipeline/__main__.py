@@ -9,6 +9,7 @@ checked first; then the resolved configuration of the latest invocation is saved
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import time
 import warnings
@@ -19,7 +20,7 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from pipeline.errors import ConfigError, UserError
+from pipeline.errors import ConfigError, Interrupted, StageFailed, UserError
 from pipeline.run_folder import check_run_name, open_run_folder
 from pipeline.runtime import cluster
 from pipeline.runtime.cluster import open_client
@@ -68,9 +69,20 @@ def run_stages(cfg: DictConfig, names: list[str], run_dir: Path) -> dict:
     results: dict = {}
 
     def each_stage(client=None):
-        for name in names:
+        for i, name in enumerate(names):
             t0 = time.perf_counter()
-            results[name] = STAGES[name].run(cfg, run_dir, client=client)
+            try:
+                results[name] = STAGES[name].run(cfg, run_dir, client=client)
+            except Interrupted:
+                raise
+            except KeyboardInterrupt:
+                raise Interrupted(f"interrupted during stage {name}; rerun the same command to resume") from None
+            left = results[name].get("left") if isinstance(results[name], dict) else None
+            if left:  # the stage did not finish its work: the command fails, and later stages have nothing to do
+                later = f"; not run: {', '.join(names[i + 1 :])}" if names[i + 1 :] else ""
+                failed = StageFailed(f"{left}{later}")
+                failed.results = results
+                raise failed
             log.info("stage %s done in %.1f s", name, time.perf_counter() - t0)
 
     if NEEDS_CLUSTER & set(names) and not (names == ["extract"] and extract.uses_ddp(cfg)):
@@ -86,12 +98,30 @@ def run_stages(cfg: DictConfig, names: list[str], run_dir: Path) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         OmegaConf.resolve(cfg)
         run(cfg)
-    except USER_ERRORS as err:  # a bad setting or input: one clear line, no traceback
+    except USER_ERRORS as err:  # a bad setting or input, or unfinished work: one clear line, no traceback
         log.error("%s", err)
         sys.exit(2)
+    except KeyboardInterrupt as err:  # the stage has closed its cluster and published nothing half-written
+        log.error("%s", err if isinstance(err, Interrupted) else "interrupted; rerun the same command to resume")
+        sys.exit(128 + (_SIGNALLED or signal.SIGINT))
+
+
+_SIGNALLED: int | None = None
+
+
+def _interrupt(signum, frame) -> None:
+    """Ctrl-C or SIGTERM: stop the stage as Ctrl-C does (KeyboardInterrupt); further signals are ignored while
+    it closes its cluster, so that the shutdown itself is not interrupted (SIGKILL still ends it at once)."""
+    global _SIGNALLED
+    _SIGNALLED = signum
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

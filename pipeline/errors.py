@@ -35,3 +35,7 @@ class MissingInput(UserError):
 class OutputError(UserError):
     """A file of the run (a part, the index, a statistics table, the ledger) that cannot be read; the message
     names the file and the command that rebuilds it."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped a stage; the message says how far it got and that rerunning resumes it."""

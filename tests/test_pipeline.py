@@ -371,19 +371,30 @@ def test_stages_after_extract_read_what_made_the_tubes(cam_run, caplog):
     assert "differ" not in caplog.text
 
 
-def test_a_garbage_ledger_is_rebuilt_from_the_parts(cam_run):
-    """manifest.json overwritten with garbage: the rerun sets it aside, adopts every part from its own metadata
-    (nothing recomputed: same inode, same bytes) and records the same shards again."""
+def test_a_truncated_part_and_a_garbage_ledger_are_recovered_by_a_rerun(cam_run):
+    """A part cut to half its size and manifest.json overwritten with garbage: the rerun sets both aside (never
+    deletes them), rebuilds the ledger from the other parts' own metadata (not recomputed: same inode, same
+    bytes) and recomputes the broken shard alone; every clip once, the same tubes as before."""
     root, run_dir, overrides = cam_run
-    before = {p.name: (p.stat().st_ino, p.read_bytes()) for p in sorted((run_dir / "tubes").glob("part-*.parquet"))}
+    parts = sorted((run_dir / "tubes").glob("part-*.parquet"))
+    before = {p.name: (p.stat().st_ino, p.read_bytes()) for p in parts}
+    broken = parts[2]  # not the shard whose video vanished: its clips and batches are the same again
+    broken.write_bytes(before[broken.name][1][: len(before[broken.name][1]) // 2])
     recorded = json.loads((run_dir / "manifest.json").read_text())
     (run_dir / "manifest.json").write_text("\x00garbage{")
     run(make_cfg(root, overrides + ["run_name=cam", "store.codec=float32", "stage=extract"]))
     after = {p.name: (p.stat().st_ino, p.read_bytes()) for p in sorted((run_dir / "tubes").glob("part-*.parquet"))}
-    assert after == before
+    assert after.keys() == before.keys()
+    assert {k: v for k, v in after.items() if k != broken.name} == {k: v for k, v in before.items() if k != broken.name}
+    assert read_part_rows(after[broken.name][1]) == read_part_rows(before[broken.name][1])  # recomputed, the same
+    assert (run_dir / "tubes" / ".stale" / broken.name).stat().st_size == len(before[broken.name][1]) // 2
     rebuilt = json.loads((run_dir / "manifest.json").read_text())
     assert rebuilt["config_hash"] == recorded["config_hash"] and rebuilt["done"].keys() == recorded["done"].keys()
     assert all(rebuilt["done"][s]["rows"] == recorded["done"][s]["rows"] for s in recorded["done"])
     assert [p.read_text() for p in run_dir.glob("manifest.json.unreadable-*")] == ["\x00garbage{"]
     tubes = read_tubes(run_dir, columns=["clip_id"])
-    assert tubes["clip_id"].is_unique
+    index, _ = read_index(run_dir)
+    failures = read_failures(run_dir)
+    failed = set(failures.loc[failures["stage"] == "extract", "clip_id"])
+    assert tubes["clip_id"].is_unique and not failed & set(tubes["clip_id"])
+    assert set(tubes["clip_id"]) | failed == set(index["clip_id"])

@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import signal
+import threading
 
 import dask
 from dask.distributed import Client, LocalCluster
@@ -192,6 +194,22 @@ def offers_gpus(cfg) -> bool:
 
 
 @contextlib.contextmanager
+def children_ignore_sigint():
+    """Processes started in the block (local Dask workers) ignore SIGINT: Ctrl-C reaches the terminal's whole
+    process group, and only the driver should act on it (it stops the stage and closes the cluster, which ends
+    the workers) instead of every worker printing its own KeyboardInterrupt. An ignored signal stays ignored
+    across ``exec``; the driver's own handler is restored at the end of the block."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
 def open_client(cfg):
     """A Dask client for ``cfg`` (the ``cluster`` config group); a cluster started here is closed on exit.
 
@@ -199,7 +217,8 @@ def open_client(cfg):
     """
     fn, settings = _settings(cfg)
     with dask.config.set({"distributed.worker.daemon": False, "distributed.admin.system-monitor.gil.enabled": False}):
-        made = fn(**settings)
+        with children_ignore_sigint():
+            made = fn(**settings)
         cluster = None if isinstance(made, str) else made
         client = Client(made)
         try:

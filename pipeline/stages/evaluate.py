@@ -338,8 +338,14 @@ def run(cfg, run_dir: Path, client=None) -> dict:
             row.random_insertion_auc,
             row.randomisation_spearman,
         )
-    return dict(
+    summary = dict(
         clips=len(rows),
         failed_shards=sorted(errors),
         overall=overall.drop(columns=CURVES).to_dict("records"),
     )
+    if errors:  # the command's exit status says so (pipeline.__main__)
+        summary["left"] = (
+            f"evaluate: {len(shards) - len(errors)} of {len(shards)} shards done, {len(errors)} failed "
+            f"(shards {sorted(errors)}); see {run_dir / 'logs'}, fix the cause and rerun the same command to resume"
+        )
+    return summary

@@ -13,15 +13,17 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import uuid
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from pipeline.errors import ConfigError, StageFailed
+from pipeline.errors import ConfigError, Interrupted, StageFailed
 from pipeline.runtime import ddp
 from pipeline.runtime.builders import build_explainer
 from pipeline.runtime.cluster import GPU, offers_gpus, open_client
@@ -48,8 +50,9 @@ log = logging.getLogger(__name__)
 
 
 def published_shard(run_dir: Path, shard: int, config_hash: str) -> dict | None:
-    """What a shard's published parts hold: ``shard_hash`` (None unless complete and consistent) and ``rows``;
-    None when it has no part. A shard is one part, or one part per rank of the DDP run that made it.
+    """What a shard's published parts hold: ``shard_hash`` (None unless complete, consistent and readable, then
+    ``why`` says what is wrong) and ``rows``; None when it has no part. A shard is one part, or one part per rank
+    of the DDP run that made it.
 
     Raises:
         RuntimeError: a part was made with another configuration.
@@ -57,6 +60,11 @@ def published_shard(run_dir: Path, shard: int, config_hash: str) -> dict | None:
     parts = shard_parts(run_dir / "tubes", shard)
     if not parts:
         return None
+    for path in parts:  # a part cut short (a copy, a full disk) has no footer: it is set aside and recomputed
+        try:
+            pq.read_metadata(path)
+        except (pa.ArrowException, OSError) as err:
+            return dict(shard_hash=None, rows=0, why=f"{path.name} cannot be read ({type(err).__name__}: {err})")
     metas = [file_metadata(path) for path in parts]
     for path, meta in zip(parts, metas):
         if meta.get("config_hash") != config_hash:
@@ -76,9 +84,12 @@ def set_aside(run_dir: Path, shard: int, why: str) -> None:
     """Move a shard's part files (tubes and failures) to ``.stale/`` so readers never mix them in; nothing is deleted."""
     for folder in ("tubes", "failures"):
         for path in shard_parts(run_dir / folder, shard):
-            (run_dir / folder / ".stale").mkdir(exist_ok=True)
-            os.replace(path, run_dir / folder / ".stale" / path.name)
-            log.warning("%s: %s; moved to %s", path, why, path.parent / ".stale")
+            aside = run_dir / folder / ".stale" / path.name
+            aside.parent.mkdir(exist_ok=True)
+            if aside.exists():  # set aside before: keep both
+                aside = aside.with_name(f"{path.name}.{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}")
+            os.replace(path, aside)
+            log.warning("%s: %s; moved to %s", path, why, aside)
 
 
 def remove_partial_files(run_dir: Path) -> None:
@@ -189,6 +200,33 @@ def run(cfg, run_dir: Path, client=None) -> dict:
     shards = {int(shard): rows for shard, rows in index.groupby("shard", sort=True)}
     todo = plan(run_dir, shards, config_hash, ledger)
     log.info("extract: %d shards, %d already done, %d to run", len(shards), len(shards) - len(todo), len(todo))
+    try:
+        failed = compute(client, cfg, run_dir, todo, meta["classes"], config_hash, ledger, total=len(index))
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM: finished shards are published (a rerun adopts any not recorded)
+        published = {shard for shard in shards if shard_parts(run_dir / "tubes", shard)}
+        raise Interrupted(
+            f"interrupted: {len(published | set(ledger.done))} of {len(shards)} shards done; "
+            "rerun the same command to resume"
+        ) from None
+    if failed is None:
+        return dict(shards=len(shards))  # a DDP rank other than 0: rank 0 reports
+    summary = summarise(run_dir, shards, ledger, skipped=len(shards) - len(todo), failed=failed)
+    left = sorted(set(shards) - set(ledger.done))
+    if left:  # the command's exit status says so (pipeline.__main__)
+        summary["left"] = (
+            f"extract: {len(ledger.done)} of {len(shards)} shards done, {len(left)} left (shards {_few(left)}); "
+            f"see {run_dir / 'failures'} and {run_dir / 'logs'}, fix the cause and rerun the same command to resume"
+        )
+    return summary
+
+
+def _few(numbers: list[int], most: int = 10) -> str:
+    shown = ", ".join(map(str, numbers[:most]))
+    return shown + (f" and {len(numbers) - most} more" if len(numbers) > most else "")
+
+
+def compute(client, cfg, run_dir: Path, todo, classes, config_hash: str, ledger: Ledger, total: int) -> dict | None:
+    """Run the shards of ``todo`` (on Dask, or as one DDP job); the failed shards' errors, None on DDP ranks > 0."""
     if uses_ddp(cfg):
 
         def done(shard, rows):
@@ -196,12 +234,8 @@ def run(cfg, run_dir: Path, client=None) -> dict:
                 shard, shard_digest(rows), rows=published_shard(run_dir, shard, config_hash)["rows"], clips=len(rows)
             )
 
-        if ddp.run_shards(cfg, run_dir, todo, meta["classes"], config_hash, done) != 0:
-            return dict(shards=len(shards))  # rank 0 reports
-        failed = {}
-    else:
-        failed = run_on_dask(client, cfg, run_dir, todo, meta["classes"], config_hash, ledger, total=len(index))
-    return summarise(run_dir, shards, ledger, skipped=len(shards) - len(todo), failed=failed)
+        return {} if ddp.run_shards(cfg, run_dir, todo, classes, config_hash, done) == 0 else None
+    return run_on_dask(client, cfg, run_dir, todo, classes, config_hash, ledger, total=total)
 
 
 def plan(run_dir: Path, shards: dict[int, pd.DataFrame], config_hash: str, ledger: Ledger) -> dict[int, pd.DataFrame]:
@@ -214,12 +248,16 @@ def plan(run_dir: Path, shards: dict[int, pd.DataFrame], config_hash: str, ledge
     for shard, rows in shards.items():
         rows_hash = shard_digest(rows)
         part = published_shard(run_dir, shard, config_hash)
+        recorded = ledger.done.get(shard, {}).get("rows") if ledger.is_done(shard, rows_hash) else None
         if part is not None and part["shard_hash"] == rows_hash:
-            if not ledger.is_done(shard, rows_hash):
-                ledger.finish(shard, rows_hash, rows=part["rows"], adopted=True)
-            continue
-        if part is not None:  # other clips (the index was rebuilt) or a DDP run's unfinished share
-            set_aside(run_dir, shard, "made for other clips of this shard, or incomplete")
+            if recorded is None or recorded == part["rows"]:
+                if recorded is None:
+                    ledger.finish(shard, rows_hash, rows=part["rows"], adopted=True)
+                continue
+            part["why"] = f"holds {part['rows']} rows where the ledger recorded {recorded}"
+        if part is not None:  # unreadable, other clips (the index was rebuilt) or a DDP run's unfinished share
+            set_aside(run_dir, shard, part.get("why") or "made for other clips of this shard, or incomplete")
+            ledger.reopen(shard)
         for stale in shard_parts(run_dir / "failures", shard):  # the recompute writes its own (maybe per rank)
             stale.unlink()
         todo[shard] = rows
@@ -273,7 +311,8 @@ def run_on_dask(
                 elif fail_fast or result.stop:
                     raise StageFailed(
                         f"extract stopped at the first failure (extract.fail_fast=true), shard {shard}: {result.error}; "
-                        f"see {log_path(run_dir, shard)}"
+                        f"see {log_path(run_dir, shard)}; the finished shards are kept: fix the cause and rerun the "
+                        "same command to resume"
                     )
                 else:
                     failed[shard] = result.error

@@ -82,6 +82,11 @@ class Ledger:
         self.failed.pop(shard, None)
         self.save()
 
+    def reopen(self, shard: int) -> None:
+        """Forget that a shard is done (its part was set aside): the run computes it again."""
+        if self.done.pop(shard, None) is not None:
+            self.save()
+
     def fail(self, shard: int, shard_hash: str, error: str) -> None:
         """Record a shard that failed after its retries (a later run tries it again)."""
         attempts = self.failed.get(shard, {}).get("runs", 0) + 1
