@@ -6,6 +6,8 @@ any other exception is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 
 class UserError(ValueError):
     """Something the user can fix; the message names the setting, file or model at fault."""
@@ -38,4 +40,15 @@ class OutputError(UserError):
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM stopped a stage; the message says how far it got and that rerunning resumes it."""
+    """Ctrl-C or SIGTERM stopped a stage; the message says how far it got and that rerunning resumes it.
+
+    ``message`` may be a function, called when the error is printed: by then the stage's cluster is closed, so
+    what it counts on disk (the shards published) is final.
+    """
+
+    def __init__(self, message: str | Callable[[], str]):
+        super().__init__(message if isinstance(message, str) else "interrupted")
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message() if callable(self.message) else self.message

@@ -152,8 +152,15 @@ def test_retries_killed_workers_and_a_rerun(pipeline_overrides, tmp_path):
         "run_name=traps",
     ]
     run_dir = tmp_path / "outputs" / "traps"
-    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
-        results = run(make_cfg(tmp_path, [*overrides, "stage=[index,extract]"]))
+    with (
+        dask.config.set({"distributed.scheduler.allowed-failures": 0}),
+        pytest.raises(
+            StageFailed, match=r"extract: \d of 4 shards done, \d left .*resume; not run: stats$"
+        ) as unfinished,
+    ):
+        run(make_cfg(tmp_path, [*overrides, "stage=[index,extract,stats]"]))
+    results = unfinished.value.results
+    assert "stats" not in results and not (run_dir / "stats").exists()  # nothing to do while extract is unfinished
     assert not list(traps.iterdir())
     index, _ = read_index(run_dir)
     killed = results["extract"]["failed_shards"]

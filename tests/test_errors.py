@@ -46,6 +46,16 @@ def test_a_failing_shard_is_one_console_line_and_its_tracebacks_are_in_its_log(p
     assert "shard 0 failed after 2 attempt(s): RuntimeError: trap raise-" in failed[0]
     assert "logs/shard-00000.log" in failed[0]
     assert "Traceback" not in console and "Compute Failed" not in console
+    # the command did not finish its work: a non-zero exit and one line saying what is left and how to resume;
+    # the progress bar counted the failed shard's clips apart
+    run_dir = tmp_path / "outputs" / "trapped"
+    assert done.returncode == 2
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.endswith(
+        f"extract: 2 of 3 shards done, 1 left (shards 0); see {run_dir / 'failures'} and {run_dir / 'logs'}, "
+        "fix the cause and rerun the same command to resume"
+    )
+    assert "failed=3" in done.stderr and "failed=" not in done.stderr.split("failed=3")[0]
     log = (tmp_path / "outputs" / "trapped" / "logs" / "shard-00000.log").read_text()
     assert log.count("Traceback (most recent call last)") == 2 and "trap raise-1 sprang" in log
     assert "trap raise-2 sprang" in log

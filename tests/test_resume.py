@@ -136,3 +136,56 @@ def test_sigkill_at_any_point_then_resume(synthetic_root, random_checkpoint, tmp
     manifest = __import__("json").loads((run_dir / "manifest.json").read_text())
     assert sorted(map(int, manifest["done"])) == list(range(12))
     assert all(entry["rows"] == 2 for entry in manifest["done"].values())
+
+
+@pytest.mark.slow  # two runs of the extract command (about 40 s)
+def test_ctrl_c_mid_extract_is_one_line_then_resume(synthetic_root, random_checkpoint, tmp_path):
+    """SIGINT to the command's whole process group, as Ctrl-C in a terminal sends it, while shards are running on
+    worker processes: one line saying how far it got, exit 130, no traceback from the driver or the workers, no
+    half-written part published; the same command then finishes the rest, every clip once."""
+    overrides = [
+        f"paths.root={tmp_path}",
+        f"dataset.root={synthetic_root}",
+        "dataset.generate_if_missing=false",
+        f"model.checkpoint={random_checkpoint}",
+        "sampler=uniform",
+        "sampler.num_clips=3",
+        "index.clips_per_shard=2",
+        "extract.batch_size=1",
+        "cluster.n_workers=1",
+        "run_name=interrupted",
+    ]
+    run(make_cfg(tmp_path, [*overrides[1:], "cluster.processes=false", "stage=index"]))
+    run_dir = tmp_path / "outputs" / "interrupted"
+    console = tmp_path / "extract.log"
+    proc = _extract(overrides, console)
+    deadline = time.monotonic() + 120
+    while len(list((run_dir / "tubes").glob("part-*.parquet"))) < 2:
+        assert proc.poll() is None, "extract finished before the interrupt"
+        assert time.monotonic() < deadline, "no shard finished in 120 s"
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    text = console.read_text()
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
+    published = _published(run_dir)
+    last = text.strip().splitlines()[-1]
+    assert last.endswith(f"interrupted: {len(published)} of 12 shards done; rerun the same command to resume"), last
+    for name in published:  # every published part is whole
+        pq.read_table(run_dir / "tubes" / name)
+    assert 2 <= len(published) < 12
+
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "stage=extract", *overrides],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:]
+    final = _published(run_dir)
+    assert {k: final[k] for k in published} == published  # finished shards were not recomputed
+    assert len(final) == 12 and not list((run_dir / "tubes").glob(".*tmp*"))
+    tubes = read_tubes(run_dir, columns=["clip_id"])
+    index, _ = read_index(run_dir)
+    assert len(tubes) == 24 and tubes["clip_id"].is_unique and set(tubes["clip_id"]) == set(index["clip_id"])

@@ -203,11 +203,15 @@ def run(cfg, run_dir: Path, client=None) -> dict:
     try:
         failed = compute(client, cfg, run_dir, todo, meta["classes"], config_hash, ledger, total=len(index))
     except KeyboardInterrupt:  # Ctrl-C, SIGTERM: finished shards are published (a rerun adopts any not recorded)
-        published = {shard for shard in shards if shard_parts(run_dir / "tubes", shard)}
-        raise Interrupted(
-            f"interrupted: {len(published | set(ledger.done))} of {len(shards)} shards done; "
-            "rerun the same command to resume"
-        ) from None
+
+        def how_far() -> str:  # counted when printed, once the workers are gone
+            published = {shard for shard in shards if shard_parts(run_dir / "tubes", shard)}
+            return (
+                f"interrupted: {len(published | set(ledger.done))} of {len(shards)} shards done; "
+                "rerun the same command to resume"
+            )
+
+        raise Interrupted(how_far) from None
     if failed is None:
         return dict(shards=len(shards))  # a DDP rank other than 0: rank 0 reports
     summary = summarise(run_dir, shards, ledger, skipped=len(shards) - len(todo), failed=failed)
