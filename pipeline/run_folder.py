@@ -17,6 +17,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.errors import ConfigError
+from pipeline.store.files import atomic_write
 
 #: one plain folder name: letters, digits, '-', '_' and '.', not starting with '.'
 RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
@@ -46,7 +47,8 @@ def open_run_folder(cfg: DictConfig, stages: list[str]) -> Iterator[Path]:
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_yaml(cfg, resolve=True)
-    (run_dir / "config.yaml").write_text(resolved)
+    with atomic_write(run_dir / "config.yaml") as tmp:
+        tmp.write_text(resolved)
     if os.environ.get("LOCAL_RANK", "0") == "0":  # once: not by DDP's extra ranks
         (run_dir / "configs").mkdir(exist_ok=True)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%f")  # one process may run stages twice a second

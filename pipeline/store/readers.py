@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 #: the command that rebuilds each kind of file of a run
 REPAIR = {
-    "tubes": "rerun stage=extract with the run's settings: it sets an unreadable part aside and recomputes its shard",
+    "tubes": "rerun stage=extract with the run's settings to recompute its shard (it sets aside a part cut short; "
+    "one damaged inside, move out of tubes/ first)",
     "index": "rebuild it with stage=index",
     "stats": "rebuild it with stage=stats",
     "failures": "rerun the stage that wrote it (stage=index for failures/index.parquet, stage=extract for parts)",
