@@ -10,6 +10,7 @@ Where the names come from (``model.classes``):
 
 - a list of names, or a text file with one name per line;
 - ``kinetics400``: the Kinetics-400 names torchvision ships with its video weights' metadata (no download);
+- ``dataset``: the dataset's own classes (a model trained on the dataset it explains: the demo, your own);
 - ``null``: an HF model's ``config.id2label`` where the model has one, else ``class 0`` ... ``class K-1``.
 """
 
@@ -22,8 +23,10 @@ import numpy as np
 from torch import nn
 
 from pipeline.errors import ConfigError, ModelError
+from pipeline.models.adapters import unwrap
 
 BUILT_IN = ("kinetics400",)
+DATASET = "dataset"
 
 
 def _built_in(name: str) -> list[str]:
@@ -46,13 +49,14 @@ def _from_model(net: nn.Module) -> list[str] | None:
     return [str(id2label[i]) for i in sorted(id2label, key=int)]
 
 
-def model_class_names(setting, net: nn.Module, num_logits: int) -> list[str]:
+def model_class_names(setting, net: nn.Module, num_logits: int, dataset_classes: Sequence[str] = ()) -> list[str]:
     """The model's class names, one per logit, checked against ``num_logits`` (from one probe of the model).
 
     Args:
-        setting: ``model.classes`` (None, a built-in set's name, a file path or a list of names).
+        setting: ``model.classes`` (None, ``dataset``, a built-in set's name, a file path or a list of names).
         net: the user's network (read for an HF ``config.id2label`` when ``setting`` is None).
         num_logits: the number of logits the model returns.
+        dataset_classes: the dataset's class names (``model.classes=dataset``).
 
     Raises:
         ModelError: the names do not match the number of logits, or the file does not exist.
@@ -60,6 +64,8 @@ def model_class_names(setting, net: nn.Module, num_logits: int) -> list[str]:
     if setting is None:
         names = _from_model(net) or [f"class {i}" for i in range(num_logits)]
         where = "the model's config.id2label" if _from_model(net) else None
+    elif setting == DATASET:
+        names, where = list(dataset_classes), "model.classes=dataset (the dataset's classes)"
     elif isinstance(setting, str):
         names = _built_in(setting) if setting in BUILT_IN else _from_file(Path(setting))
         where = f"model.classes={setting}"
@@ -103,6 +109,16 @@ def label_mapping(dataset_classes: Sequence[str], model_classes: Sequence[str], 
     return mapping
 
 
+def resolve(model_cfg, net: nn.Module, num_logits: int, dataset_classes: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """The model's class names and the model class of each dataset class (-1: none), from ``model.classes`` and
+    ``model.class_map``. ``net``: the user's network; ``num_logits``: what one probe of it returned."""
+    names = model_class_names(model_cfg.get("classes"), net, num_logits, dataset_classes)
+    class_map = model_cfg.get("class_map")
+    if class_map is not None and not isinstance(class_map, Mapping):
+        raise ConfigError(f"model.class_map must map dataset class names to model classes, got {class_map!r}")
+    return names, label_mapping(dataset_classes, names, class_map)
+
+
 def map_labels(labels, mapping: np.ndarray) -> np.ndarray:
     """Dataset labels (null / NaN = unknown) as model classes: ``(N,)`` int64, -1 = unknown or unmapped."""
     values = np.asarray(labels, dtype="float64")
@@ -112,3 +128,11 @@ def map_labels(labels, mapping: np.ndarray) -> np.ndarray:
     inside = (index >= 0) & (index < len(mapping))
     out[np.flatnonzero(known)[inside]] = mapping[index[inside]]
     return out
+
+
+def model_labels(model_cfg, explainer, dataset_classes: Sequence[str], labels) -> tuple[list[str], list]:
+    """The model's class names, and ``labels`` (the dataset's, null = unknown) as model classes (None where
+    unknown or unmapped), for the model of ``explainer`` (its probe gave the number of logits)."""
+    names, mapping = resolve(model_cfg, unwrap(explainer.net), explainer.num_classes, dataset_classes)
+    mapped = map_labels(labels, mapping)
+    return names, [int(m) if m >= 0 else None for m in mapped]

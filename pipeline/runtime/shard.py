@@ -30,6 +30,8 @@ from pipeline.data.clips import ClipDataset, collate_clips
 from pipeline.data.video import ResizeCrop
 from pipeline.explain.explainer import TubeExplainer
 from pipeline.models import build_model
+from pipeline.models.adapters import adapt
+from pipeline.models.classes import model_labels
 from pipeline.runtime.cluster import worker_gpu
 from pipeline.runtime.module import TubeModule
 from pipeline.runtime.writer import ClipFailure, TubeWriter
@@ -49,7 +51,7 @@ def build_explainer(cfg, model_cfg=None) -> TubeExplainer:
         [OmegaConf.to_container(model_cfg, resolve=True), OmegaConf.to_container(cfg.method, resolve=True)]
     )
     if getattr(_cache, "key", None) != key:
-        net = build_model(model_cfg)
+        net = adapt(build_model(model_cfg), model_cfg)
         shape = (3, model_cfg.input.clip_len, *model_cfg.input.size)
         _cache.explainer = TubeExplainer(
             net,
@@ -58,6 +60,8 @@ def build_explainer(cfg, model_cfg=None) -> TubeExplainer:
             layer=model_cfg.layer,
             classifier=model_cfg.classifier,
             layout=model_cfg.get("layout", "auto"),
+            grid=model_cfg.get("grid"),
+            token_order=model_cfg.get("token_order"),
         )
         _cache.key = key
     return _cache.explainer
@@ -220,17 +224,20 @@ def shard_job(
     explainer = build_explainer(cfg)
     rows = rows.reset_index(drop=True)
     rows_hash = shard_digest(rows)
+    model_classes, rows["model_label"] = model_labels(cfg.model, explainer, classes, rows["label"])
     failures = []
     if cfg.target.mode == "label":
-        unlabeled = rows["label"].isna()
+        unlabeled = rows["model_label"].isna()
         failures = (
             [
                 dict(
                     clip_id=r.clip_id,
                     source=r.source,
                     stage="extract",
-                    error_type="MissingLabel",
-                    message=f"{r.clip_id}: target.mode=label but the clip has no label",
+                    error_type="MissingLabel" if pd.isna(r.label) else "UnmappedLabel",
+                    message=f"{r.clip_id}: target.mode=label but the clip has no label"
+                    if pd.isna(r.label)
+                    else f"{r.clip_id}: target.mode=label but its label {r.label_name!r} is no class of the model (model.class_map)",
                 )
                 for r in rows[unlabeled].itertuples()
             ]
@@ -240,7 +247,7 @@ def shard_job(
         if failures and cfg.extract.fail_fast:
             raise ClipFailure(f"clip {failures[0]['clip_id']} failed (MissingLabel): {failures[0]['message']}")
         rows = rows[~unlabeled].reset_index(drop=True)
-    labels = torch.tensor(rows["label"].fillna(-1).astype(int).to_numpy())
+    labels = torch.tensor(rows["model_label"].fillna(-1).astype(int).to_numpy())
     module = TubeModule(
         explainer,
         cfg.model.input.mean,
@@ -267,7 +274,7 @@ def shard_job(
         rows,
         method=explainer.method.name,
         layer=explainer.layer_name,
-        class_names=classes,
+        class_names=model_classes,
         metadata={"config_hash": config_hash, "shard_hash": rows_hash, "ranks": str(ranks)},
         failures=failures,
         progress=progress,

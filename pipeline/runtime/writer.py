@@ -20,7 +20,18 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 
 from pipeline.store import COMPRESSION, TUBE_SCHEMA, encode_volume, failures_table, part_name, write_table_atomic
 
-_INDEX_COLUMNS = ["clip_id", "video_id", "source", "label", "label_name", "split", "frame_indices", "padded", "shard"]
+_INDEX_COLUMNS = [
+    "clip_id",
+    "video_id",
+    "source",
+    "label",
+    "label_name",
+    "split",
+    "frame_indices",
+    "padded",
+    "shard",
+    "model_label",
+]
 
 
 class ClipFailure(RuntimeError):
@@ -35,7 +46,7 @@ class TubeWriter(BasePredictionWriter):
         shard: the shard number (names the part file).
         rows: the shard's index rows, in DataLoader order.
         method, layer: recorded in every row.
-        class_names: label names, index = class.
+        class_names: the model's class names, index = logit (targets and predictions are named with them).
         metadata: key/values stored in the part file's Parquet metadata (the run fingerprint).
         failures: failure rows found before the loop (e.g. clips without a label), written with the shard's.
         progress: called after every batch with the number of the shard's clips handled so far.
