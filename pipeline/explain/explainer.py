@@ -167,9 +167,7 @@ class TubeExplainer(nn.Module):
                 )
         return slice(rows[0], rows[0] + k)
 
-    def _capture(
-        self, x: torch.Tensor, cut: bool, probe: bool = False
-    ) -> tuple[torch.Tensor, list[list[LayerOutput]]]:
+    def _capture(self, x: torch.Tensor, cut: bool, probe: bool = False) -> tuple[torch.Tensor, list[list[LayerOutput]]]:
         """Logits and the explained layers' outputs (in ``layer_names`` order; one entry per pathway).
 
         ``cut=False``: outputs are copies (an in-place op after a layer must not change them). ``cut=True``: the

@@ -125,12 +125,11 @@ def read_output(
             f"model.layer={name!r} outputs shape {shape}, not a 5-D map (model.layout={layout}); "
             "pick another layer or layout (folded for (N*T, C, h, w), tokens for (N, L, C))"
         )
-    if layout == "folded":
-        if output.dim() != 4 or batch is None or shape[0] % batch:
-            raise ModelError(
-                f"model.layer={name!r} outputs shape {shape}, not frame-wise 2-D maps (N*T, C, h, w) of a batch of "
-                f"{batch} clips (model.layout=folded)"
-            )
+    if layout == "folded" and (output.dim() != 4 or batch is None or shape[0] % batch):
+        raise ModelError(
+            f"model.layer={name!r} outputs shape {shape}, not frame-wise 2-D maps (N*T, C, h, w) of a batch of "
+            f"{batch} clips (model.layout=folded)"
+        )
     if layout == "tokens":
         if output.dim() != 3:
             raise ModelError(f"model.layer={name!r} outputs shape {shape}, not (N, L, C) tokens (model.layout=tokens)")

@@ -53,7 +53,9 @@ def pathway_strides(setting) -> list[int] | None:
         if min(strides) < 1:
             raise ModelError(f"model.input.pathways: frame strides must be >= 1, got {strides}")
         return strides
-    raise ModelError(f"model.input.pathways must be a list of frame strides (e.g. [4, 1]) or {{alpha: 4}}, got {setting!r}")
+    raise ModelError(
+        f"model.input.pathways must be a list of frame strides (e.g. [4, 1]) or {{alpha: 4}}, got {setting!r}"
+    )
 
 
 class ModelAdapter(nn.Module):
@@ -84,9 +86,14 @@ class ModelAdapter(nn.Module):
         key = self.output
         if key is None:
             value = result
-        elif isinstance(key, int) and isinstance(result, (tuple, list)) and -len(result) <= key < len(result):
-            value = result[key]
-        elif isinstance(key, str) and isinstance(result, Mapping) and key in result:
+        elif (
+            isinstance(key, int)
+            and isinstance(result, (tuple, list))
+            and -len(result) <= key < len(result)
+            or isinstance(key, str)
+            and isinstance(result, Mapping)
+            and key in result
+        ):
             value = result[key]
         elif isinstance(key, str) and not isinstance(result, (torch.Tensor, Mapping)) and hasattr(result, key):
             value = getattr(result, key)
@@ -108,7 +115,7 @@ class ModelAdapter(nn.Module):
         """The forward of one probe clip; a network that fails on it is reported against the input settings."""
         try:
             result = self.net(self.inputs(x))
-        except Exception as err:  # noqa: BLE001 - any failure here means the input settings do not fit
+        except Exception as err:
             given = self.inputs(x)
             shapes = [tuple(c.shape) for c in given] if isinstance(given, list) else tuple(given.shape)
             raise ModelError(

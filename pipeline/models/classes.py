@@ -100,7 +100,9 @@ def label_mapping(dataset_classes: Sequence[str], model_classes: Sequence[str], 
             )
         if isinstance(target, int) and not isinstance(target, bool):
             if not 0 <= target < len(model_classes):
-                raise ConfigError(f"model.class_map: {source!r} -> {target} is out of the model's 0..{len(model_classes) - 1}")
+                raise ConfigError(
+                    f"model.class_map: {source!r} -> {target} is out of the model's 0..{len(model_classes) - 1}"
+                )
             mapping[position[source]] = target
         elif str(target) in lookup:
             mapping[position[source]] = lookup[str(target)]
@@ -136,3 +138,27 @@ def model_labels(model_cfg, explainer, dataset_classes: Sequence[str], labels) -
     names, mapping = resolve(model_cfg, unwrap(explainer.net), explainer.num_classes, dataset_classes)
     mapped = map_labels(labels, mapping)
     return names, [int(m) if m >= 0 else None for m in mapped]
+
+
+def check_targets(model_cfg, target_mode: str, explainer, dataset_classes: Sequence[str]) -> list[str]:
+    """Checks, before any work, that the model's class names fit its logits and that ``target.mode=label`` has
+    labels to explain (some dataset class maps to a model class); returns the model's class names.
+
+    Raises:
+        ModelError: the names do not fit the logits.
+        ConfigError: ``target.mode=label`` without any dataset class mapped to a model class.
+    """
+    names, mapping = resolve(model_cfg, unwrap(explainer.net), explainer.num_classes, dataset_classes)
+    if target_mode == "label" and not (mapping >= 0).any():
+        shown = ", ".join(repr(n) for n in names[:3])
+        raise ConfigError(
+            "target.mode=label needs the clips' labels as classes of the model, but "
+            + (
+                f"none of the dataset's {len(dataset_classes)} classes"
+                if len(dataset_classes)
+                else "the dataset has no labels and"
+            )
+            + f" is a class of the model ({len(names)} classes: {shown}, ...); set model.class_map, or use "
+            "target.mode=pred or topk"
+        )
+    return names

@@ -76,15 +76,24 @@ class EpicTSN(nn.Module):
         if isinstance(num_classes, int):
             num_classes = [num_classes]
         if len(tasks) != len(num_classes):
-            raise ModelError(f"model.net.tasks {list(tasks)} must name each of model.net.num_classes {list(num_classes)}")
+            raise ModelError(
+                f"model.net.tasks {list(tasks)} must name each of model.net.num_classes {list(num_classes)}"
+            )
         if not backbone.startswith("resnet") or not hasattr(torchvision.models, backbone):
-            raise ModelError(f"model.net.backbone must be a torchvision ResNet (resnet18 ... resnet152), got {backbone!r}")
+            raise ModelError(
+                f"model.net.backbone must be a torchvision ResNet (resnet18 ... resnet152), got {backbone!r}"
+            )
         self.tasks, self.sizes, self.num_segments = list(tasks), [int(k) for k in num_classes], int(num_segments)
         self.base_model = getattr(torchvision.models, backbone)(weights=None)
         features = self.base_model.fc.in_features
         self.base_model.fc = nn.Dropout(p=dropout)
         if shift:
-            for stage in (self.base_model.layer1, self.base_model.layer2, self.base_model.layer3, self.base_model.layer4):
+            for stage in (
+                self.base_model.layer1,
+                self.base_model.layer2,
+                self.base_model.layer3,
+                self.base_model.layer4,
+            ):
                 for block in stage:
                     block.conv1 = TemporalShift(block.conv1, self.num_segments, shift_div)
         self.new_fc = nn.Linear(features, sum(self.sizes))

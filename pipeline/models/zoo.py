@@ -63,9 +63,7 @@ def _optional(module: str, extra: str, what: str):
             warnings.simplefilter("ignore", FutureWarning)
             return importlib.import_module(module)
     except ImportError as err:
-        raise ModelError(
-            f"{what} needs the {extra!r} extra: pip install 'saliency-tubes[{extra}]' ({err})"
-        ) from err
+        raise ModelError(f"{what} needs the {extra!r} extra: pip install 'saliency-tubes[{extra}]' ({err})") from err
 
 
 HF_ARCHS = {
