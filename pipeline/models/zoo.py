@@ -19,6 +19,7 @@ import threading
 import warnings
 from collections.abc import Sequence
 
+from omegaconf import Container, OmegaConf
 from torch import nn
 from torchvision.models.video import mvit as tv_mvit
 
@@ -87,6 +88,7 @@ def hf_video(arch: str, pretrained: str | None = None, **config) -> nn.Module:
         raise ModelError(f"model.net.arch must be one of {sorted(HF_ARCHS)}, got {arch!r}")
     transformers = _optional("transformers", "hf", f"model.net.arch={arch}")
     config_class, model_class = (getattr(transformers, name) for name in HF_ARCHS[arch])
+    config = {k: OmegaConf.to_container(v) if isinstance(v, Container) else v for k, v in config.items()}
     if pretrained:
         return model_class.from_pretrained(str(pretrained), local_files_only=True, **config)
     return model_class(config_class(**config))
