@@ -350,10 +350,7 @@ def test_hf_zoo_entry_loads_a_local_folder(tmp_path):
     """``model.net.pretrained``: ``from_pretrained(folder, local_files_only=True)``; the weights are the folder's."""
     from pipeline.models.zoo import hf_video
 
-    small = {
-        k.split("=")[0].split(".")[-1]: v.split("=")[1] for k, v in (o.split("=", 1) and (o, o) for o in HF_SMALL[:4])
-    }
-    config = {k: int(v) for k, v in small.items()}
+    config = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)  # HF_SMALL
     saved = hf_video("videomae", num_labels=5, num_frames=4, image_size=32, patch_size=8, **config)
     saved.save_pretrained(tmp_path / "mae")
     cfg, explainer = explainer_of(tmp_path, "videomae_b", "gradcam", f"model.net.pretrained={tmp_path / 'mae'}")
