@@ -10,16 +10,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from layouts import barcode_frames, make_epic100_annotations, make_epic_media
 from rich.console import Console
 
+from helpers.config import make_cfg
+from helpers.layouts import barcode_frames, make_epic100_annotations, make_epic_media
 from pipeline.__main__ import run
 from pipeline.data.video import write_video
 from pipeline.errors import ConfigError, ModelError
 from pipeline.models.classes import label_mapping, map_labels, model_class_names
 from pipeline.stages import extract, summary
 from pipeline.store import read_failures, read_index, read_tubes
-from tests.conftest import make_cfg
 
 KINETICS_FIRST = ["abseiling", "air drumming", "answering questions"]
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from oracles import assert_tubes_close, oracle_tubes
 
+from helpers.config import make_cfg
+from helpers.oracles import assert_tubes_close, oracle_tubes
 from pipeline.explain.explainer import GradCAM, GradCAMPlusPlus, LayerCAM, XGradCAM, classifier_weight
 from pipeline.models import ModelError
 from pipeline.models.adapters import unwrap
-from pipeline.runtime.shard import build_explainer
-from tests.conftest import make_cfg
+from pipeline.runtime.builders import build_explainer
 
 pytest.importorskip("transformers")
 pytest.importorskip("pytorchvideo")
@@ -248,7 +248,7 @@ def test_missing_extra_names_it(tmp_path, monkeypatch):
 CUSTOM = ["model=custom", "model.checkpoint=null", "model.input.size=[32,32]", "model.classes=null"]
 FOLDED = [
     *CUSTOM,
-    "model.net._target_=shape_nets.FoldedNet",
+    "model.net._target_=helpers.nets.FoldedNet",
     "model.input.layout=ntchw",
     "model.input.clip_len=4",
     "model.layout=folded",
@@ -276,7 +276,7 @@ HF_NESTED = [
 ]
 TWO_PATH = [
     *CUSTOM,
-    "model.net._target_=shape_nets.TwoPathNet",
+    "model.net._target_=helpers.nets.TwoPathNet",
     "model.input.pathways=[2,1]",
     "model.input.clip_len=8",
     "model.layer=stage",
