@@ -5,13 +5,16 @@ order), SlowFast (two pathways) and X3D (a head that is not linear in the pooled
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 
 from helpers.config import make_cfg
 from helpers.oracles import assert_tubes_close, oracle_tubes
-from pipeline.explain.explainer import GradCAM, GradCAMPlusPlus, LayerCAM, XGradCAM, classifier_weight
+from pipeline.explain.explainer import classifier_weight
+from pipeline.explain.methods import GradCAM, GradCAMPlusPlus, LayerCAM, XGradCAM
 from pipeline.models import ModelError
 from pipeline.models.adapters import unwrap
 from pipeline.runtime.builders import build_explainer
@@ -356,3 +359,27 @@ def test_hf_zoo_entry_loads_a_local_folder(tmp_path):
     cfg, explainer = explainer_of(tmp_path, "videomae_b", "gradcam", f"model.net.pretrained={tmp_path / 'mae'}")
     loaded = unwrap(explainer.net)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in saved.state_dict().items())
+
+
+@pytest.mark.parametrize("name", ["x3d_s", "tsn_r50"])
+def test_gradient_methods_match_pytorch_grad_cam(tmp_path, name, monkeypatch):
+    """pytorch-grad-cam on the adapted model (raw maps: its scaling off); TSN's folded frames are unfolded for it
+    by a ``reshape_transform`` of its own, so both compute one 3-D map per clip."""
+    import pytorch_grad_cam
+    import pytorch_grad_cam.base_cam as grad_cam_base
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    monkeypatch.setattr(grad_cam_base, "scale_cam_image", lambda cam, target_size=None: cam)
+    cfg, explainer = explainer_of(tmp_path, name)
+    peer_net = copy.deepcopy(explainer.net).requires_grad_(True)  # the explainer froze its own parameters
+    layer = unwrap(peer_net).get_submodule(cfg.model.layer)
+    torch.manual_seed(5)
+    x = torch.randn(2, 3, cfg.model.input.clip_len, *cfg.model.input.size)
+    n, t = x.shape[0], x.shape[2]
+    unfold = (lambda a: a.reshape(n, t, *a.shape[1:]).transpose(1, 2)) if name == "tsn_r50" else None
+    for ours, theirs in ((GradCAM, pytorch_grad_cam.GradCAM), (LayerCAM, pytorch_grad_cam.LayerCAM)):
+        explainer.method = ours()
+        out = explainer(x, lambda logits: logits.argmax(1, keepdim=True))
+        with theirs(model=peer_net, target_layers=[layer], reshape_transform=unfold) as peer:
+            maps = peer(input_tensor=x.clone(), targets=[ClassifierOutputTarget(int(c)) for c in out.targets[:, 0]])
+        assert_tubes_close(out.tubes, np.asarray(maps, dtype=np.float64)[:, None])

@@ -140,14 +140,19 @@ def model_labels(model_cfg, explainer, dataset_classes: Sequence[str], labels) -
     return names, [int(m) if m >= 0 else None for m in mapped]
 
 
-def check_targets(model_cfg, target_mode: str, explainer, dataset_classes: Sequence[str]) -> list[str]:
+def check_targets(model_cfg, target_mode: str, explainer, dataset_classes: Sequence[str] | None) -> None:
     """Checks, before any work, that the model's class names fit its logits and that ``target.mode=label`` has
-    labels to explain (some dataset class maps to a model class); returns the model's class names.
+    labels to explain (some dataset class maps to a model class). ``dataset_classes=None``: not known yet (no
+    index), so only names that do not depend on the dataset are checked.
 
     Raises:
         ModelError: the names do not fit the logits.
         ConfigError: ``target.mode=label`` without any dataset class mapped to a model class.
     """
+    if dataset_classes is None:
+        if model_cfg.get("classes") != DATASET:
+            model_class_names(model_cfg.get("classes"), unwrap(explainer.net), explainer.num_classes)
+        return
     names, mapping = resolve(model_cfg, unwrap(explainer.net), explainer.num_classes, dataset_classes)
     if target_mode == "label" and not (mapping >= 0).any():
         shown = ", ".join(repr(n) for n in names[:3])
@@ -161,4 +166,3 @@ def check_targets(model_cfg, target_mode: str, explainer, dataset_classes: Seque
             + f" is a class of the model ({len(names)} classes: {shown}, ...); set model.class_map, or use "
             "target.mode=pred or topk"
         )
-    return names

@@ -144,12 +144,13 @@ def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
     check_targets(cfg.model, cfg.target.mode, build_explainer(cfg, model), dataset_classes(cfg, upstream))
 
 
-def dataset_classes(cfg, upstream: tuple[str, ...] = ()) -> list[str]:
-    """The dataset's class names: the index's, or the dataset reader's when the index stage runs first."""
+def dataset_classes(cfg, upstream: tuple[str, ...] = ()) -> list[str] | None:
+    """The dataset's class names: the index's, or the dataset reader's when the index stage runs first; None
+    when there is no index yet."""
     if "index" in upstream:
         return list(instantiate(cfg.dataset).classes)
     path = Path(cfg.paths.run_dir) / "index.parquet"
-    return json.loads(file_metadata(path)["saliency_tubes"])["classes"] if path.is_file() else []
+    return json.loads(file_metadata(path)["saliency_tubes"])["classes"] if path.is_file() else None
 
 
 class ShardProgress:
