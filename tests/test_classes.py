@@ -151,6 +151,7 @@ def test_manifest_without_labels(tmp_path, manifest_media, random_checkpoint):
         extract.validate(make_cfg(tmp_path, [*overrides, "target.mode=label"]))
 
 
+@pytest.mark.slow  # five runs of the stages (about a minute on two cores)
 def test_two_label_names_under_a_four_class_model(tmp_path, manifest_media, random_checkpoint):
     csv = tmp_path / "manifest.csv"
     csv.write_text(f"path,label\n{manifest_media / 'a.mp4'},jump\n{manifest_media / 'b.mp4'},run\n")

@@ -374,7 +374,7 @@ def test_gradient_methods_match_pytorch_grad_cam(tmp_path, name, monkeypatch):
     peer_net = copy.deepcopy(explainer.net).requires_grad_(True)  # the explainer froze its own parameters
     layer = unwrap(peer_net).get_submodule(cfg.model.layer)
     torch.manual_seed(5)
-    x = torch.randn(2, 3, cfg.model.input.clip_len, *cfg.model.input.size)
+    x = torch.randn(1, 3, cfg.model.input.clip_len, *cfg.model.input.size)
     n, t = x.shape[0], x.shape[2]
     unfold = (lambda a: a.reshape(n, t, *a.shape[1:]).transpose(1, 2)) if name == "tsn_r50" else None
     for ours, theirs in ((GradCAM, pytorch_grad_cam.GradCAM), (LayerCAM, pytorch_grad_cam.LayerCAM)):
