@@ -230,7 +230,7 @@ def test_layout_errors_name_the_layer():
     shape = (3, *CLIP)
     with pytest.raises(ModelError, match=r"blocks.2.*not a 5-D map"):
         TubeExplainer(copy.deepcopy(net), GradCAM(), shape, layer="blocks.2", layout="ncthw")
-    with pytest.raises(ModelError, match=r"'norm'.*without its \(t, h, w\) token grid"):
+    with pytest.raises(ModelError, match=r"'norm'.*17 tokens without a \(t, h, w\) grid; set model.grid"):
         TubeExplainer(copy.deepcopy(net), GradCAM(), shape, layer="norm", layout="tokens")
     with pytest.raises(ModelError, match="model.layout must be one of"):
         TubeExplainer(copy.deepcopy(net), GradCAM(), shape, layer="blocks.2", layout="nchw")

@@ -175,6 +175,6 @@ def test_layer_followed_by_an_in_place_op(net, clips):
     explainer = TubeExplainer(net, GradCAM(), SHAPE, layer="features.block3.1")
     out = explainer(clips, by_pred)  # must not raise on the in-place ReLU
     assert out.tubes.shape == (3, 1, *bn_out.shape[2:]) and (out.tubes >= 0).all()
-    captured = explainer._capture(clips, cut=False)[1][0].tensor
+    captured = explainer._capture(clips, cut=False)[1][0][0].tensor
     assert captured.min() < 0  # pre-ReLU values were kept
     torch.testing.assert_close(captured, bn_out)

@@ -28,6 +28,7 @@ def test_unlabelled_clips_are_written_with_null_labels(tmp_path):
             frame_indices=[list(range(8)), list(range(8))],
             padded=[0, 0],
             shard=[0, 0],
+            model_label=[None, 2],
         )
     )
     module = TubeModule(TubeExplainer(DemoNet3D(num_classes=4).eval(), CAM(), (3, 8, 64, 64)), [0.45] * 3, [0.225] * 3)
@@ -60,6 +61,7 @@ def test_progress_counts_clips_and_fail_fast_stops_at_a_bad_clip(tmp_path):
             frame_indices=[list(range(8))] * 3,
             padded=[0] * 3,
             shard=[4] * 3,
+            model_label=[0, 1, 2],
         )
     )
     module = TubeModule(TubeExplainer(DemoNet3D(num_classes=4).eval(), CAM(), (3, 8, 64, 64)), [0.45] * 3, [0.225] * 3)

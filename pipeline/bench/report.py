@@ -118,6 +118,7 @@ def write_synthetic_run(
             for c in ("clip_id", "video_id", "source", "label", "label_name", "split", "padded", "shard")
         }
         columns["frame_indices"] = list(rows["frame_indices"])
+        columns["model_label"] = columns["label"]  # the model scores the dataset's own classes
         columns.update(
             crop_box=[crop] * n,
             input_size=[[CLIP_LEN, SIDE, SIDE]] * n,

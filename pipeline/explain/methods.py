@@ -203,7 +203,10 @@ class Fusion(SaliencyMethod):
 
     def fuse(self, per_layer: Sequence[Evidence]) -> torch.Tensor:
         """The fused ``(N, k, t, h, w)`` tube of the layers' evidence (in the order of ``layers``)."""
-        tubes = [self.method.tubes(evidence) for evidence in per_layer]
+        return self.fuse_tubes([self.method.tubes(evidence) for evidence in per_layer])
+
+    def fuse_tubes(self, tubes: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The fused ``(N, k, t, h, w)`` tube of each layer's own ``(N, k, t, h, w)`` tube."""
         size = max((tube.shape[2:] for tube in tubes), key=lambda s: s.numel())
         scaled = []
         for tube in tubes:

@@ -20,14 +20,15 @@ def get_module(net: nn.Module, name: str, what: str) -> nn.Module:
     return modules[name]
 
 
-def find_layer(net: nn.Module, input_shape: tuple[int, ...]) -> str:
+def find_layer(net: nn.Module, input_shape: tuple[int, ...], root: nn.Module | None = None) -> str:
     """Name of the last module (in execution order) whose output is a 5-D map with more than one voxel.
 
-    Found by running one zero clip of ``input_shape`` = (3, T, H, W) through the model with hooks.
+    Found by running one zero clip of ``input_shape`` = (3, T, H, W) through the model with hooks. ``root``: the
+    module whose names are returned (the network inside an adapter; default ``net``).
     """
     order: list[str] = []
     hooks = []
-    for name, module in net.named_modules():
+    for name, module in (root or net).named_modules():
         if not name:
             continue
 

@@ -101,7 +101,7 @@ def tube_picture(
             alpha=0.85,
         )
     volume = display_scale(_resize_tube(tube, (2 * t, 24, 24)))
-    if 0 < level < volume.max():
+    if volume.min() < level < volume.max():  # a flat tube (one voxel) has no surface
         verts, faces, _, _ = marching_cubes(volume, level=level)
         # volume axes (time, row, col) -> plot axes (depth, x, height)
         depth = verts[:, 0] / (2 * t - 1) * (t - 1) * spacing
@@ -127,7 +127,7 @@ def isosurface(tube: np.ndarray, path: Path, levels=(0.3, 0.6, 0.85), title: str
     fig = plt.figure(figsize=(4.2, 3.6), dpi=90)
     ax = fig.add_subplot(projection="3d")
     for level in levels:
-        if not 0 < level < volume.max():
+        if not volume.min() < level < volume.max():  # no surface at this level (a tube of one voxel is flat)
             continue
         verts, faces, _, _ = marching_cubes(volume, level=level)
         tt = verts[:, 0] / (volume.shape[0] - 1) * (t - 1)

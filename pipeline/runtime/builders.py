@@ -21,6 +21,7 @@ from pipeline.data.clips import ClipDataset, collate_clips
 from pipeline.data.video import ResizeCrop
 from pipeline.explain.explainer import TubeExplainer
 from pipeline.models import build_model
+from pipeline.models.adapters import adapt
 from pipeline.runtime.cluster import worker_gpu
 
 _cache = threading.local()
@@ -37,7 +38,7 @@ def build_explainer(cfg, model_cfg=None) -> TubeExplainer:
         [OmegaConf.to_container(model_cfg, resolve=True), OmegaConf.to_container(cfg.method, resolve=True)]
     )
     if getattr(_cache, "key", None) != key:
-        net = build_model(model_cfg)
+        net = adapt(build_model(model_cfg), model_cfg)  # (N, 3, T, H, W) in, (N, K) logits out
         shape = (3, model_cfg.input.clip_len, *model_cfg.input.size)
         _cache.explainer = TubeExplainer(
             net,
@@ -46,6 +47,8 @@ def build_explainer(cfg, model_cfg=None) -> TubeExplainer:
             layer=model_cfg.layer,
             classifier=model_cfg.classifier,
             layout=model_cfg.get("layout", "auto"),
+            grid=model_cfg.get("grid"),
+            token_order=model_cfg.get("token_order"),
         )
         _cache.key = key
     return _cache.explainer

@@ -15,13 +15,16 @@ import logging
 import os
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
+import pandas as pd
 import torch
 from dask.distributed import get_worker
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
+from pipeline.models.classes import model_labels
 from pipeline.runtime.builders import build_explainer, clip_loader, make_trainer, quiet_lightning, torch_threads
 from pipeline.runtime.job import ShardJob, ShardResult
 from pipeline.runtime.module import TubeModule
@@ -130,18 +133,22 @@ def shard_job(cfg, job: ShardJob, *, progress=None, log=None) -> tuple[TubeModul
     """
     explainer = build_explainer(cfg)
     rows = job.rows.reset_index(drop=True)
+    model_classes, rows["model_label"] = model_labels(cfg.model, explainer, job.classes, rows["label"])
     failures = []
-    if cfg.target.mode == "label":
-        unlabeled = rows["label"].isna()
+    if cfg.target.mode == "label":  # the label as a class of the model is the target
+        unlabeled = rows["model_label"].isna()
         if job.rank in (None, 0):
             failures = [
                 failure_row(r.clip_id, r.source, "extract", "MissingLabel", f"{r.clip_id}: target.mode=label but the clip has no label")
+                if pd.isna(r.label) else
+                failure_row(r.clip_id, r.source, "extract", "UnmappedLabel", f"{r.clip_id}: target.mode=label but its label {r.label_name!r} is no class of the model (model.class_map)")
                 for r in rows[unlabeled].itertuples()
             ]  # fmt: skip
         if failures and cfg.extract.fail_fast:
-            raise ClipFailure(f"clip {failures[0]['clip_id']} failed (MissingLabel): {failures[0]['message']}")
+            first = failures[0]
+            raise ClipFailure(f"clip {first['clip_id']} failed ({first['error_type']}): {first['message']}")
         rows = rows[~unlabeled].reset_index(drop=True)
-    labels = torch.tensor(rows["label"].fillna(-1).astype(int).to_numpy())
+    labels = torch.tensor(rows["model_label"].fillna(-1).astype(int).to_numpy())
     module = TubeModule(
         explainer,
         cfg.model.input.mean,
@@ -153,7 +160,7 @@ def shard_job(cfg, job: ShardJob, *, progress=None, log=None) -> tuple[TubeModul
     )
     loader = clip_loader(cfg, rows, int(cfg.extract.batch_size))
     writer = TubeWriter(
-        job,
+        replace(job, classes=model_classes),  # tube rows name targets and predictions with the model's classes
         rows,
         method=explainer.method.name,
         layer=explainer.layer_name,

@@ -32,7 +32,18 @@ from pipeline.store import (
 )
 from pipeline.store.provenance import shard_digest
 
-_INDEX_COLUMNS = ["clip_id", "video_id", "source", "label", "label_name", "split", "frame_indices", "padded", "shard"]
+_INDEX_COLUMNS = [
+    "clip_id",
+    "video_id",
+    "source",
+    "label",
+    "label_name",
+    "split",
+    "frame_indices",
+    "padded",
+    "shard",
+    "model_label",  # the label as a class of the model (added by the shard task)
+]
 
 
 class ClipFailure(RuntimeError):

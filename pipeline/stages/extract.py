@@ -10,6 +10,7 @@ failing becomes failure rows and the run goes on. One progress bar counts clips 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -20,10 +21,12 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from pipeline.errors import ConfigError, Interrupted, StageFailed
+from pipeline.models.classes import check_targets
 from pipeline.runtime import ddp
 from pipeline.runtime.builders import build_explainer
 from pipeline.runtime.cluster import GPU, offers_gpus, open_client
@@ -149,7 +152,16 @@ def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
     model = cfg.model
     if "train" in upstream and not Path(str(model.checkpoint)).is_file():
         model = OmegaConf.merge(model, {"checkpoint": None})  # check layer and classifier on random weights
-    build_explainer(cfg, model)
+    check_targets(cfg.model, cfg.target.mode, build_explainer(cfg, model), dataset_classes(cfg, upstream))
+
+
+def dataset_classes(cfg, upstream: tuple[str, ...] = ()) -> list[str] | None:
+    """The dataset's class names: the index's, or the dataset reader's when the index stage runs first; None
+    when there is no index yet."""
+    if "index" in upstream:
+        return list(instantiate(cfg.dataset).classes)
+    path = Path(cfg.paths.run_dir) / "index.parquet"
+    return json.loads(file_metadata(path)["saliency_tubes"])["classes"] if path.is_file() else None
 
 
 class ShardProgress:

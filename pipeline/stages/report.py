@@ -46,13 +46,14 @@ from pipeline.store.provenance import TUBES_CONFIG, check_tubes_made_by
 
 log = logging.getLogger(__name__)
 
-SUMMARY_COLUMNS = ["clip_id", "method", "label", "label_name", "pred", "pred_prob"]
+SUMMARY_COLUMNS = ["clip_id", "method", "label", "label_name", "model_label", "pred", "pred_prob"]
 DETAIL_COLUMNS = [
     "clip_id",
     "video_id",
     "source",
     "label",
     "label_name",
+    "model_label",
     "method",
     "target_rank",
     "target",
@@ -97,7 +98,7 @@ def pick_gallery(summary: pd.DataFrame, per_class: int) -> pd.DataFrame:
     confident = groups.head(per_class).assign(role="confident")
     unsure = groups.tail(per_class)
     unsure = unsure[~unsure["clip_id"].isin(confident["clip_id"])].iloc[::-1].assign(role="unsure")
-    wrong = ranked[ranked["label"].notna() & (ranked["pred"] != ranked["label"])]
+    wrong = ranked[ranked["model_label"].notna() & (ranked["pred"] != ranked["model_label"])]
     wrong = wrong.groupby(["method", "label_name"], sort=True).head(per_class).assign(role="misclassified")
     return pd.concat([confident, unsure, wrong], ignore_index=True)
 
@@ -156,7 +157,7 @@ def _clip_item(row, role: str, renderer: ClipRenderer, true_row) -> dict:
         target=row.target_name,
         top10=float(row.top10_mass),
         entropy=float(row.entropy),
-        correct=pd.isna(row.label) or int(row.pred) == int(row.label),
+        correct=pd.isna(row.model_label) or int(row.pred) == int(row.model_label),
     )
     try:
         item.update(renderer.overlay(row))
@@ -259,7 +260,7 @@ def _build(cfg, run_dir: Path, out: Path) -> dict:
     pages: dict[tuple[str, str], dict] = {}
     for g in tqdm(list(gallery.itertuples()), desc="report", unit="clip"):
         row = first[(g.clip_id, g.method)]
-        true_row = by_target.get((g.clip_id, g.method, int(row.label))) if pd.notna(row.label) else None
+        true_row = by_target.get((g.clip_id, g.method, int(row.model_label))) if pd.notna(row.model_label) else None
         page = pages.setdefault((g.method, g.label_name), {role: [] for role in ROLES})
         page[g.role].append(_clip_item(row, g.role, renderer, true_row))
     for f in featured.itertuples():

@@ -84,6 +84,7 @@ COLUMNS = [
     "method",
     "target_rank",
     "pred",
+    "model_label",
     "frame_indices",
     "crop_box",
     "frame_peak_x",
@@ -113,7 +114,8 @@ def _prepare(part: pd.DataFrame, lengths: dict[str, int]) -> pd.DataFrame:
     out["label"] = out["label"].fillna(UNLABELLED).astype("int64")
     out["label_name"] = out["label_name"].fillna(UNLABELLED_NAME).astype(object)
     out["split"] = out["split"].fillna("(none)").astype(object)
-    out["correct"] = (part["pred"] == part["label"]).astype("float64").where(part["label"].notna())
+    truth = part["model_label"] if "model_label" in part.columns else part["label"]  # the label as a model class
+    out["correct"] = (part["pred"] == truth).astype("float64").where(truth.notna())
     expanded = {}  # built apart and joined once (inserting columns one by one fragments the frame)
     for name, length in lengths.items():
         values = np.stack(part[name].to_numpy()) if len(part) else np.zeros((0, length))

@@ -62,4 +62,4 @@ def show(run_dir: Path, results: dict, console: Console | None = None) -> None:
 
 
 def _pct(value) -> str:
-    return "-" if value is None or pd.isna(value) else f"{100 * float(value):.1f}%"
+    return "n/a" if value is None or pd.isna(value) else f"{100 * float(value):.1f}%"

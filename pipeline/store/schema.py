@@ -44,6 +44,8 @@ _F32, _I32, _LF32, _LI32 = pa.float32(), pa.int32(), pa.list_(pa.float32()), pa.
 TUBE_SCHEMA = pa.schema(
     [f for f in INDEX_SCHEMA if f.name not in SOURCE_COLUMNS]
     + [
+        # the clip's label as a class of the model (null: no label, or no model class for it); accuracy uses it
+        ("model_label", _I32),
         ("crop_box", _LF32),
         ("input_size", _LI32),
         ("method", pa.string()),
