@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from pipeline.runtime import ddp
 from pipeline.runtime.cluster import GPU, offers_gpus, open_client
+from pipeline.runtime.lock import POLICIES, run_lock
 from pipeline.runtime.module import TARGET_MODES
 from pipeline.runtime.shard import build_explainer, run_shard
 from pipeline.store import (
@@ -106,6 +107,8 @@ def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
     for key, least in (("batch_size", 1), ("prefetch_factor", 1), ("num_workers", 0), ("retries", 0)):
         if not (key == "num_workers" and cfg.extract[key] == "auto") and int(cfg.extract[key]) < least:
             raise ValueError(f"extract.{key} must be >= {least}, got {cfg.extract[key]}")
+    if cfg.extract.get("concurrent", "wait") not in POLICIES:
+        raise ValueError(f"extract.concurrent must be one of {POLICIES}, got {cfg.extract.concurrent!r}")
     threads = cfg.extract.torch_threads
     if threads != "auto" and (not str(threads).isdigit() or int(threads) < 1):
         raise ValueError(f"extract.torch_threads must be 'auto' or >= 1, got {threads!r}")
@@ -169,6 +172,13 @@ def run(cfg, run_dir: Path, client=None) -> dict:
     if client is None and not uses_ddp(cfg):
         with open_client(cfg.cluster) as own:
             return run(cfg, run_dir, own)
+    if uses_ddp(cfg):  # every rank is a driver of its own share: Lightning coordinates them
+        return _run_locked(cfg, run_dir, client)
+    with run_lock(run_dir, str(cfg.extract.get("concurrent", "wait"))):
+        return _run_locked(cfg, run_dir, client)
+
+
+def _run_locked(cfg, run_dir: Path, client) -> dict:
     index, meta = read_index(run_dir)
     config_hash = fingerprint(cfg)
     ledger = Ledger(run_dir, config_hash)
