@@ -64,9 +64,9 @@ def test_refuse_names_the_run_dir_before_any_work(pipeline_overrides, tmp_path):
     overrides = [*pipeline_overrides, "cluster.processes=false", "run_name=busy"]
     run(make_cfg(tmp_path, [*overrides, "stage=index"]))
     run_dir = tmp_path / "outputs" / "busy"
-    with run_lock(run_dir):
-        with pytest.raises(RunDirectoryBusy, match=r"busy is being extracted by pid \d+ on .*extract.concurrent=wait"):
-            run(make_cfg(tmp_path, [*overrides, "stage=extract", "extract.concurrent=refuse"]))
+    busy = r"busy is being extracted by pid \d+ on .*extract.concurrent=wait"
+    with run_lock(run_dir), pytest.raises(RunDirectoryBusy, match=busy):
+        run(make_cfg(tmp_path, [*overrides, "stage=extract", "extract.concurrent=refuse"]))
     assert not (run_dir / "tubes").exists()
 
 
@@ -85,9 +85,8 @@ def test_a_killed_holder_leaves_no_lock(tmp_path):
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert holder.stdout.readline().strip() == "held"
-    with pytest.raises(RunDirectoryBusy, match=f"pid {holder.pid} "):
-        with run_lock(tmp_path, "refuse"):
-            pass
+    with pytest.raises(RunDirectoryBusy, match=f"pid {holder.pid} "), run_lock(tmp_path, "refuse"):
+        pass
     holder.send_signal(signal.SIGKILL)
     holder.wait()
     assert (tmp_path / LOCK_NAME).exists()  # the file stays; the kernel dropped the lock with the process
