@@ -84,7 +84,7 @@ def run(cfg: DictConfig) -> dict:
             log.info("stage %s done in %.1f s", name, time.perf_counter() - t0)
 
     if NEEDS_CLUSTER & set(names) and not (names == ["extract"] and extract.uses_ddp(cfg)):
-        with open_client(cfg.cluster) as client:
+        with open_client(cfg.cluster, lazy=True) as client:  # started when a stage first uses it
             run_stages(client)
     else:
         run_stages()

@@ -109,6 +109,7 @@ def test_inside_a_slurm_allocation_a_task_uses_one_device(pipeline_overrides, tm
             [
                 *pipeline_overrides,
                 "cluster.processes=false",
+                "extract.in_process=false",
                 "index.clips_per_shard=8",
                 "run_name=slurm",
                 "stage=[index,extract]",
@@ -147,6 +148,7 @@ def test_retries_killed_workers_and_a_rerun(pipeline_overrides, tmp_path):
         "model.net._target_=trapped_net.TrappedNet",
         f"+model.net.trap={traps}",
         "extract.retries=1",
+        "extract.in_process=false",
         "index.clips_per_shard=2",
         "run_name=traps",
     ]

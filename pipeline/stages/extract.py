@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from pipeline.runtime import ddp
 from pipeline.runtime.cluster import GPU, offers_gpus, open_client
+from pipeline.runtime.inprocess import run_here, wants_in_process
 from pipeline.runtime.lock import POLICIES, run_lock
 from pipeline.runtime.module import TARGET_MODES
 from pipeline.runtime.shard import build_explainer, run_shard
@@ -109,6 +110,8 @@ def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
             raise ValueError(f"extract.{key} must be >= {least}, got {cfg.extract[key]}")
     if cfg.extract.get("concurrent", "wait") not in POLICIES:
         raise ValueError(f"extract.concurrent must be one of {POLICIES}, got {cfg.extract.concurrent!r}")
+    if cfg.extract.get("in_process", "auto") not in ("auto", True, False):
+        raise ValueError(f"extract.in_process must be auto, true or false, got {cfg.extract.in_process!r}")
     threads = cfg.extract.torch_threads
     if threads != "auto" and (not str(threads).isdigit() or int(threads) < 1):
         raise ValueError(f"extract.torch_threads must be 'auto' or >= 1, got {threads!r}")
@@ -170,7 +173,7 @@ def uses_ddp(cfg) -> bool:
 def run(cfg, run_dir: Path, client=None) -> dict:
     """Explain every shard of the index not finished yet; returns a summary (shards, rows, failures by reason)."""
     if client is None and not uses_ddp(cfg):
-        with open_client(cfg.cluster) as own:
+        with open_client(cfg.cluster, lazy=True) as own:
             return run(cfg, run_dir, own)
     if uses_ddp(cfg):  # every rank is a driver of its own share: Lightning coordinates them
         return _run_locked(cfg, run_dir, client)
@@ -195,6 +198,8 @@ def _run_locked(cfg, run_dir: Path, client) -> dict:
         if ddp.run_shards(cfg, run_dir, todo, meta["classes"], config_hash, done) != 0:
             return dict(shards=len(shards))  # rank 0 reports
         failed = {}
+    elif wants_in_process(cfg, sum(len(rows) for rows in todo.values())):
+        failed = run_in_process(cfg, run_dir, todo, meta["classes"], config_hash, ledger, total=len(index))
     else:
         failed = run_on_dask(client, cfg, run_dir, todo, meta["classes"], config_hash, ledger, total=len(index))
     return summarise(run_dir, shards, ledger, skipped=len(shards) - len(todo), failed=failed)
@@ -220,6 +225,46 @@ def plan(run_dir: Path, shards: dict[int, pd.DataFrame], config_hash: str, ledge
             stale.unlink()
         todo[shard] = rows
     return todo
+
+
+def _finished(ledger: Ledger, shard: int, rows: pd.DataFrame, result: dict) -> None:
+    ledger.finish(
+        shard,
+        shard_digest(rows),
+        rows=result["rows"],
+        clips=result["clips"],
+        failures=result["failures"],
+        seconds=result["seconds"],
+    )
+
+
+def _failed(cfg, run_dir: Path, shard: int, rows: pd.DataFrame, error: BaseException, ledger, failed: dict) -> None:
+    if cfg.extract.fail_fast:
+        raise RuntimeError(
+            f"extract stopped at the first failure (extract.fail_fast=true), shard {shard}: {type(error).__name__}: {error}"
+        )
+    failed[shard] = f"{type(error).__name__}: {error}"
+    record_failed_shard(run_dir, shard, rows, error, ledger)
+
+
+def run_in_process(cfg, run_dir: Path, todo, classes, config_hash: str, ledger: Ledger, total: int) -> dict[int, str]:
+    """The shards run one after another in this process (no cluster: see :mod:`pipeline.runtime.inprocess`)."""
+    log.info("extract: %d clips left, run in this process (extract.in_process)", sum(map(len, todo.values())))
+    failed = {}
+    with tqdm(total=total, initial=total - sum(len(r) for r in todo.values()), desc="extract", unit="clip") as bar:
+
+        def done(shard, result):
+            _finished(ledger, shard, todo[shard], result)
+            bar.update(len(todo[shard]))
+
+        def fail(shard, error):
+            _failed(cfg, run_dir, shard, todo[shard], error, ledger, failed)
+            bar.update(len(todo[shard]))
+
+        retries = 0 if cfg.extract.fail_fast else int(cfg.extract.retries)
+        cfg_dict = OmegaConf.to_container(cfg, resolve=True)
+        run_here(cfg_dict, str(run_dir), todo, classes, config_hash, retries, done, fail)
+    return failed
 
 
 def run_on_dask(
@@ -268,23 +313,9 @@ def run_on_dask(
             for future in as_completed(futures):
                 shard = futures[future]
                 if future.status == "finished":
-                    result = future.result()
-                    ledger.finish(
-                        shard,
-                        shard_digest(todo[shard]),
-                        rows=result["rows"],
-                        clips=result["clips"],
-                        failures=result["failures"],
-                        seconds=result["seconds"],
-                    )
+                    _finished(ledger, shard, todo[shard], future.result())
                 else:
-                    error = future.exception()
-                    if fail_fast:
-                        raise RuntimeError(
-                            f"extract stopped at the first failure (extract.fail_fast=true), shard {shard}: {type(error).__name__}: {error}"
-                        )
-                    failed[shard] = f"{type(error).__name__}: {error}"
-                    record_failed_shard(run_dir, shard, todo[shard], error, ledger)
+                    _failed(cfg, run_dir, shard, todo[shard], future.exception(), ledger, failed)
                 progress.set(shard, len(todo[shard]), end=True)
         finally:
             client.unsubscribe_topic(topic)

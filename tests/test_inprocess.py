@@ -1,0 +1,61 @@
+"""A small CPU extract runs in the driver: no cluster starts, a failing shard is retried, then becomes failure rows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import pipeline.runtime.inprocess as inprocess
+from pipeline.__main__ import run
+from pipeline.runtime.cluster import LazyClient
+from pipeline.store import read_failures, read_index, read_tubes
+from tests.conftest import make_cfg
+
+
+@pytest.fixture
+def indexed(pipeline_overrides, tmp_path):
+    overrides = [*pipeline_overrides, "cluster.processes=false", "index.clips_per_shard=2", "run_name=here"]
+    run(make_cfg(tmp_path, [*overrides, "stage=index"]))
+    index, _ = read_index(tmp_path / "outputs" / "here")
+    return overrides, tmp_path / "outputs" / "here", index
+
+
+def _failing_once(monkeypatch, shard: int, times: int) -> list[int]:
+    """``run_shard`` raises the first ``times`` times it is given ``shard``; returns the shards it was given."""
+    real, calls = inprocess.run_shard, []
+
+    def flaky(cfg_dict, run_dir, s, *args, **kwargs):
+        calls.append(s)
+        if s == shard and calls.count(s) <= times:
+            raise RuntimeError(f"shard {s} broke")
+        return real(cfg_dict, run_dir, s, *args, **kwargs)
+
+    monkeypatch.setattr(inprocess, "run_shard", flaky)
+    return calls
+
+
+def test_a_small_run_starts_no_cluster_and_retries_a_failing_shard(indexed, tmp_path, monkeypatch):
+    overrides, run_dir, index = indexed
+    calls = _failing_once(monkeypatch, shard=1, times=1)
+    monkeypatch.setattr(LazyClient, "_client", lambda self: pytest.fail("a Dask cluster was started"))
+    results = run(make_cfg(tmp_path, [*overrides, "stage=extract", "extract.retries=1"]))
+    shards = index["shard"].nunique()
+    assert sorted(calls) == sorted([*range(shards), 1]) and results["extract"]["failed_shards"] == []
+    tubes = read_tubes(run_dir, columns=["clip_id"])
+    assert tubes["clip_id"].is_unique and set(tubes["clip_id"]) == set(index["clip_id"])
+    assert sorted(map(int, json.loads((run_dir / "manifest.json").read_text())["done"])) == list(range(shards))
+
+
+def test_a_shard_failing_every_attempt_becomes_failure_rows(indexed, tmp_path, monkeypatch):
+    overrides, run_dir, index = indexed
+    _failing_once(monkeypatch, shard=0, times=2)
+    results = run(make_cfg(tmp_path, [*overrides, "stage=extract", "extract.retries=1"]))
+    assert results["extract"]["failed_shards"] == [0]
+    failures = read_failures(run_dir)
+    lost = index.loc[index["shard"] == 0, "clip_id"]
+    assert set(failures["clip_id"]) == set(lost) and (failures["error_type"] == "RuntimeError").all()
+    assert set(read_tubes(run_dir, columns=["clip_id"])["clip_id"]) == set(index["clip_id"]) - set(lost)
+    with pytest.raises(RuntimeError, match="fail_fast.*shard 0: RuntimeError: shard 0 broke"):
+        _failing_once(monkeypatch, shard=0, times=1)
+        run(make_cfg(tmp_path, [*overrides, "stage=extract", "extract.fail_fast=true"]))
