@@ -175,6 +175,7 @@ def measure(out_dir: Path, quick: bool) -> dict:
             [sys.executable, "-m", "pipeline.bench._user_loop", json.dumps(settings)], "user loop"
         )
         figures["loops"][size] = dict(seconds=seconds, clips_per_s=size / seconds, cpu_ms_per_clip=1000 * cpu / size)
+        print(f"  loop {size}: {seconds:.1f} s, {cpu:.1f} CPU s; bound {figures['bounds'][size]}", flush=True)
         for method in ("cam", "gradcam"):
             for workers in (1, 2):
                 name = f"e2e-{size}-{method}-{workers}w"
@@ -193,8 +194,8 @@ def measure(out_dir: Path, quick: bool) -> dict:
                         cpu_ms_per_clip=1000 * cpu / size,
                     )
                 )
-                print(f"  {name}: {seconds:.1f} s", flush=True)
-    (root / "e2e.json").write_text(json.dumps(figures, indent=1))
+                print(f"  {name}: {seconds:.1f} s, {cpu:.1f} CPU s", flush=True)
+                (root / "e2e.json").write_text(json.dumps(figures, indent=1))  # so far: a long run can be read early
     return figures
 
 
