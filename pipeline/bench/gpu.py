@@ -114,12 +114,11 @@ def measure(cfg, rows, classes, run_dir: Path, cuda: bool) -> dict:
     started = time.perf_counter()
     clips = sum(len(batch["positions"]) for batch in loader)
     decode_rate = clips / (time.perf_counter() - started)
-    meter = BusyMeter(cuda)
-    trainer = make_trainer(cfg, [writer, meter], inference_mode=not module.explainer.method.needs_grad)
-    trainer.predict(module, loader, return_predictions=False)  # warm-up: cuDNN autotuning, first kernels
-    module, loader, writer = shard_job(cfg, run_dir, 0, rows, classes, "bench")
-    meter = BusyMeter(cuda)
-    trainer = make_trainer(cfg, [writer, meter], inference_mode=not module.explainer.method.needs_grad)
+    warm, loader_warm, writer_warm = shard_job(cfg, run_dir, 0, rows.head(4 * loader.batch_size), classes, "bench")
+    trainer = make_trainer(cfg, [writer_warm], inference_mode=not warm.explainer.method.needs_grad)
+    trainer.predict(warm, loader_warm, return_predictions=False)  # warm-up: cuDNN autotuning, first kernels
+    meter = BusyMeter(cuda)  # before the writer: its end event is recorded before the batch's rows are written
+    trainer = make_trainer(cfg, [meter, writer], inference_mode=not module.explainer.method.needs_grad)
     started = time.perf_counter()
     trainer.predict(module, loader, return_predictions=False)
     if cuda:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pandas as pd
+import torch
 
 from pipeline.runtime.shard import run_shard
 
@@ -40,7 +41,16 @@ def run_here(
     on_failed: Callable[[int, BaseException], None],
 ) -> None:
     """Run every shard of ``todo`` here, in order; ``on_done(shard, result)`` or ``on_failed(shard, error)``
-    after each (after its last attempt). ``on_failed`` may raise to stop the run (``extract.fail_fast``)."""
+    after each (after its last attempt). ``on_failed`` may raise to stop the run (``extract.fail_fast``).
+    The driver's torch thread count (a task sets ``extract.torch_threads``) is restored for the next stages."""
+    threads = torch.get_num_threads()
+    try:
+        _run_all(cfg_dict, run_dir, todo, classes, config_hash, retries, on_done, on_failed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_all(cfg_dict, run_dir, todo, classes, config_hash, retries, on_done, on_failed) -> None:
     for shard, rows in todo.items():
         for attempt in range(retries + 1):
             try:
