@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import pipeline.runtime.inprocess as inprocess
 from pipeline.__main__ import run
@@ -39,7 +40,13 @@ def test_a_small_run_starts_no_cluster_and_retries_a_failing_shard(indexed, tmp_
     overrides, run_dir, index = indexed
     calls = _failing_once(monkeypatch, shard=1, times=1)
     monkeypatch.setattr(LazyClient, "_client", lambda self: pytest.fail("a Dask cluster was started"))
-    results = run(make_cfg(tmp_path, [*overrides, "stage=extract", "extract.retries=1"]))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        results = run(make_cfg(tmp_path, [*overrides, "stage=extract", "extract.retries=1"]))
+        assert torch.get_num_threads() == 3  # the shards ran on extract.torch_threads=1; the driver's count is back
+    finally:
+        torch.set_num_threads(threads)
     shards = index["shard"].nunique()
     assert sorted(calls) == sorted([*range(shards), 1]) and results["extract"]["failed_shards"] == []
     tubes = read_tubes(run_dir, columns=["clip_id"])
