@@ -7,11 +7,12 @@ import json
 import pytest
 import torch
 
-import pipeline.runtime.inprocess as inprocess
+import pipeline.runtime.shard as shard_task
+from helpers.config import make_cfg
 from pipeline.__main__ import run
+from pipeline.errors import StageFailed
 from pipeline.runtime.cluster import LazyClient
 from pipeline.store import read_failures, read_index, read_tubes
-from tests.conftest import make_cfg
 
 
 @pytest.fixture
@@ -23,16 +24,16 @@ def indexed(pipeline_overrides, tmp_path):
 
 
 def _failing_once(monkeypatch, shard: int, times: int) -> list[int]:
-    """``run_shard`` raises the first ``times`` times it is given ``shard``; returns the shards it was given."""
-    real, calls = inprocess.run_shard, []
+    """An attempt at ``shard`` raises the first ``times`` times; returns the shards attempted, in order."""
+    real, calls = shard_task._explain_shard, []
 
-    def flaky(cfg_dict, run_dir, s, *args, **kwargs):
-        calls.append(s)
-        if s == shard and calls.count(s) <= times:
-            raise RuntimeError(f"shard {s} broke")
-        return real(cfg_dict, run_dir, s, *args, **kwargs)
+    def flaky(cfg, job, slog):
+        calls.append(job.shard)
+        if job.shard == shard and calls.count(shard) <= times:
+            raise RuntimeError(f"shard {shard} broke")
+        return real(cfg, job, slog)
 
-    monkeypatch.setattr(inprocess, "run_shard", flaky)
+    monkeypatch.setattr(shard_task, "_explain_shard", flaky)
     return calls
 
 
@@ -63,6 +64,6 @@ def test_a_shard_failing_every_attempt_becomes_failure_rows(indexed, tmp_path, m
     lost = index.loc[index["shard"] == 0, "clip_id"]
     assert set(failures["clip_id"]) == set(lost) and (failures["error_type"] == "RuntimeError").all()
     assert set(read_tubes(run_dir, columns=["clip_id"])["clip_id"]) == set(index["clip_id"]) - set(lost)
-    with pytest.raises(RuntimeError, match="fail_fast.*shard 0: RuntimeError: shard 0 broke"):
+    with pytest.raises(StageFailed, match="fail_fast.*shard 0: RuntimeError: shard 0 broke"):
         _failing_once(monkeypatch, shard=0, times=1)
         run(make_cfg(tmp_path, [*overrides, "stage=extract", "extract.fail_fast=true"]))

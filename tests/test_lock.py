@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers.config import make_cfg
 from pipeline.__main__ import run
 from pipeline.runtime.lock import LOCK_NAME, RunDirectoryBusy, run_lock
 from pipeline.store import read_index, read_tubes
-from tests.conftest import make_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 

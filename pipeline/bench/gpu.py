@@ -30,7 +30,9 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from pipeline.data.datasets.synthetic import SyntheticSpec, generate
-from pipeline.runtime.shard import loader_workers, make_trainer, quiet_lightning, shard_job
+from pipeline.runtime.builders import loader_workers, make_trainer, quiet_lightning
+from pipeline.runtime.job import ShardJob
+from pipeline.runtime.shard import shard_job
 from pipeline.store import read_index
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -110,11 +112,13 @@ def measure(cfg, rows, classes, run_dir: Path, cuda: bool) -> dict:
     quiet_lightning()
     if not cuda:
         torch.set_num_threads(1)  # as the extract stage's default torch_threads
-    module, loader, writer = shard_job(cfg, run_dir, 0, rows, classes, "bench")
+    module, loader, writer = shard_job(cfg, ShardJob(run_dir, 0, rows, classes, "bench"))
     started = time.perf_counter()
     clips = sum(len(batch["positions"]) for batch in loader)
     decode_rate = clips / (time.perf_counter() - started)
-    warm, loader_warm, writer_warm = shard_job(cfg, run_dir, 0, rows.head(4 * loader.batch_size), classes, "bench")
+    warm, loader_warm, writer_warm = shard_job(
+        cfg, ShardJob(run_dir, 0, rows.head(4 * loader.batch_size), classes, "bench")
+    )
     trainer = make_trainer(cfg, [writer_warm], inference_mode=not warm.explainer.method.needs_grad)
     trainer.predict(warm, loader_warm, return_predictions=False)  # warm-up: cuDNN autotuning, first kernels
     meter = BusyMeter(cuda)  # before the writer: its end event is recorded before the batch's rows are written
