@@ -12,6 +12,7 @@ from helpers.config import make_cfg
 from pipeline.__main__ import run
 from pipeline.errors import StageFailed
 from pipeline.runtime.cluster import LazyClient
+from pipeline.runtime.tasks import follow
 from pipeline.store import read_failures, read_index, read_tubes
 
 
@@ -67,3 +68,9 @@ def test_a_shard_failing_every_attempt_becomes_failure_rows(indexed, tmp_path, m
     with pytest.raises(StageFailed, match="fail_fast.*shard 0: RuntimeError: shard 0 broke"):
         _failing_once(monkeypatch, shard=0, times=1)
         run(make_cfg(tmp_path, [*overrides, "stage=extract", "extract.fail_fast=true"]))
+
+
+def test_nothing_to_run_starts_no_cluster(pipeline_overrides, tmp_path, monkeypatch):
+    monkeypatch.setattr(LazyClient, "_client", lambda self: pytest.fail("a Dask cluster was started"))
+    lazy = LazyClient(make_cfg(tmp_path, pipeline_overrides).cluster)
+    assert list(follow(lazy, print, {})) == [] and not lazy.started

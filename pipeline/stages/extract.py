@@ -202,8 +202,9 @@ def _run_locked(cfg, run_dir: Path, client) -> dict:
         if ddp.run_shards(cfg, run_dir, todo, meta["classes"], config_hash, done) != 0:
             return dict(shards=len(shards))  # rank 0 reports
         failed = {}
-    elif wants_in_process(cfg, sum(len(rows) for rows in todo.values())):
-        log.info("extract: %d clips left, run in this process (extract.in_process)", sum(map(len, todo.values())))
+    elif not todo or wants_in_process(cfg, sum(len(rows) for rows in todo.values())):  # no cluster started
+        if todo:
+            log.info("extract: %d clips left, run in this process (extract.in_process)", sum(map(len, todo.values())))
         with in_this_process():
             failed = run_on_dask(None, cfg, run_dir, todo, meta["classes"], config_hash, ledger, total=len(index))
     else:
