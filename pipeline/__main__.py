@@ -86,7 +86,7 @@ def run_stages(cfg: DictConfig, names: list[str], run_dir: Path) -> dict:
             log.info("stage %s done in %.1f s", name, time.perf_counter() - t0)
 
     if NEEDS_CLUSTER & set(names) and not (names == ["extract"] and extract.uses_ddp(cfg)):
-        with open_client(cfg.cluster) as client:
+        with open_client(cfg.cluster, lazy=True) as client:  # started when a stage first uses it
             each_stage(client)
     else:
         each_stage()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -19,7 +20,7 @@ from pipeline.__main__ import run
 from pipeline.errors import ConfigError, StageFailed
 from pipeline.models import DemoNet3D
 from pipeline.runtime import cluster
-from pipeline.runtime.builders import make_trainer
+from pipeline.runtime.builders import loader_workers, make_trainer
 from pipeline.stages import extract
 from pipeline.store import read_failures, read_index, read_tubes
 
@@ -110,6 +111,7 @@ def test_inside_a_slurm_allocation_a_task_uses_one_device(pipeline_overrides, tm
             [
                 *pipeline_overrides,
                 "cluster.processes=false",
+                "extract.in_process=false",
                 "index.clips_per_shard=8",
                 "run_name=slurm",
                 "stage=[index,extract]",
@@ -148,6 +150,7 @@ def test_retries_killed_workers_and_a_rerun(pipeline_overrides, tmp_path):
         "model.net._target_=helpers.traps.TrappedNet",
         f"+model.net.trap={traps}",
         "extract.retries=1",
+        "extract.in_process=false",
         "index.clips_per_shard=2",
         "run_name=traps",
     ]
@@ -271,3 +274,17 @@ def test_one_worker_per_gpu_each_offering_one():
             for addr in workers
         }
         assert sorted(devices.values()) == [0, 1]
+
+
+def test_gpu_tasks_decode_with_every_core_their_worker_owns_but_one(tmp_path):
+    def workers(*overrides):
+        return loader_workers(make_cfg(tmp_path, list(overrides)))
+
+    assert workers() == 0  # CPU: decoding shares the model's cores
+    assert workers("trainer.accelerator=gpu", "cluster.gpus=1", "extract.num_workers=3") == 3
+    cores = len(os.sched_getaffinity(0))
+    assert workers("trainer.accelerator=gpu", "cluster.gpus=2") == max(2, cores // 2 - 1)
+    # a SLURM job of 32 cores and 4 GPUs: 8 cores per GPU worker, 7 of them decoding
+    slurm = ["cluster=slurm", "cluster.cores=32", "cluster.gpus_per_job=4", "trainer.accelerator=gpu"]
+    assert workers(*slurm) == 7
+    assert workers(*slurm[:2], "cluster.gpus_per_job=16", "trainer.accelerator=gpu") == 2

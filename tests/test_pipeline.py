@@ -37,7 +37,7 @@ def dataset(synthetic_root, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cam_run(dataset, random_checkpoint, tmp_path_factory):
-    """index -> (a video vanishes) -> extract -> stats -> report, with one Dask worker process."""
+    """index -> (a video vanishes) -> extract -> stats -> report; extract runs in the driver (few clips)."""
     root = tmp_path_factory.mktemp("run")
     overrides = _overrides(dataset, random_checkpoint) + ["run_name=cam", "store.codec=float32"]
     run(make_cfg(root, overrides + ["stage=index"]))
@@ -192,7 +192,8 @@ def test_pointing_game_recomputed_from_boxes(cam_run, dataset):
 
 def test_two_workers_give_the_same_rows(cam_run):
     root, run_dir, overrides = cam_run
-    # and two DataLoader processes per task decoding while the model runs: the same batches, in the same order
+    # two Dask worker processes (cam ran in the driver), each with two DataLoader processes decoding while the
+    # model runs: the same batches, in the same order, the same bytes
     run(
         make_cfg(
             root,
@@ -201,6 +202,7 @@ def test_two_workers_give_the_same_rows(cam_run):
                 "run_name=cam2",
                 "store.codec=float32",
                 "cluster.n_workers=2",
+                "extract.in_process=false",
                 "extract.num_workers=2",
                 "stage=[index,extract]",
             ],

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from pipeline.bench._user_loop import user_loop
 from pipeline.explain.explainer import TubeExplainer
 from pipeline.explain.methods import CAM, Fusion, GradCAM, GradCAMPlusPlus, LayerCAM, ScoreCAM, XGradCAM
 from pipeline.explain.upsample import upsample
@@ -272,40 +272,14 @@ def storage(label: str, batch: int) -> dict:
 
 
 def _user_loop(rows, cfg, out_dir: Path) -> float:
-    """The loop a user writes today: PyAV decode per clip, resize/crop, pytorch-grad-cam, np.save per clip."""
-    import av
-    from pytorch_grad_cam import GradCAM as PgcGradCAM
-
+    """The loop a user writes today (:func:`pipeline.bench._user_loop.user_loop`) on ``cfg.model``."""
     from pipeline.models import build_model
 
     net = build_model(cfg.model)
-    layer = net.get_submodule(cfg.model.layer)
-    size, short = tuple(cfg.model.input.size), int(cfg.model.input.short_side)
-    mean = torch.tensor(cfg.model.input.mean).view(3, 1, 1, 1)
-    std = torch.tensor(cfg.model.input.std).view(3, 1, 1, 1)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    with PgcGradCAM(model=net, target_layers=[layer]) as cam:
-        for row in rows.itertuples():
-            wanted = list(map(int, row.frame_indices))
-            frames = {}
-            with av.open(row.source) as container:
-                for i, frame in enumerate(container.decode(video=0)):
-                    if i in wanted:
-                        frames[i] = frame.to_ndarray(format="rgb24")
-                    if i >= max(wanted):
-                        break
-            clip = (
-                torch.from_numpy(np.stack([frames[i] for i in wanted])).permute(3, 0, 1, 2).float() / 255
-            )  # (3, T, H, W)
-            h, w = clip.shape[2:]
-            scale = short / min(h, w)
-            clip = F.interpolate(clip, size=(round(h * scale), round(w * scale)), mode="bilinear", align_corners=False)
-            top, left = (clip.shape[2] - size[0]) // 2, (clip.shape[3] - size[1]) // 2
-            clip = (clip[:, :, top : top + size[0], left : left + size[1]] - mean) / std
-            volume = cam(input_tensor=clip[None], targets=None)
-            np.save(out_dir / f"{row.clip_id}.npy", volume)
-    return time.perf_counter() - started
+    i = cfg.model.input
+    return user_loop(
+        net, net.get_submodule(cfg.model.layer), rows, int(i.short_side), tuple(i.size), i.mean, i.std, out_dir
+    )
 
 
 def end_to_end(out_dir: Path, quick: bool) -> list[dict]:

@@ -54,24 +54,28 @@ def build_explainer(cfg, model_cfg=None) -> TubeExplainer:
     return _cache.explainer
 
 
-def torch_threads(cfg) -> int:
-    """Torch threads per task: ``extract.torch_threads``; ``auto`` = the cores of a machine (or SLURM job)
-    divided by its workers."""
-    setting = cfg.extract.torch_threads
-    if setting != "auto":
-        return int(setting)
+def worker_cores(cfg) -> int:
+    """The CPU cores one Dask worker owns: the machine's (or the SLURM job's ``cluster.cores``) over its workers
+    (one per GPU on GPUs)."""
     cluster = cfg.cluster
-    cores = int(cluster.get("cores") or os.cpu_count() or 1)
+    cores = int(cluster.get("cores") or len(os.sched_getaffinity(0)) or 1)
     workers = int(cluster.get("gpus") or cluster.get("gpus_per_job") or cluster.get("n_workers") or 1)
     return max(1, cores // workers)
 
 
+def torch_threads(cfg) -> int:
+    """Torch threads per task: ``extract.torch_threads``; ``auto`` = the cores its worker owns."""
+    setting = cfg.extract.torch_threads
+    return int(setting) if setting != "auto" else worker_cores(cfg)
+
+
 def loader_workers(cfg) -> int:
-    """DataLoader worker processes per task: ``extract.num_workers``; ``auto`` = 2 on a GPU (decode while the
-    model runs), 0 on the CPU (decoding and the model share the same cores)."""
+    """DataLoader worker processes per task: ``extract.num_workers``; ``auto`` = on a GPU every core the worker
+    owns but one (which drives the GPU), at least 2, so that decoding keeps up with the device; on the CPU 0
+    (decoding and the model share the same cores)."""
     setting = cfg.extract.num_workers
     if setting == "auto":
-        return 0 if str(cfg.trainer.accelerator) == "cpu" else 2
+        return 0 if str(cfg.trainer.accelerator) == "cpu" else max(2, worker_cores(cfg) - 1)
     return int(setting)
 
 

@@ -193,6 +193,35 @@ def offers_gpus(cfg) -> bool:
     return int(settings.get("gpus", 0) or settings.get("gpus_per_job", 0) or 0) > 0 or "address" in settings
 
 
+class LazyClient:
+    """A Dask client that starts its cluster on first use: a stage that runs in-process never pays for one.
+
+    Every attribute of :class:`dask.distributed.Client` is available; the first access starts the cluster
+    (with the same settings as :func:`open_client`). :meth:`close` closes what was started, if anything.
+    """
+
+    def __init__(self, cfg):
+        self._cfg, self._stack = cfg, None
+
+    @property
+    def started(self) -> bool:
+        return self._stack is not None
+
+    def _client(self):
+        if self._stack is None:
+            self._stack = contextlib.ExitStack()
+            self._real = self._stack.enter_context(open_client(self._cfg))
+        return self._real
+
+    def __getattr__(self, name):
+        return getattr(self._client(), name)
+
+    def close(self) -> None:
+        if self._stack is not None:
+            self._stack.close()
+            self._stack = None
+
+
 @contextlib.contextmanager
 def children_ignore_sigint():
     """Processes started in the block (local Dask workers) ignore SIGINT: Ctrl-C reaches the terminal's whole
@@ -210,11 +239,19 @@ def children_ignore_sigint():
 
 
 @contextlib.contextmanager
-def open_client(cfg):
+def open_client(cfg, lazy: bool = False):
     """A Dask client for ``cfg`` (the ``cluster`` config group); a cluster started here is closed on exit.
 
-    Worker processes are made non-daemonic so that a task may start DataLoader worker processes.
+    Worker processes are made non-daemonic so that a task may start DataLoader worker processes. With
+    ``lazy``, a :class:`LazyClient`: the cluster starts only when a stage first uses it.
     """
+    if lazy:
+        client = LazyClient(cfg)
+        try:
+            yield client
+        finally:
+            client.close()
+        return
     fn, settings = _settings(cfg)
     with dask.config.set({"distributed.worker.daemon": False, "distributed.admin.system-monitor.gil.enabled": False}):
         with children_ignore_sigint():

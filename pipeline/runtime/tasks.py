@@ -36,6 +36,8 @@ def follow(
     Dask's own error (after ``distributed.scheduler.allowed-failures`` reruns). Tasks not yet finished are
     cancelled when the caller stops iterating (an error it raises, Ctrl-C), so nothing runs on after the loop.
     """
+    if not jobs:  # nothing to run: no cluster needed (a lazy client stays unstarted)
+        return
     if client is None:
         for key, args in jobs.items():
             yield (key, *_unpack(_call(fn, *args)))

@@ -30,7 +30,9 @@ from pipeline.models.classes import check_targets
 from pipeline.runtime import ddp
 from pipeline.runtime.builders import build_explainer
 from pipeline.runtime.cluster import GPU, offers_gpus, open_client
+from pipeline.runtime.inprocess import in_this_process, wants_in_process
 from pipeline.runtime.job import ShardJob, ShardResult
+from pipeline.runtime.lock import POLICIES, run_lock
 from pipeline.runtime.module import TARGET_MODES
 from pipeline.runtime.shard import log_path, run_shard
 from pipeline.runtime.tasks import follow
@@ -124,6 +126,10 @@ def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
     for key, least in (("batch_size", 1), ("prefetch_factor", 1), ("num_workers", 0), ("retries", 0)):
         if not (key == "num_workers" and cfg.extract[key] == "auto") and int(cfg.extract[key]) < least:
             raise ConfigError(f"extract.{key} must be >= {least}, got {cfg.extract[key]}")
+    if cfg.extract.get("concurrent", "wait") not in POLICIES:
+        raise ConfigError(f"extract.concurrent must be one of {POLICIES}, got {cfg.extract.concurrent!r}")
+    if cfg.extract.get("in_process", "auto") not in ("auto", True, False):
+        raise ConfigError(f"extract.in_process must be auto, true or false, got {cfg.extract.in_process!r}")
     threads = cfg.extract.torch_threads
     if threads != "auto" and (not str(threads).isdigit() or int(threads) < 1):
         raise ConfigError(f"extract.torch_threads must be 'auto' or >= 1, got {threads!r}")
@@ -203,8 +209,15 @@ def uses_ddp(cfg) -> bool:
 def run(cfg, run_dir: Path, client=None) -> dict:
     """Explain every shard of the index not finished yet; returns a summary (shards, rows, failures by reason)."""
     if client is None and not uses_ddp(cfg):
-        with open_client(cfg.cluster) as own:
+        with open_client(cfg.cluster, lazy=True) as own:
             return run(cfg, run_dir, own)
+    if uses_ddp(cfg):  # every rank is a driver of its own share: Lightning coordinates them
+        return _run_locked(cfg, run_dir, client)
+    with run_lock(run_dir, str(cfg.extract.get("concurrent", "wait"))):
+        return _run_locked(cfg, run_dir, client)
+
+
+def _run_locked(cfg, run_dir: Path, client) -> dict:
     index, meta = read_index(run_dir)
     config_hash = fingerprint(cfg)
     ledger = Ledger(run_dir, config_hash)
@@ -251,6 +264,11 @@ def compute(client, cfg, run_dir: Path, todo, classes, config_hash: str, ledger:
             )
 
         return {} if ddp.run_shards(cfg, run_dir, todo, classes, config_hash, done) == 0 else None
+    if not todo or wants_in_process(cfg, sum(len(rows) for rows in todo.values())):  # no cluster started
+        if todo:
+            log.info("extract: %d clips left, run in this process (extract.in_process)", sum(map(len, todo.values())))
+        with in_this_process():
+            return run_on_dask(None, cfg, run_dir, todo, classes, config_hash, ledger, total=total)
     return run_on_dask(client, cfg, run_dir, todo, classes, config_hash, ledger, total=total)
 
 
@@ -291,6 +309,7 @@ def run_on_dask(
     total: int,
 ) -> dict[int, str]:
     """One task per shard (one GPU each on GPUs); records each shard as it ends. Returns the failed shards' errors.
+    With ``client=None`` the shards run one after another in this process (progress then moves per shard).
 
     Raises:
         StageFailed: with ``extract.fail_fast``, at the first failed clip or shard.
@@ -307,7 +326,8 @@ def run_on_dask(
     done_before = total - sum(len(r) for r in todo.values())
     with tqdm(total=total, initial=done_before, desc="extract", unit="clip", smoothing=0.1) as bar:
         progress = ShardProgress(bar)
-        client.subscribe_topic(topic, progress.on_event)
+        if client is not None:
+            client.subscribe_topic(topic, progress.on_event)
         try:
             for shard, result, error in follow(client, run_shard, jobs, name="extract", resources=resources):
                 if error is not None:  # the task itself was lost (its worker died): Dask's own retries are spent
@@ -336,7 +356,8 @@ def run_on_dask(
                     progress.add_failed(len(todo[shard]))
                 progress.set(shard, len(todo[shard]), end=True)
         finally:
-            client.unsubscribe_topic(topic)
+            if client is not None:
+                client.unsubscribe_topic(topic)
     return failed
 
 

@@ -1,0 +1,242 @@
+"""End to end, as a new user measures it: the extract stage as a whole process against the loop a user writes
+today (also a whole process) and against the decode + forward bound of this machine, all in one run.
+
+Setup: the synthetic dataset in UCF-101 layout (every split), a small 3D CNN given through
+``model=custom model.net._target_=pipeline.models.DemoNet3D`` with random weights, 16 x 64 x 64 clips
+(``sampler=uniform``), the default cluster (``cluster=local``) with one or two workers. For each size
+(100 and 1,680 clips; ``--quick``: 20 and 80):
+
+- **project**: ``python -m pipeline stage=extract ...`` over an index of exactly those clips, timed from the
+  process start to its exit (interpreter, imports, cluster, model, every shard, Parquet);
+- **loop**: :mod:`pipeline.bench._user_loop` on the same clips (PyAV from the start of each file,
+  pytorch-grad-cam, ``np.save`` per clip), timed the same way; Grad-CAM equals CAM on this network (global
+  average pooling into a linear head), so it is the baseline of both methods;
+- **bound**: the same clips (at most 320 of them, spread evenly) decoded by the project's PyAV reader and run
+  through the model's forward in batches of 8 on one thread, in this process; clips/s times the cores:
+  what the machine does with no explanation, no storage and no coordination at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.data.clip_index import assign_shards
+from pipeline.data.clips import ClipDataset, collate_clips
+from pipeline.data.datasets.synthetic import SyntheticSpec, generate
+from pipeline.data.video import ResizeCrop
+from pipeline.models import DemoNet3D
+from pipeline.store import INDEX_SCHEMA, write_table_atomic
+
+REPO = Path(__file__).resolve().parents[2]
+CLIPS_PER_SHARD = 32  # the default index.clips_per_shard
+SIZE, SHORT, CLIP_LEN, BATCH = (64, 64), 64, 16, 8
+MEAN, STD = [0.43216, 0.394666, 0.37645], [0.22803, 0.22145, 0.216989]
+LAYER = "features.block3"
+NET = "pipeline.models.DemoNet3D"
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def overrides(root: Path, data: Path, checkpoint: Path, run_name: str) -> list[str]:
+    """The command line of the project's run: a user's own network by ``_target_``, random weights."""
+    return [
+        f"paths.root={root}",
+        f"run_name={run_name}",
+        f"dataset.root={data}",
+        "dataset.generate_if_missing=false",
+        "dataset.split=all",
+        "sampler=uniform",
+        "sampler.num_clips=7",
+        "model=custom",
+        f"model.net._target_={NET}",
+        "+model.net.num_classes=4",
+        f"model.checkpoint={checkpoint}",
+        f"model.layer={LAYER}",
+        f"model.input.clip_len={CLIP_LEN}",
+        "model.input.frame_stride=1",
+        f"model.input.short_side={SHORT}",
+        f"model.input.size=[{SIZE[0]},{SIZE[1]}]",
+        f"extract.batch_size={BATCH}",
+    ]
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed_process(args: list[str], what: str) -> tuple[float, float, str]:
+    """Wall seconds of a child process from its start to its exit, the CPU seconds of its process tree (every
+    process it started and waited for: Dask nannies and workers too) and its output."""
+    cpu, started = _children_cpu(), time.perf_counter()
+    done = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{(done.stdout + done.stderr)[-3000:]}")
+    return seconds, _children_cpu() - cpu, done.stdout + done.stderr
+
+
+def write_index(frame: pd.DataFrame, meta: bytes, run_dir: Path) -> None:
+    """A fresh run directory holding only ``frame`` as its index (re-sharded)."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    frame = frame.reset_index(drop=True).assign(shard=assign_shards(len(frame), CLIPS_PER_SHARD))
+    table = pa.Table.from_pandas(frame, schema=INDEX_SCHEMA, preserve_index=False)
+    write_table_atomic(table, run_dir / "index.parquet", {"saliency_tubes": meta.decode()})
+
+
+def bound(frame: pd.DataFrame, checkpoint: Path, limit: int) -> dict:
+    """Decode + forward on one thread, batches of ``BATCH``, over at most ``limit`` of the clips."""
+    rows = frame.iloc[np.linspace(0, len(frame) - 1, min(limit, len(frame))).round().astype(int)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        net = DemoNet3D(num_classes=4).eval()
+        net.load_state_dict(torch.load(checkpoint, weights_only=True))
+        dataset = ClipDataset(rows, ResizeCrop(SHORT, SIZE))
+        mean, std = torch.tensor(MEAN).view(1, 3, 1, 1, 1), torch.tensor(STD).view(1, 3, 1, 1, 1)
+        decode = forward = 0.0
+        cpu = time.process_time()
+        with torch.inference_mode():
+            for start in range(0, len(dataset), BATCH):
+                t0 = time.perf_counter()
+                batch = collate_clips([dataset[i] for i in range(start, min(start + BATCH, len(dataset)))])
+                t1 = time.perf_counter()
+                net((batch["video"] - mean) / std)
+                t2 = time.perf_counter()
+                decode, forward = decode + t1 - t0, forward + t2 - t1
+        cpu = time.process_time() - cpu
+    finally:
+        torch.set_num_threads(threads)
+    per_core = len(rows) / (decode + forward)
+    return dict(
+        clips=len(rows),
+        decode_s=decode,
+        forward_s=forward,
+        per_core=per_core,
+        clips_per_s=per_core * cores(),
+        cpu_ms_per_clip=1000 * cpu / len(rows),
+    )
+
+
+def prepare(root: Path, quick: bool) -> tuple[Path, Path, pd.DataFrame, bytes]:
+    """The dataset, a random checkpoint and the full index (built by the project's own index stage)."""
+    spec = SyntheticSpec(groups=2, clips_per_group=3) if quick else SyntheticSpec()
+    data = generate(root / "data", spec, progress=False)
+    checkpoint = root / "random.pt"
+    torch.manual_seed(0)
+    torch.save(DemoNet3D(num_classes=4).state_dict(), checkpoint)
+    timed_process(
+        [sys.executable, "-m", "pipeline", "stage=index", *overrides(root, data, checkpoint, "e2e-index")], "index"
+    )
+    table = pq.read_table(root / "outputs" / "e2e-index" / "index.parquet")
+    return data, checkpoint, table.to_pandas(), table.schema.metadata[b"saliency_tubes"]
+
+
+def measure(out_dir: Path, quick: bool) -> dict:
+    root = Path(out_dir).resolve() / "e2e"
+    data, checkpoint, full, meta = prepare(root, quick)
+    sizes = (20, 80) if quick else (100, len(full))
+    figures = dict(cores=cores(), runs=[], loops={}, bounds={})
+    for size in sizes:
+        frame = full.iloc[np.linspace(0, len(full) - 1, size).round().astype(int)] if size < len(full) else full
+        figures["bounds"][size] = bound(frame, checkpoint, 64 if quick else 320)
+        loop_index = root / f"loop-{size}.parquet"
+        pq.write_table(pa.Table.from_pandas(frame[["source", "frame_indices"]], preserve_index=False), loop_index)
+        settings = dict(
+            index=str(loop_index),
+            out_dir=str(root / f"loop-{size}"),
+            net=NET,
+            num_classes=4,
+            checkpoint=str(checkpoint),
+            layer=LAYER,
+            short_side=SHORT,
+            size=list(SIZE),
+            mean=MEAN,
+            std=STD,
+        )
+        shutil.rmtree(settings["out_dir"], ignore_errors=True)
+        seconds, cpu, _ = timed_process(
+            [sys.executable, "-m", "pipeline.bench._user_loop", json.dumps(settings)], "user loop"
+        )
+        figures["loops"][size] = dict(seconds=seconds, clips_per_s=size / seconds, cpu_ms_per_clip=1000 * cpu / size)
+        print(f"  loop {size}: {seconds:.1f} s, {cpu:.1f} CPU s; bound {figures['bounds'][size]}", flush=True)
+        for method in ("cam", "gradcam"):
+            for workers in (1, 2):
+                name = f"e2e-{size}-{method}-{workers}w"
+                write_index(frame, meta, root / "outputs" / name)
+                args = [*overrides(root, data, checkpoint, name), f"method={method}", f"cluster.n_workers={workers}"]
+                seconds, cpu, output = timed_process([sys.executable, "-m", "pipeline", "stage=extract", *args], name)
+                stage = re.search(r"stage extract done in ([\d.]+) s", output)
+                figures["runs"].append(
+                    dict(
+                        clips=size,
+                        method=method,
+                        workers=workers,
+                        seconds=seconds,
+                        stage_s=float(stage.group(1)) if stage else None,
+                        clips_per_s=size / seconds,
+                        cpu_ms_per_clip=1000 * cpu / size,
+                    )
+                )
+                print(f"  {name}: {seconds:.1f} s, {cpu:.1f} CPU s", flush=True)
+                (root / "e2e.json").write_text(json.dumps(figures, indent=1))  # so far: a long run can be read early
+    return figures
+
+
+def table(figures: dict) -> list[str]:
+    """The Markdown rows: each run against the loop and the bound of its size."""
+    lines = [
+        "| clips | method | workers | project s | clips/s | x loop | of bound | loop clips/s | bound clips/s "
+        "| CPU ms/clip: project / loop / bound |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in figures["runs"]:
+        loop, limit = figures["loops"][r["clips"]], figures["bounds"][r["clips"]]
+        lines.append(
+            f"| {r['clips']} | {r['method']} | {r['workers']} | {r['seconds']:.1f} | {r['clips_per_s']:.1f} "
+            f"| {r['clips_per_s'] / loop['clips_per_s']:.2f} | {r['clips_per_s'] / limit['clips_per_s']:.2f} "
+            f"| {loop['clips_per_s']:.1f} | {limit['clips_per_s']:.1f} "
+            f"| {r['cpu_ms_per_clip']:.0f} / {loop['cpu_ms_per_clip']:.0f} / {limit['cpu_ms_per_clip']:.0f} |"
+        )
+    return lines
+
+
+def run(out_dir: Path, quick: bool) -> str:
+    figures = measure(out_dir, quick)
+    runs = {(r["clips"], r["method"], r["workers"]): r["clips_per_s"] for r in figures["runs"]}
+    large = max(r["clips"] for r in figures["runs"])
+    scaling = ", ".join(f"{m} {runs[(large, m, 2)] / runs[(large, m, 1)]:.2f}x" for m in ("cam", "gradcam"))
+    shares = {size: b["forward_s"] / (b["decode_s"] + b["forward_s"]) for size, b in figures["bounds"].items()}
+    return "\n".join(
+        [
+            "## End to end (`e2e`)",
+            "",
+            f"Synthetic UCF-101-layout videos, a random DemoNet3D given as `model.net._target_`, 16x64x64 clips, "
+            f"batch {BATCH}, default cluster, {figures['cores']} cores. *project*: `python -m pipeline stage=extract` "
+            "timed as a whole process (imports, cluster, model, Parquet); *loop*: PyAV + pytorch-grad-cam + "
+            "`np.save` per clip, one process, also whole; *bound*: PyAV decode + forward in batches of "
+            f"{BATCH} on one thread, times the cores (forward {min(shares.values()):.0%}-{max(shares.values()):.0%} "
+            "of it).",
+            "",
+            *table(figures),
+            "",
+            f"{large} clips, 2 workers / 1 worker: {scaling}.",
+            "",
+        ]
+    )

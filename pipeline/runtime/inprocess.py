@@ -1,0 +1,38 @@
+"""Run extract shards in the driver process when a cluster cannot pay off.
+
+A Dask worker process pays for its own start and for importing torch and Lightning again (seconds on a small
+machine: more CPU than the tubes of a few hundred clips of a small 3D CNN). ``extract.in_process=auto`` runs a
+CPU job whose clips left to compute are at most :data:`AUTO_MAX_CLIPS` in the driver instead: one shard after
+another, the same task a worker runs (same torch threads, so the same bytes; the same retries). What only a
+separate process gives is lost: a shard that kills its process (a crash in native code) ends the run instead
+of becoming failure rows; rerunning resumes it as it resumes any killed run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+#: ``extract.in_process=auto``: at most this many clips left on the CPU run in the driver. On 2 cores the two
+#: worker processes of the default cluster cost about as much CPU as this many clips (``make bench BENCH=e2e``).
+AUTO_MAX_CLIPS = 256
+
+
+def wants_in_process(cfg, clips_left: int) -> bool:
+    """Whether the stage runs its shards in this process (``extract.in_process``: auto, true or false)."""
+    setting = cfg.extract.get("in_process", "auto")
+    if setting == "auto":
+        return str(cfg.trainer.accelerator) == "cpu" and clips_left <= AUTO_MAX_CLIPS
+    return bool(setting)
+
+
+@contextlib.contextmanager
+def in_this_process():
+    """Around shards run in the driver: a task sets ``extract.torch_threads``; the next stages get the driver's
+    own count back."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -1,0 +1,76 @@
+"""A small CPU extract runs in the driver: no cluster starts, a failing shard is retried, then becomes failure rows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import pipeline.runtime.shard as shard_task
+from helpers.config import make_cfg
+from pipeline.__main__ import run
+from pipeline.errors import StageFailed
+from pipeline.runtime.cluster import LazyClient
+from pipeline.runtime.tasks import follow
+from pipeline.store import read_failures, read_index, read_tubes
+
+
+@pytest.fixture
+def indexed(pipeline_overrides, tmp_path):
+    overrides = [*pipeline_overrides, "cluster.processes=false", "index.clips_per_shard=2", "run_name=here"]
+    run(make_cfg(tmp_path, [*overrides, "stage=index"]))
+    index, _ = read_index(tmp_path / "outputs" / "here")
+    return overrides, tmp_path / "outputs" / "here", index
+
+
+def _failing_once(monkeypatch, shard: int, times: int) -> list[int]:
+    """An attempt at ``shard`` raises the first ``times`` times; returns the shards attempted, in order."""
+    real, calls = shard_task._explain_shard, []
+
+    def flaky(cfg, job, slog):
+        calls.append(job.shard)
+        if job.shard == shard and calls.count(shard) <= times:
+            raise RuntimeError(f"shard {shard} broke")
+        return real(cfg, job, slog)
+
+    monkeypatch.setattr(shard_task, "_explain_shard", flaky)
+    return calls
+
+
+def test_a_small_run_starts_no_cluster_and_retries_a_failing_shard(indexed, tmp_path, monkeypatch):
+    overrides, run_dir, index = indexed
+    calls = _failing_once(monkeypatch, shard=1, times=1)
+    monkeypatch.setattr(LazyClient, "_client", lambda self: pytest.fail("a Dask cluster was started"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        results = run(make_cfg(tmp_path, [*overrides, "stage=extract", "extract.retries=1"]))
+        assert torch.get_num_threads() == 3  # the shards ran on extract.torch_threads=1; the driver's count is back
+    finally:
+        torch.set_num_threads(threads)
+    shards = index["shard"].nunique()
+    assert sorted(calls) == sorted([*range(shards), 1]) and results["extract"]["failed_shards"] == []
+    tubes = read_tubes(run_dir, columns=["clip_id"])
+    assert tubes["clip_id"].is_unique and set(tubes["clip_id"]) == set(index["clip_id"])
+    assert sorted(map(int, json.loads((run_dir / "manifest.json").read_text())["done"])) == list(range(shards))
+
+
+def test_a_shard_failing_every_attempt_becomes_failure_rows(indexed, tmp_path, monkeypatch):
+    overrides, run_dir, index = indexed
+    _failing_once(monkeypatch, shard=0, times=2)
+    results = run(make_cfg(tmp_path, [*overrides, "stage=extract", "extract.retries=1"]))
+    assert results["extract"]["failed_shards"] == [0]
+    failures = read_failures(run_dir)
+    lost = index.loc[index["shard"] == 0, "clip_id"]
+    assert set(failures["clip_id"]) == set(lost) and (failures["error_type"] == "RuntimeError").all()
+    assert set(read_tubes(run_dir, columns=["clip_id"])["clip_id"]) == set(index["clip_id"]) - set(lost)
+    with pytest.raises(StageFailed, match="fail_fast.*shard 0: RuntimeError: shard 0 broke"):
+        _failing_once(monkeypatch, shard=0, times=1)
+        run(make_cfg(tmp_path, [*overrides, "stage=extract", "extract.fail_fast=true"]))
+
+
+def test_nothing_to_run_starts_no_cluster(pipeline_overrides, tmp_path, monkeypatch):
+    monkeypatch.setattr(LazyClient, "_client", lambda self: pytest.fail("a Dask cluster was started"))
+    lazy = LazyClient(make_cfg(tmp_path, pipeline_overrides).cluster)
+    assert list(follow(lazy, print, {})) == [] and not lazy.started
