@@ -297,7 +297,9 @@ def test_oracle_layouts_agree_with_hand_reshape():
 def test_method_configs_instantiate(tmp_path):
     from hydra.utils import instantiate
 
-    fusion = instantiate(make_cfg(tmp_path, ["model=r3d_18", "method=fusion", "method.combine=max"]).method)
+    assert instantiate(make_cfg(tmp_path, ["model=r3d_18", "method=fusion"]).method).layers == "auto"
+    overrides = ["model=r3d_18", "method=fusion", "method.combine=max", "method.layers=${model.fusion_layers}"]
+    fusion = instantiate(make_cfg(tmp_path, overrides).method)
     assert (
         isinstance(fusion, Fusion)
         and fusion.layers == ["layer3", "layer4"]
@@ -306,13 +308,24 @@ def test_method_configs_instantiate(tmp_path):
     )
     layercam = instantiate(
         make_cfg(
-            tmp_path, ["model=mvit_v2_s", "method=fusion", "method.method._target_=pipeline.explain.methods.LayerCAM"]
+            tmp_path,
+            [
+                "model=mvit_v2_s",
+                "method=fusion",
+                "method.method._target_=pipeline.explain.methods.LayerCAM",
+                "method.layers=${model.fusion_layers}",
+            ],
         ).method
     )
     assert isinstance(layercam.method, LayerCAM) and layercam.layers == ["blocks.13", "blocks.14"]
     assert instantiate(make_cfg(tmp_path, ["method=scorecam", "method.batch_size=5"]).method).batch_size == 5
     with pytest.raises(Exception, match="at least two layers"):
-        instantiate(make_cfg(tmp_path, ["model=custom", "model.net._target_=x.Y", "method=fusion"]).method)
+        instantiate(
+            make_cfg(
+                tmp_path,
+                ["model=custom", "model.net._target_=x.Y", "method=fusion", "method.layers=${model.fusion_layers}"],
+            ).method
+        )
 
 
 def test_random_weights_are_the_same_network_in_every_process(tmp_path):

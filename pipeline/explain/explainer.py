@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.explain.layouts import LayerOutput, read_output, replace_output
+from pipeline.explain.levels import choose_layers
 from pipeline.explain.methods import (  # noqa: F401 - the methods are part of this module's interface
     CAM,
     Evidence,
@@ -34,11 +35,13 @@ from pipeline.models import ModelError, find_classifier, find_layer, get_module,
 
 @dataclass
 class Explanation:
-    """What one batch yields: logits ``(N, K)``, targets ``(N, k)`` and native tubes ``(N, k, t, h, w)``."""
+    """What one batch yields: logits ``(N, K)``, targets ``(N, k)`` and native tubes ``(N, k, t, h, w)``;
+    for a fusion, each fused layer's own tube too (``layer_tubes``, in the order of ``layer_names``)."""
 
     logits: torch.Tensor
     targets: torch.Tensor
     tubes: torch.Tensor
+    layer_tubes: list[torch.Tensor] | None = None
 
 
 def classifier_weight(head: nn.Module, name: str) -> torch.Tensor:
@@ -58,7 +61,8 @@ class TubeExplainer(nn.Module):
         net: the classifier (eval mode); its parameters are frozen here.
         method: a :class:`~pipeline.explain.methods.SaliencyMethod`; a :class:`~pipeline.explain.methods.Fusion` names its own layers.
         input_shape: ``(3, T, H, W)``, used to find and check the layer(s) with one zero clip.
-        layer: dotted name of the explained layer; ``None`` finds the last module with a 5-D output.
+        layer: dotted name of the explained layer; ``None`` finds the last module with a 5-D output. A fusion
+            names its own layers, or finds them (``layers=auto``, :func:`pipeline.explain.levels.choose_layers`).
         classifier: dotted name of the linear classifier (``cam`` only); ``None`` takes the last linear one.
         layout: how the layer's output is laid out (:mod:`pipeline.explain.layouts`): ``auto``, ``ncthw``, ``nthwc``
             or ``tokens``.
@@ -77,7 +81,12 @@ class TubeExplainer(nn.Module):
         self.net = net.eval().requires_grad_(False)
         self.method = method
         self.layout = layout or "auto"
-        self.layer_names = list(method.layers) if method.layers else [layer or find_layer(net, input_shape)]
+        if isinstance(method, Fusion) and method.layers == Fusion.AUTO:
+            self.layer_names = choose_layers(net, input_shape, self.layout, method.levels)
+        elif method.layers:
+            self.layer_names = list(method.layers)
+        else:
+            self.layer_names = [layer or find_layer(net, input_shape)]
         self.layer_name = "+".join(self.layer_names)
         self.layers = [get_module(net, name, "model.layer") for name in self.layer_names]
         device = next(net.parameters()).device
@@ -181,7 +190,10 @@ class TubeExplainer(nn.Module):
                 )
                 for out, grad in zip(outputs, grads)
             ]
-            tubes = self.method.fuse(evidence) if isinstance(self.method, Fusion) else self.method.tubes(evidence[0])
+            if isinstance(self.method, Fusion):
+                layer_tubes = self.method.layer_tubes(evidence)
+                return Explanation(logits.detach().float(), targets, self.method.fuse_tubes(layer_tubes), layer_tubes)
+            tubes = self.method.tubes(evidence[0])
         return Explanation(logits.detach().float(), targets, tubes)
 
 
