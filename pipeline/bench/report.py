@@ -136,6 +136,7 @@ def write_synthetic_run(
             volume_codec=["float16"] * n,
             volume_scale=scale.numpy(),
             peak_frame=np.asarray(columns["frame_indices"])[np.arange(n), st["peak_t"].numpy()],
+            layer_volumes=[None] * n,
         )
         for name, value in st.items():
             value = value.numpy()

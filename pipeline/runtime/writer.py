@@ -18,7 +18,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pytorch_lightning.callbacks import BasePredictionWriter
 
-from pipeline.store import COMPRESSION, TUBE_SCHEMA, encode_volume, failures_table, part_name, write_table_atomic
+from pipeline.store import (
+    COMPRESSION,
+    TUBE_SCHEMA,
+    encode_layer_volumes,
+    encode_volume,
+    failures_table,
+    part_name,
+    write_table_atomic,
+)
 
 _INDEX_COLUMNS = ["clip_id", "video_id", "source", "label", "label_name", "split", "frame_indices", "padded", "shard"]
 
@@ -130,6 +138,7 @@ class TubeWriter(BasePredictionWriter):
             volume_shape=[list(stored.shape[1:])] * (n * k),
             volume_codec=["float16" if stored.dtype == np.float16 else "float32"] * (n * k),
             volume_scale=p["scale"].reshape(-1).numpy(),
+            layer_volumes=encode_layer_volumes(self.layer.split("+"), p.get("layer_tubes"), n * k),
         )
         peak_t = p["stats"]["peak_t"].numpy()
         frames = np.stack([np.asarray(f) for f in columns["frame_indices"]])

@@ -4,7 +4,15 @@ Users read a run with :func:`read_tubes` (tubes, decoded and optionally upsample
 :func:`read_failures` and :func:`read_boxes`; the tables are plain Parquet that any tool reads too.
 """
 
-from pipeline.store.codec import CODECS, decode_volume, dequantise, encode_volume, quantise
+from pipeline.store.codec import (
+    CODECS,
+    decode_layer_volumes,
+    decode_volume,
+    dequantise,
+    encode_layer_volumes,
+    encode_volume,
+    quantise,
+)
 from pipeline.store.files import failure_row, failures_table, file_metadata, part_name, shard_parts, write_table_atomic
 from pipeline.store.readers import (
     boxes_path,
@@ -21,6 +29,7 @@ from pipeline.store.schema import (
     COMPRESSION,
     FAILURE_SCHEMA,
     INDEX_SCHEMA,
+    LAYER_VOLUME,
     SOURCE_COLUMNS,
     TUBE_SCHEMA,
     UNLABELLED,
@@ -34,14 +43,17 @@ __all__ = [
     "COMPRESSION",
     "FAILURE_SCHEMA",
     "INDEX_SCHEMA",
+    "LAYER_VOLUME",
     "SOURCE_COLUMNS",
     "TUBE_SCHEMA",
     "UNLABELLED",
     "UNLABELLED_NAME",
     "boxes_path",
     "decode_column",
+    "decode_layer_volumes",
     "decode_volume",
     "dequantise",
+    "encode_layer_volumes",
     "encode_volume",
     "failure_row",
     "failures_table",
