@@ -23,7 +23,8 @@ CASES = {
         {(8, 16, 16): "layer1", (4, 8, 8): "layer2", (2, 4, 4): "layer3", (1, 2, 2): "layer4"},
         ["layer2", "layer3", "layer4"],
     ),
-    # S3D: features.0 (spatial conv stride 2, then temporal stride 2) -> 8x32x32; pools 1 and 4 halve h, w;
+    # S3D: features.0 (spatial conv stride 2 -> 16x32x32, then temporal stride 2) -> 8x32x32; pools 1 and 4 halve
+    # h, w;
     # pool 7 (3x3x3, stride 2) and pool 13 (2x2x2, stride 2) halve every axis; the last level ends the trunk
     "s3d": (
         (16, 64, 64),
@@ -38,6 +39,12 @@ CASES = {
         ["features.6", "features.12", "features"],
     ),
     # the demo network: block1 (1,2,2), block2 (2,2,2), block3 keeps block2's grid: one level, ended by features
+    # r2plus1d_18: each stage's first (2+1)D convolution halves h, w (a step inside it), then t
+    "r2plus1d_18": (
+        (8, 32, 32),
+        {(8, 16, 16): "layer1", (4, 8, 8): "layer2", (2, 4, 4): "layer3", (1, 2, 2): "layer4"},
+        ["layer2", "layer3", "layer4"],
+    ),
     "demo": ((8, 64, 64), {(8, 32, 32): "features.block1", (4, 16, 16): "features"}, ["features.block1", "features"]),
 }
 

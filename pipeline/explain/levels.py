@@ -9,7 +9,9 @@ The rule (``method=fusion`` with ``method.layers: auto``), the same for every mo
    maps of another layout, e.g. Swin's channels-first patch projection or its pooled ``(N, C, 1, 1, 1)``).
 2. **Levels.** Candidates are taken in the order they finish; a map whose grid is larger along any axis than
    an earlier one is skipped (a classifier's maps only shrink). Consecutive candidates with the same grid form
-   one resolution level.
+   one resolution level. A level whose maps all lie inside one module that takes the map of another level and
+   returns a map of a third grid, and holds no maps but this level's and its own output's, is a step inside that
+   module, not a stage, and is dropped (R(2+1)D's spatial half-convolutions).
 3. **Class evidence.** A candidate carries evidence for the class when the gradient of the probe's top logit
    w.r.t. its output is not all zero (MViT's last block, whose patch tokens never reach the class token, does
    not). A level is represented by its last candidate with evidence that is not inside the *next* stage: a
@@ -123,6 +125,21 @@ def find_levels(net: nn.Module, input_shape: tuple[int, int, int, int], layout: 
             levels[-1][2].append(evidence)
         else:
             levels.append((grid, [name], [evidence]))
+    grids = {name: grid for name, grid, _ in outputs}
+    starts = {level[0] for level in levels}  # a step starts from a level's map (a stem starts from the clip)
+
+    def step_inside(names: list[str], grid) -> bool:  # every map of the level lies in one module passing through it
+        for m, span in spans.items():
+            inner = [n for n in grids if n.startswith(f"{m}.")]
+            if None in span or grid in span or span[0] not in starts or not inner:
+                continue
+            if any(grids[n] not in (grid, span[1]) for n in inner):
+                continue
+            if all(n.startswith(f"{m}.") for n in names):
+                return True
+        return False
+
+    levels = [level for level in levels if not step_inside(level[1], level[0])]
     found = []
     for i, (grid, names, flags) in enumerate(levels):
         following = levels[i + 1][0] if i + 1 < len(levels) else None
