@@ -20,8 +20,7 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from pipeline.data.datasets import DatasetError
-from pipeline.models import ModelError
+from pipeline.errors import ConfigError, UserError
 from pipeline.runtime import cluster
 from pipeline.runtime.cluster import open_client
 from pipeline.stages import evaluate, extract, index, report, stats, summary, train
@@ -35,22 +34,15 @@ SEQUENCES = {
     "demo": ["train", "index", "extract", "stats", "evaluate", "report"],
 }
 NEEDS_CLUSTER = {"index", "extract", "evaluate"}
-USER_ERRORS = (
-    DatasetError,
-    ModelError,
-    FileNotFoundError,
-    ValueError,
-    RuntimeError,
-    InstantiationException,
-    MissingMandatoryValue,
-)
+#: errors the user can fix: printed as one line (exit 2). Anything else is a bug and keeps its traceback.
+USER_ERRORS = (UserError, InstantiationException, MissingMandatoryValue)
 
 
 def stages_of(stage) -> list[str]:
     names = SEQUENCES.get(stage, [stage]) if isinstance(stage, str) else list(stage)
     unknown = [s for s in names if s not in STAGES]
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"stage={stage!r}: unknown stage {unknown[0]!r}; choose from {sorted(STAGES) + sorted(SEQUENCES)}"
         )
     return names

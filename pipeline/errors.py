@@ -21,3 +21,12 @@ class DatasetError(UserError):
 
 class ModelError(UserError):
     """A model, checkpoint or layer name that cannot be used; the message says which and why."""
+
+
+class StageFailed(UserError):
+    """A stage stopped before it finished its work (``extract.fail_fast``, an earlier stage that failed); the
+    message says what is left and how to go on."""
+
+
+class MissingInput(UserError):
+    """What a stage reads (an earlier stage's output) is missing; the message names it and the command that makes it."""

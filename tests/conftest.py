@@ -1,4 +1,4 @@
-"""Shared fixtures: a small synthetic dataset on disk, a random demo-model checkpoint, and config composition."""
+"""Shared fixtures: a small synthetic dataset on disk, a random demo-model checkpoint, pipeline overrides."""
 
 from __future__ import annotations
 
@@ -6,19 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from pipeline.data.datasets.synthetic import SyntheticSpec, generate
+from helpers.config import SMALL_SPEC
+from pipeline.data.datasets.synthetic import generate
 from pipeline.models import DemoNet3D
-
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
-SMALL_SPEC = SyntheticSpec(groups=2, clips_per_group=2, test_groups=1, min_frames=24, max_frames=30)
-
-
-def make_cfg(root: Path, overrides: list[str] = ()):
-    """The project's config with outputs under ``root`` (no Hydra run context needed)."""
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose("config", overrides=[f"paths.root={root}", *overrides])
 
 
 @pytest.fixture(scope="session")

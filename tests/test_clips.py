@@ -2,9 +2,9 @@
 
 import pandas as pd
 import torch
-from layouts import barcode_frames, write_frame_folder
 from torch.utils.data import DataLoader
 
+from helpers.layouts import barcode_frames, write_frame_folder
 from pipeline.data.clips import ClipDataset, collate_clips
 from pipeline.data.video import ResizeCrop, write_video
 

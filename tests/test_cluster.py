@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 import torch
 
+from helpers.config import make_cfg
 from pipeline.__main__ import run
+from pipeline.errors import ConfigError, StageFailed
 from pipeline.models import DemoNet3D
 from pipeline.runtime import cluster
-from pipeline.runtime.shard import make_trainer
+from pipeline.runtime.builders import make_trainer
 from pipeline.stages import extract
 from pipeline.store import read_failures, read_index, read_tubes
-from tests.conftest import make_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -144,7 +145,7 @@ def test_retries_killed_workers_and_a_rerun(pipeline_overrides, tmp_path):
     (traps / "raise-2").touch()
     overrides = [
         *pipeline_overrides,
-        "model.net._target_=trapped_net.TrappedNet",
+        "model.net._target_=helpers.traps.TrappedNet",
         f"+model.net.trap={traps}",
         "extract.retries=1",
         "index.clips_per_shard=2",
@@ -192,7 +193,7 @@ def test_fail_fast_stops_at_the_first_bad_clip(pipeline_overrides, synthetic_roo
     index, _ = read_index(tmp_path / "outputs" / "ff")
     bad = Path(index["source"].iloc[-1])
     bad.write_bytes(bad.read_bytes()[:300])  # truncated after indexing
-    with pytest.raises(RuntimeError, match=f"fail_fast.*{index['clip_id'].iloc[-1]}"):
+    with pytest.raises(StageFailed, match=f"fail_fast.*{index['clip_id'].iloc[-1]}"):
         run(make_cfg(tmp_path, [*overrides, "run_name=ff", "extract.fail_fast=true", "stage=extract"]))
     # without fail_fast the same data finishes, with the bad clip as a failure row
     results = run(make_cfg(tmp_path, [*overrides, "run_name=ff", "stage=extract"]))
@@ -214,7 +215,7 @@ def test_a_retrained_checkpoint_is_another_configuration(pipeline_overrides, ran
     run(make_cfg(tmp_path, [*overrides, "stage=[index,extract]"]))
     torch.manual_seed(1)  # "retrained" to the same path
     torch.save({"state_dict": {f"net.{k}": v for k, v in DemoNet3D(num_classes=4).state_dict().items()}}, checkpoint)
-    with pytest.raises(RuntimeError, match="another configuration.*new run_name"):
+    with pytest.raises(ConfigError, match="another configuration.*new run_name"):
         run(make_cfg(tmp_path, [*overrides, "stage=extract"]))
 
 

@@ -11,11 +11,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from helpers.config import CONF_DIR, make_cfg
 from pipeline.__main__ import stages_of
 from pipeline.data.sampling import CenterSampler, UniformSampler
-from pipeline.explain.explainer import CAM, GradCAM, TubeExplainer
+from pipeline.explain.explainer import TubeExplainer
+from pipeline.explain.methods import CAM, GradCAM
 from pipeline.models import build_model
-from tests.conftest import CONF_DIR, make_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from helpers.config import make_cfg
 from pipeline.__main__ import run
-from tests.conftest import make_cfg
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
 from pathlib import Path
 
 import pytest
-from layouts import (
+
+from helpers.layouts import (
     EPIC_55_COLUMNS,
     EPIC_100_COLUMNS,
     EPIC_FPS,
@@ -14,7 +15,6 @@ from layouts import (
     run_index,
     write_csv,
 )
-
 from pipeline.data.clips import ClipDataset
 from pipeline.data.datasets.base import DatasetError
 from pipeline.data.datasets.epic_kitchens import Epic55, Epic100

@@ -8,11 +8,11 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
+from helpers.config import make_cfg
 from pipeline.__main__ import run
 from pipeline.data.video import ResizeCrop, read_frames
 from pipeline.models import DemoNet3D, load_checkpoint
 from pipeline.store import read_tubes
-from tests.conftest import make_cfg
 
 MEAN, STD = 0.45, 0.225
 STEPS = 4

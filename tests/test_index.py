@@ -6,8 +6,8 @@ import os
 import numpy as np
 import pytest
 from dask.distributed import Client, LocalCluster
-from layouts import barcode_frames, write_frame_folder
 
+from helpers.layouts import barcode_frames, write_frame_folder
 from pipeline.data import probing
 from pipeline.data.clip_index import assign_shards, build_clips
 from pipeline.data.datasets.base import VideoRecord

@@ -11,8 +11,9 @@ import torch
 from test_models import zoo_model
 from torch import nn
 
-from pipeline.explain.explainer import Fusion, GradCAM, LayerCAM, TubeExplainer
+from pipeline.explain.explainer import TubeExplainer
 from pipeline.explain.levels import choose_layers, find_levels
+from pipeline.explain.methods import Fusion, GradCAM, LayerCAM
 from pipeline.models import ModelError
 
 #: model -> (clip, {level grid: the layer that represents it}, the layers fused), worked out from the source:

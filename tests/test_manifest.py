@@ -3,9 +3,9 @@
 from pathlib import Path
 
 import pytest
-from layouts import barcode_frames, read_barcode, run_index, write_frame_folder
 from rich.console import Console
 
+from helpers.layouts import barcode_frames, read_barcode, run_index, write_frame_folder
 from pipeline.data.clips import ClipDataset, collate_clips
 from pipeline.data.datasets.base import DatasetError
 from pipeline.data.datasets.manifest import Manifest

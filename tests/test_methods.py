@@ -1,4 +1,4 @@
-"""Each method of the CAM family against its formula written out (tests/oracles.py) and against
+"""Each method of the CAM family against its formula written out (tests/helpers/oracles.py) and against
 pytorch-grad-cam; top-k sharing one pass, fusion, Score-CAM chunking, precision."""
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import pytorch_grad_cam.base_cam as grad_cam_base
 import torch
-from oracles import assert_tubes_close, oracle_scorecam, oracle_tubes, reference_evidence
 from pytorch_grad_cam import GradCAM as PgcGradCAM
 from pytorch_grad_cam import GradCAMPlusPlus as PgcGradCAMPlusPlus
 from pytorch_grad_cam import LayerCAM as PgcLayerCAM
@@ -17,18 +16,10 @@ from pytorch_grad_cam import XGradCAM as PgcXGradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from pipeline.explain.explainer import (
-    CAM,
-    Fusion,
-    GradCAM,
-    GradCAMPlusPlus,
-    LayerCAM,
-    ScoreCAM,
-    TubeExplainer,
-    XGradCAM,
-    upsample,
-)
-from pipeline.explain.methods import MethodError
+from helpers.oracles import assert_tubes_close, oracle_scorecam, oracle_tubes, reference_evidence
+from pipeline.explain.explainer import TubeExplainer
+from pipeline.explain.methods import CAM, Fusion, GradCAM, GradCAMPlusPlus, LayerCAM, MethodError, ScoreCAM, XGradCAM
+from pipeline.explain.upsample import upsample
 from pipeline.models import DemoNet3D
 
 SHAPE = (3, 8, 32, 32)
@@ -215,9 +206,9 @@ def test_lightning_bf16_mixed_predict(net, name):
         out = trainer.predict(module, torch.utils.data.DataLoader(batches, batch_size=None))
         results[precision] = out
     for full, mixed in zip(results["32-true"], results["bf16-mixed"]):
-        assert mixed["tubes"].dtype == torch.float32
-        same = (full["targets"] == mixed["targets"]).flatten()
-        scale = full["tubes"].abs().amax()
+        assert mixed.tubes.dtype == torch.float32
+        same = (full.targets == mixed.targets).flatten()
+        scale = full.tubes.abs().amax()
         assert scale > 0
-        assert ((full["tubes"][same] - mixed["tubes"][same]).abs().max() / scale) < 0.1
-        assert not torch.equal(full["tubes"], mixed["tubes"])  # the model really ran in bf16
+        assert ((full.tubes[same] - mixed.tubes[same]).abs().max() / scale) < 0.1
+        assert not torch.equal(full.tubes, mixed.tubes)  # the model really ran in bf16

@@ -8,22 +8,21 @@ import copy
 import pytest
 import torch
 import torchvision.models.video as tv
-from conftest import make_cfg
 from omegaconf import OmegaConf
-from oracles import assert_tubes_close, oracle_scorecam, oracle_tubes, reference_evidence, to_ncthw
 from torch import nn
 from torchvision.models.video.mvit import MSBlockConfig
 
-from pipeline.explain.explainer import (
+from helpers.config import make_cfg
+from helpers.oracles import assert_tubes_close, oracle_scorecam, oracle_tubes, reference_evidence, to_ncthw
+from pipeline.explain.explainer import TubeExplainer, classifier_weight
+from pipeline.explain.methods import (
     CAM,
     Fusion,
     GradCAM,
     GradCAMPlusPlus,
     LayerCAM,
     ScoreCAM,
-    TubeExplainer,
     XGradCAM,
-    classifier_weight,
 )
 from pipeline.models import ModelError, build_model, load_checkpoint
 from pipeline.models.mfnet import MFNet3D

@@ -10,13 +10,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from helpers.config import make_cfg
 from pipeline.__main__ import run
 from pipeline.data.video import ResizeCrop, read_frames
-from pipeline.explain.explainer import upsample
+from pipeline.errors import ConfigError
+from pipeline.explain.upsample import upsample
 from pipeline.models import DemoNet3D, load_checkpoint
 from pipeline.runtime.writer import TubeWriter
 from pipeline.store import INDEX_SCHEMA, TUBE_SCHEMA, dequantise, read_failures, read_index, read_tubes
-from tests.conftest import make_cfg
 
 MEAN, STD = 0.45, 0.225
 
@@ -123,9 +124,9 @@ def test_stored_tubes_equal_in_memory_tubes(cam_run, monkeypatch):
     original = TubeWriter.write_on_batch_end
 
     def spy(self, trainer, pl_module, prediction, *args, **kwargs):
-        decoded = dequantise(prediction["tubes"], prediction["scale"])[:, 0]
+        decoded = dequantise(prediction.tubes, prediction.scale)[:, 0]
         for position, volume, peak_t in zip(
-            prediction["positions"].tolist(), decoded, prediction["stats"]["peak_t"].tolist()
+            prediction.positions.tolist(), decoded, prediction.stats["peak_t"].tolist()
         ):
             seen[self.rows.iloc[position]["clip_id"]] = (volume, peak_t)
         return original(self, trainer, pl_module, prediction, *args, **kwargs)
@@ -248,7 +249,7 @@ def read_part_rows(data: bytes):
 
 def test_other_config_is_refused_in_the_same_run(cam_run):
     root, run_dir, overrides = cam_run
-    with pytest.raises(RuntimeError, match="another configuration.*new run_name"):
+    with pytest.raises(ConfigError, match="another configuration.*new run_name"):
         run(make_cfg(root, overrides + ["run_name=cam", "store.codec=float16", "stage=extract"]))
 
 

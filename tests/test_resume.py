@@ -13,9 +13,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from helpers.config import make_cfg
 from pipeline.__main__ import run
 from pipeline.store import read_failures, read_index, read_tubes
-from tests.conftest import make_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 

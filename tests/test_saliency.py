@@ -9,7 +9,9 @@ import torch
 from captum.attr import LayerAttribution, LayerGradCam
 from torch import nn
 
-from pipeline.explain.explainer import CAM, GradCAM, TubeExplainer, upsample
+from pipeline.explain.explainer import TubeExplainer
+from pipeline.explain.methods import CAM, GradCAM
+from pipeline.explain.upsample import upsample
 from pipeline.models import DemoNet3D, ModelError, find_classifier, find_layer, load_checkpoint
 
 SHAPE = (3, 8, 64, 64)

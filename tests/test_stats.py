@@ -8,6 +8,7 @@ import pytest
 from scipy.stats import spearmanr
 
 from pipeline.bench.report import blob_tubes, config, write_synthetic_run
+from pipeline.errors import MissingInput, StageFailed
 from pipeline.stages import stats
 from pipeline.store import read_tubes
 
@@ -104,7 +105,7 @@ def test_agreement_between_runs(runs):
 
 
 def test_compare_with_a_missing_run_names_it(runs):
-    with pytest.raises(FileNotFoundError, match="compare_runs.*nowhere"):
+    with pytest.raises(MissingInput, match="compare_runs.*nowhere"):
         stats.run(config(compare_runs=["nowhere"]), runs / "a")
 
 
@@ -138,5 +139,5 @@ def test_a_run_where_every_clip_failed_says_so(tmp_path):
         ),
         run_dir / "failures" / part_name(0),
     )
-    with pytest.raises(RuntimeError, match=r"no clip has a tube.*VideoError"):
+    with pytest.raises(StageFailed, match=r"no clip has a tube.*VideoError"):
         stats.run(config(), run_dir)

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.errors import MissingInput
 from pipeline.store import (
     FAILURE_SCHEMA,
     TUBE_SCHEMA,
@@ -279,10 +280,10 @@ def test_read_tubes_filters(run_dir):
 
 
 def test_read_tubes_missing_dir(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(MissingInput):
         read_tubes(tmp_path)
     (tmp_path / "tubes").mkdir()
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(MissingInput):
         read_tubes(tmp_path)
 
 

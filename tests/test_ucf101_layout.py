@@ -3,8 +3,8 @@
 import av
 import numpy as np
 import pytest
-from layouts import UCF_CLASSES, UCF_VIDEOS, make_ucf101, read_barcode, run_index
 
+from helpers.layouts import UCF_CLASSES, UCF_VIDEOS, make_ucf101, read_barcode, run_index
 from pipeline.data.clips import ClipDataset
 from pipeline.data.video import ResizeCrop, probe, read_frames
 from pipeline.store import read_failures

@@ -7,8 +7,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.explain.explainer import CAM, TubeExplainer
+from pipeline.explain.explainer import TubeExplainer
+from pipeline.explain.methods import CAM
 from pipeline.models import DemoNet3D
+from pipeline.runtime.job import ShardJob
 from pipeline.runtime.module import TubeModule
 from pipeline.runtime.writer import ClipFailure, TubeWriter
 
@@ -36,7 +38,7 @@ def test_unlabelled_clips_are_written_with_null_labels(tmp_path):
         failures=[],
     )
     writer = TubeWriter(
-        tmp_path, 0, rows, "cam", module.explainer.layer_name, ["A", "B", "C", "D"], {"config_hash": "x"}
+        ShardJob(tmp_path, 0, rows, ["A", "B", "C", "D"], "x"), rows, "cam", module.explainer.layer_name
     )
     writer.write_on_batch_end(None, module, module.predict_step(batch, 0), None, batch, 0)
     writer.on_predict_end(None, module)
@@ -69,16 +71,8 @@ def test_progress_counts_clips_and_fail_fast_stops_at_a_bad_clip(tmp_path):
     )
     prediction = module.predict_step(batch, 0)
     seen = []
-    writer = TubeWriter(
-        tmp_path,
-        4,
-        rows,
-        "cam",
-        module.explainer.layer_name,
-        ["A", "B", "C", "D"],
-        {"config_hash": "x"},
-        progress=seen.append,
-    )
+    job = ShardJob(tmp_path, 4, rows, ["A", "B", "C", "D"], "x")
+    writer = TubeWriter(job, rows, "cam", module.explainer.layer_name, progress=seen.append)
     writer.write_on_batch_end(None, module, prediction, None, batch, 0)
     assert seen == [3] and writer.rows_written == 2 and [f["clip_id"] for f in writer.failures] == ["b:0"]
     assert not (tmp_path / "tubes" / "part-00004.parquet").exists()  # nothing published before the shard ends
@@ -88,17 +82,8 @@ def test_progress_counts_clips_and_fail_fast_stops_at_a_bad_clip(tmp_path):
         "/x/b.mp4: truncated"
     ]
 
-    strict = TubeWriter(
-        tmp_path / "strict",
-        4,
-        rows,
-        "cam",
-        module.explainer.layer_name,
-        ["A", "B", "C", "D"],
-        {"config_hash": "x"},
-        fail_fast=True,
-        rank=1,
-    )
+    strict_job = ShardJob(tmp_path / "strict", 4, rows, ["A", "B", "C", "D"], "x", rank=1, ranks=2)
+    strict = TubeWriter(strict_job, rows, "cam", module.explainer.layer_name, fail_fast=True)
     with pytest.raises(ClipFailure, match="clip b:0 failed \\(VideoError\\)"):
         strict.write_on_batch_end(None, module, prediction, None, batch, 0)
     strict.abort()
@@ -109,7 +94,8 @@ def test_progress_counts_clips_and_fail_fast_stops_at_a_bad_clip(tmp_path):
 def test_a_fusion_stores_each_layers_tube_and_read_tubes_decodes_it(tmp_path):
     """method=fusion with automatic layers: the row names the layers, and layer_volumes holds each layer's own
     tube (the codec's float16 of the explainer's), decoded and upsampled by read_tubes; one-layer rows: null."""
-    from pipeline.explain.explainer import Fusion, GradCAM, upsample
+    from pipeline.explain.methods import Fusion, GradCAM
+    from pipeline.explain.upsample import upsample
     from pipeline.store import read_tubes
 
     torch.manual_seed(0)

@@ -27,17 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.explain.explainer import (
-    CAM,
-    Fusion,
-    GradCAM,
-    GradCAMPlusPlus,
-    LayerCAM,
-    ScoreCAM,
-    TubeExplainer,
-    XGradCAM,
-    upsample,
-)
+from pipeline.explain.explainer import TubeExplainer
+from pipeline.explain.methods import CAM, Fusion, GradCAM, GradCAMPlusPlus, LayerCAM, ScoreCAM, XGradCAM
+from pipeline.explain.upsample import upsample
 from pipeline.models import DemoNet3D
 from pipeline.store import dequantise, quantise
 

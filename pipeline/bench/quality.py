@@ -36,17 +36,11 @@ from pipeline.data.sampling import CenterSampler
 from pipeline.data.video import ResizeCrop
 from pipeline.explain import faithfulness as fm
 from pipeline.explain.clipstats import clip_statistics
-from pipeline.explain.explainer import (
-    CAM,
-    Fusion,
-    GradCAM,
-    GradCAMPlusPlus,
-    LayerCAM,
-    ScoreCAM,
-    TubeExplainer,
-    upsample,
-)
+from pipeline.explain.explainer import TubeExplainer
+from pipeline.explain.methods import CAM, Fusion, GradCAM, GradCAMPlusPlus, LayerCAM, ScoreCAM
+from pipeline.explain.upsample import upsample
 from pipeline.models import build_model
+from pipeline.models.inputs import Normalise
 from pipeline.stages import train
 from pipeline.stages.stats import pointing_rows
 from pipeline.store import read_boxes
@@ -102,9 +96,7 @@ def score(cfg, methods: dict, quick: bool) -> tuple[list[dict], dict]:
     rows, videos, crops = test_clips(cfg)
     if quick:
         rows, videos, crops = rows.head(16), videos[:16], crops[:16]
-    mean = torch.tensor(list(cfg.model.input.mean)).view(1, 3, 1, 1, 1)
-    std = torch.tensor(list(cfg.model.input.std)).view(1, 3, 1, 1, 1)
-    x_all = (videos.float() - mean) / std
+    x_all = Normalise(cfg.model.input.mean, cfg.model.input.std)(videos)
     shape = tuple(x_all.shape[1:])
     explainers = {name: TubeExplainer(net, make(), shape, layout=cfg.model.layout) for name, make in methods.items()}
     seconds = dict.fromkeys(methods, 0.0)

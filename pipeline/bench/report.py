@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from pipeline.data.video import write_video
 from pipeline.explain.clipstats import clip_statistics
-from pipeline.explain.explainer import upsample
+from pipeline.explain.upsample import upsample
 from pipeline.stages import report, stats
 from pipeline.store import (
     INDEX_SCHEMA,

@@ -10,6 +10,7 @@ import pandas as pd
 from pipeline.data.datasets.base import VideoRecord
 from pipeline.data.sampling import ClipSampler
 from pipeline.data.video import VideoInfo
+from pipeline.errors import ConfigError
 from pipeline.store import INDEX_SCHEMA
 
 
@@ -111,6 +112,6 @@ def build_clips(
 def assign_shards(num_clips: int, clips_per_shard: int) -> np.ndarray:
     """Contiguous shards of (almost) equal size, at most ``clips_per_shard`` clips each."""
     if clips_per_shard < 1:
-        raise ValueError(f"index.clips_per_shard must be >= 1, got {clips_per_shard}")
+        raise ConfigError(f"index.clips_per_shard must be >= 1, got {clips_per_shard}")
     shards = max(1, -(-num_clips // clips_per_shard))
     return (np.arange(num_clips) * shards // max(num_clips, 1)).astype(np.int32)

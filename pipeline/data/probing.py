@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from dask.distributed import as_completed
 from tqdm import tqdm
 
 from pipeline.data.video import VideoError, VideoInfo, probe
+from pipeline.runtime.tasks import follow
 from pipeline.store import write_table_atomic
 
 log = logging.getLogger(__name__)
@@ -112,17 +112,15 @@ def probe_all(
     todo = [s for s in unique if s not in results]
     if len(results):
         log.info("probe: %d of %d sources unchanged since %s", len(results), len(unique), cache)
-    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+    batches = {i: todo[i : i + batch_size] for i in range(0, len(todo), batch_size)}
     with tqdm(total=len(todo), desc="probe", unit="video", disable=not progress) as bar:
-        if client is None:
-            done = ((batch, _probe_many(batch)) for batch in batches)
-        else:
-            futures = client.map(_probe_many, batches, pure=False)
-            owner = {f.key: b for f, b in zip(futures, batches)}
-            done = ((owner[f.key], f.result()) for f in as_completed(futures))
-        for batch, found in done:
-            results.update(zip(batch, found))
-            bar.update(len(batch))
+        jobs = {start: (batch,) for start, batch in batches.items()}
+        for start, found, error in follow(client, _probe_many, jobs, name="probe"):
+            if error is not None:  # a probe never raises (errors are values): only a lost worker gets here
+                found = [VideoError(f"{s}: probing failed: {type(error).__name__}: {error}") for s in batches[start]]
+                stamps.update(dict.fromkeys(batches[start]))  # not cached: the next index run probes them again
+            results.update(zip(batches[start], found))
+            bar.update(len(batches[start]))
     if cache is not None:
         write_probe_cache(cache, results, stamps)
     return {s: results[s] for s in unique}

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Clip:
@@ -38,18 +40,18 @@ class ClipSampler:
 
     def __post_init__(self):
         if self.clip_len < 1 or self.frame_stride < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"sampler.clip_len and sampler.frame_stride must be >= 1, got {self.clip_len}, {self.frame_stride}"
             )
         if self.target_fps is not None and not self.target_fps > 0:
-            raise ValueError(f"sampler.target_fps must be > 0 (or null to use frame_stride), got {self.target_fps}")
+            raise ConfigError(f"sampler.target_fps must be > 0 (or null to use frame_stride), got {self.target_fps}")
 
     def offsets(self, fps: float | None = None) -> np.ndarray:
         """Frame offsets of the time steps from a clip's first frame."""
         if self.target_fps is None:
             return self.frame_stride * np.arange(self.clip_len)
         if fps is None or not math.isfinite(fps) or fps <= 0:
-            raise ValueError(f"sampler.target_fps={self.target_fps} needs the video's frame rate, got {fps}")
+            raise ConfigError(f"sampler.target_fps={self.target_fps} needs the video's frame rate, got {fps}")
         return np.round(np.arange(self.clip_len) * (fps / self.target_fps)).astype(int)
 
     def span(self, fps: float | None = None) -> int:
@@ -62,7 +64,7 @@ class ClipSampler:
     def __call__(self, start: int, end: int, fps: float | None = None) -> list[Clip]:
         """The clips of frames ``[start, end)`` of a video playing at ``fps`` (needed only with ``target_fps``)."""
         if end <= start:
-            raise ValueError(f"empty frame range [{start}, {end})")
+            raise ConfigError(f"empty frame range [{start}, {end})")
         offsets = self.offsets(fps)
         clips = []
         for first in self.starts(start, end, int(offsets[-1]) + 1):
@@ -89,7 +91,7 @@ class UniformSampler(ClipSampler):
     def __post_init__(self):
         super().__post_init__()
         if self.num_clips < 1:
-            raise ValueError(f"sampler.num_clips must be >= 1, got {self.num_clips}")
+            raise ConfigError(f"sampler.num_clips must be >= 1, got {self.num_clips}")
 
     def starts(self, start: int, end: int, span: int) -> list[int]:
         last = max(start, end - span)
@@ -105,7 +107,7 @@ class SlidingSampler(ClipSampler):
     def __post_init__(self):
         super().__post_init__()
         if self.clip_stride is not None and self.clip_stride < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"sampler.clip_stride must be >= 1 (or null for back-to-back clips), got {self.clip_stride}"
             )
 

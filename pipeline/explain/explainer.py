@@ -6,7 +6,6 @@ output becomes a fresh leaf, so the graph holds only the part of the model above
 ``torch.autograd.grad`` call (batched over the ``k`` targets) returns the gradients of every target logit
 w.r.t. the explained activations only: no parameter gradients, nothing retained. The method itself
 (:mod:`pipeline.explain.methods`) runs in fp32 with autocast off, whatever precision the model ran in.
-:func:`upsample` brings tubes to the input's size.
 """
 
 from __future__ import annotations
@@ -14,21 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pipeline.explain.layouts import LayerOutput, read_output, replace_output
 from pipeline.explain.levels import choose_layers
-from pipeline.explain.methods import (  # noqa: F401 - the methods are part of this module's interface
-    CAM,
+from pipeline.explain.methods import (
     Evidence,
     Fusion,
-    GradCAM,
-    GradCAMPlusPlus,
-    LayerCAM,
     SaliencyMethod,
-    ScoreCAM,
-    XGradCAM,
 )
 from pipeline.models import ModelError, find_classifier, find_layer, get_module, is_linear_head
 
@@ -195,11 +187,3 @@ class TubeExplainer(nn.Module):
                 return Explanation(logits.detach().float(), targets, self.method.fuse_tubes(layer_tubes), layer_tubes)
             tubes = self.method.tubes(evidence[0])
         return Explanation(logits.detach().float(), targets, tubes)
-
-
-def upsample(tubes: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
-    """Trilinear upsampling of ``(..., t, h, w)`` tubes to ``size`` = (T, H, W) (align_corners=False)."""
-    lead = tubes.shape[:-3]
-    flat = tubes.reshape(-1, 1, *tubes.shape[-3:]).float()
-    out = F.interpolate(flat, size=tuple(size), mode="trilinear", align_corners=False)
-    return out.reshape(*lead, *size)

@@ -19,6 +19,8 @@ import math
 import torch
 from torchvision.transforms.functional import gaussian_blur
 
+from pipeline.errors import ConfigError
+
 BASELINES = ("blur", "mean")
 
 
@@ -38,7 +40,7 @@ def baseline_clip(x: torch.Tensor, kind: str, sigma: float = 5.0) -> torch.Tenso
         k = min(size, (min(h, w) // 2) * 2 - 1) if min(h, w) > 1 else 1
         blurred = gaussian_blur(frames, kernel_size=[k, k], sigma=[sigma, sigma]) if k > 1 else frames
         return blurred.reshape(n, t, c, h, w).permute(0, 2, 1, 3, 4).contiguous()
-    raise ValueError(f"evaluate.baseline must be one of {BASELINES}, got {kind!r}")
+    raise ConfigError(f"evaluate.baseline must be one of {BASELINES}, got {kind!r}")
 
 
 def saliency_order(tubes: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -12,12 +12,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+from pipeline.errors import ConfigError
+from pipeline.explain.upsample import upsample
 
 SPACE = (-3, -2, -1)  # the (t, h, w) axes
 
 
-class MethodError(ValueError):
+class MethodError(ConfigError):
     """A saliency method that cannot run with the given model or settings; the message says why."""
 
 
@@ -158,7 +160,7 @@ class ScoreCAM(SaliencyMethod):
         for start in range(0, len(live), self.batch_size):
             clip, chan = live[start : start + self.batch_size].unbind(1)
             maps = acts[clip, chan][:, None]  # (B, 1, t, h, w)
-            masks = F.interpolate(maps, size=x.shape[2:], mode="trilinear", align_corners=False)
+            masks = upsample(maps, x.shape[2:])
             masks = (masks - lo[clip, chan].view(-1, 1, 1, 1, 1)) / (hi - lo)[clip, chan].view(-1, 1, 1, 1, 1)
             probs = evidence.score(x[clip] * masks.to(x.dtype)).float().softmax(1)  # (B, K)
             gain = probs.gather(1, targets[clip]) - baseline[targets[clip]]  # (B, k)
@@ -229,11 +231,7 @@ class Fusion(SaliencyMethod):
         size = max((tube.shape[2:] for tube in tubes), key=lambda s: s.numel())
         scaled = []
         for tube in tubes:
-            n, k = tube.shape[:2]
-            tube = F.interpolate(
-                tube.reshape(n * k, 1, *tube.shape[2:]), size=size, mode="trilinear", align_corners=False
-            )
-            tube = tube.reshape(n, k, *size).clamp(min=0)
+            tube = upsample(tube, size).clamp(min=0)
             scaled.append(tube / tube.amax(dim=SPACE, keepdim=True).clamp(min=1e-12))
         stacked = torch.stack(scaled)
         if self.combine == "product":

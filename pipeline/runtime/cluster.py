@@ -21,6 +21,8 @@ from hydra.utils import get_method
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from pipeline.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 #: the Dask resource a GPU worker offers and a GPU task asks for
@@ -136,14 +138,14 @@ def _settings(cfg) -> tuple[callable, dict]:
     try:
         settings = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except MissingMandatoryValue as err:
-        raise ValueError(
+        raise ConfigError(
             f"cluster.{err.full_key.split('.')[-1]} must be set (e.g. cluster.address=tcp://host:8786)"
         ) from None
     target = settings.pop("_target_", None)
     try:
         fn = get_method(target)
     except Exception:
-        raise ValueError(
+        raise ConfigError(
             f"cluster._target_={target!r} is not a cluster of pipeline.runtime.cluster (local, slurm, address)"
         ) from None
     signatures = [inspect.signature(fn)] + ([inspect.signature(slurm_cluster)] if fn is slurm else [])
@@ -153,7 +155,7 @@ def _settings(cfg) -> tuple[callable, dict]:
         signatures[0].bind(**settings)
     except TypeError as err:
         known = ", ".join(name for sig in signatures for name in sig.parameters if name != "job")
-        raise ValueError(f"bad cluster option for {target}: {err} (options: {known})") from None
+        raise ConfigError(f"bad cluster option for {target}: {err} (options: {known})") from None
     return fn, settings
 
 
@@ -162,23 +164,23 @@ def validate(cfg) -> None:
     fn, settings = _settings(cfg)
     for key in ("n_workers", "threads_per_worker", "cores", "jobs"):
         if key in settings and int(settings[key]) < 1:
-            raise ValueError(f"cluster.{key} must be >= 1, got {settings[key]}")
+            raise ConfigError(f"cluster.{key} must be >= 1, got {settings[key]}")
     for key in ("gpus", "gpus_per_job", "adapt_min"):
         if settings.get(key) is not None and int(settings[key]) < 0:
-            raise ValueError(f"cluster.{key} must be >= 0, got {settings[key]}")
+            raise ConfigError(f"cluster.{key} must be >= 0, got {settings[key]}")
     if settings.get("adapt_max") is not None and int(settings["adapt_max"]) < int(settings.get("adapt_min") or 0):
-        raise ValueError(
+        raise ConfigError(
             f"cluster.adapt_max ({settings['adapt_max']}) must be >= cluster.adapt_min ({settings['adapt_min']})"
         )
     if fn is address and "://" not in str(settings["address"]):
-        raise ValueError(
+        raise ConfigError(
             f"cluster.address must be a scheduler address like tcp://host:8786, got {settings['address']!r}"
         )
     if "memory_limit" in settings and settings["memory_limit"] not in ("auto", None, 0):
         try:
             dask.utils.parse_bytes(settings["memory_limit"])
         except (ValueError, TypeError):
-            raise ValueError(
+            raise ConfigError(
                 f"cluster.memory_limit must be 'auto' or a size like '8GB', got {settings['memory_limit']!r}"
             ) from None
 

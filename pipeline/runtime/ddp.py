@@ -17,7 +17,9 @@ import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
 from tqdm import tqdm
 
-from pipeline.runtime.shard import build_explainer, quiet_lightning, shard_job, shard_log, torch_threads
+from pipeline.runtime.builders import build_explainer, quiet_lightning, torch_threads
+from pipeline.runtime.job import ShardJob
+from pipeline.runtime.shard import shard_job, shard_log
 
 log = logging.getLogger(__name__)
 
@@ -58,17 +60,10 @@ def run_shards(cfg, run_dir, todo: dict[int, pd.DataFrame], classes: list[str], 
     bar = None
     for shard, rows in todo.items():
         with shard_log(run_dir, shard) as slog:
-            module, loader, writer = shard_job(
-                cfg,
-                run_dir,
-                shard,
-                rows,
-                classes,
-                config_hash,
-                rank=trainer.global_rank,
-                ranks=trainer.world_size,
-                log=slog,
+            job = ShardJob(
+                run_dir, shard, rows, classes, config_hash, rank=trainer.global_rank, ranks=trainer.world_size
             )
+            module, loader, writer = shard_job(cfg, job, log=slog)
             forward.target = writer
             if loader is None:
                 writer.on_predict_end(None, None)

@@ -2,14 +2,45 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytorch_lightning as pl
 import torch
 
+from pipeline.errors import ConfigError
 from pipeline.explain.clipstats import clip_statistics
-from pipeline.explain.explainer import TubeExplainer, upsample
+from pipeline.explain.explainer import TubeExplainer
+from pipeline.explain.upsample import upsample
+from pipeline.models.inputs import Normalise
 from pipeline.store import dequantise, quantise
 
 TARGET_MODES = ("pred", "label", "topk")
+
+
+@dataclass
+class Prediction:
+    """What ``predict_step`` hands the writer for one batch: ``n`` decoded clips x ``k`` targets, on the CPU.
+
+    ``positions`` index the shard's rows; ``failures`` are ``(position, error_type, message)`` of the batch's
+    clips that could not be decoded. ``tubes`` hold the stored (encoded) values, ``scale`` their codec scale,
+    ``stats`` the per-clip statistics of :func:`~pipeline.explain.clipstats.clip_statistics` (``n * k`` rows).
+    Every tensor field is None when no clip of the batch could be decoded.
+    """
+
+    positions: torch.Tensor  # (n,)
+    failures: list[tuple[int, str, str]]
+    crop_box: torch.Tensor | None = None  # (n, 4)
+    input_size: tuple[int, int, int] | None = None
+    targets: torch.Tensor | None = None  # (n, k)
+    target_logit: torch.Tensor | None = None  # (n, k)
+    target_prob: torch.Tensor | None = None  # (n, k)
+    pred: torch.Tensor | None = None  # (n,)
+    pred_prob: torch.Tensor | None = None  # (n,)
+    tubes: torch.Tensor | None = None  # (n, k, t, h, w)
+    scale: torch.Tensor | None = None  # (n, k)
+    stats: dict[str, torch.Tensor] | None = None
+    #: method=fusion: ``(stored, scale)`` of each fused layer's own tube (``(n, k, t, h, w)``, ``(n, k)``)
+    layer_tubes: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 class TubeModule(pl.LightningModule):
@@ -37,10 +68,9 @@ class TubeModule(pl.LightningModule):
     ):
         super().__init__()
         if target not in TARGET_MODES:
-            raise ValueError(f"target.mode must be one of {TARGET_MODES}, got {target!r}")
+            raise ConfigError(f"target.mode must be one of {TARGET_MODES}, got {target!r}")
         self.explainer = explainer
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1, 1))
+        self.normalise = Normalise(mean, std)
         self.target, self.k, self.codec = target, (int(k) if target == "topk" else 1), codec
         self.labels = labels
 
@@ -52,10 +82,10 @@ class TubeModule(pl.LightningModule):
         labels = self.labels[positions.cpu()].to(self.device)[:, None]
         return lambda logits: labels
 
-    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> Prediction:
         if batch["video"] is None:
-            return dict(batch, tubes=None)
-        x = (batch["video"].to(self.mean.dtype) - self.mean) / self.std
+            return Prediction(positions=batch["positions"], failures=batch["failures"])
+        x = self.normalise(batch["video"])
         explanation = self.explainer(x, self._selector(batch["positions"]))
         n, k = explanation.targets.shape
         stored, scale = quantise(explanation.tubes, self.codec)
@@ -68,8 +98,8 @@ class TubeModule(pl.LightningModule):
             layer_tubes = [tuple(v.cpu() for v in quantise(tube, self.codec)) for tube in explanation.layer_tubes]
         probs = explanation.logits.softmax(1)
         pred_prob, pred = probs.max(1)
-        return dict(
-            positions=batch["positions"],
+        return Prediction(
+            positions=batch["positions"].cpu(),
             failures=batch["failures"],
             crop_box=batch["crop_box"].cpu(),
             input_size=size,

@@ -8,7 +8,6 @@ A shard's part file therefore exists only when the whole shard is done. Nothing 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,15 +17,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pytorch_lightning.callbacks import BasePredictionWriter
 
+from pipeline.runtime.job import ShardJob
+from pipeline.runtime.module import Prediction
 from pipeline.store import (
     COMPRESSION,
     TUBE_SCHEMA,
     encode_layer_volumes,
     encode_volume,
+    failure_row,
     failures_table,
     part_name,
+    publish,
+    temp_path,
     write_table_atomic,
 )
+from pipeline.store.provenance import shard_digest
 
 _INDEX_COLUMNS = ["clip_id", "video_id", "source", "label", "label_name", "split", "frame_indices", "padded", "shard"]
 
@@ -36,43 +41,36 @@ class ClipFailure(RuntimeError):
 
 
 class TubeWriter(BasePredictionWriter):
-    """Prediction writer for one shard.
+    """Prediction writer for one shard (or one DDP rank's share of it).
 
     Args:
-        run_dir: the run directory; files go to ``tubes/`` and ``failures/``.
-        shard: the shard number (names the part file).
-        rows: the shard's index rows, in DataLoader order.
+        job: the shard: its rows (hashed into the part's metadata), class names, run directory, fingerprint, rank.
+        rows: the clips the DataLoader runs, in its order (the shard's rows less those dropped before the loop).
         method, layer: recorded in every row.
-        class_names: label names, index = class.
-        metadata: key/values stored in the part file's Parquet metadata (the run fingerprint).
         failures: failure rows found before the loop (e.g. clips without a label), written with the shard's.
         progress: called after every batch with the number of the shard's clips handled so far.
         fail_fast: raise :class:`ClipFailure` at the first failed clip instead of recording it.
         log: where the shard's events go (its log file).
-        rank: the DDP rank writing its share of the shard (None: the whole shard).
     """
 
     def __init__(
         self,
-        run_dir,
-        shard: int,
+        job: ShardJob,
         rows: pd.DataFrame,
         method: str,
         layer: str,
-        class_names: list[str],
-        metadata: dict[str, str],
         failures: list[dict] | None = None,
         progress: Callable[[int], None] | None = None,
         fail_fast: bool = False,
         log: logging.Logger | None = None,
-        rank: int | None = None,
     ):
         super().__init__(write_interval="batch")
-        self.path = Path(run_dir) / "tubes" / part_name(shard, rank)
-        self.failure_path = Path(run_dir) / "failures" / part_name(shard, rank)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.path = Path(job.run_dir) / "tubes" / part_name(job.shard, job.rank)
+        self.failure_path = Path(job.run_dir) / "failures" / part_name(job.shard, job.rank)
+        self.tmp = temp_path(self.path)
         self.rows = rows.reset_index(drop=True)
-        self.method, self.layer, self.class_names = method, layer, list(class_names)
+        self.method, self.layer, self.class_names = method, layer, list(job.classes)
+        metadata = {"config_hash": job.config_hash, "shard_hash": shard_digest(job.rows), "ranks": str(job.ranks)}
         self.schema = TUBE_SCHEMA.with_metadata(metadata)
         self.failures = list(failures or [])
         self.rows_written = 0
@@ -88,20 +86,18 @@ class TubeWriter(BasePredictionWriter):
         return self._writer
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        for position, error_type, message in prediction["failures"]:
+        for position, error_type, message in prediction.failures:
             row = self.rows.iloc[position]
             self.shard_log.warning("clip %s failed: %s: %s", row.clip_id, error_type, message)
             if self.fail_fast:
                 raise ClipFailure(f"clip {row.clip_id} failed ({error_type}): {message}")
-            self.failures.append(
-                dict(clip_id=row.clip_id, source=row.source, stage="extract", error_type=error_type, message=message)
-            )
-        clips = len(prediction["failures"])
-        if prediction["tubes"] is not None:
+            self.failures.append(failure_row(row.clip_id, row.source, "extract", error_type, message))
+        clips = len(prediction.failures)
+        if prediction.tubes is not None:
             table = self.to_table(prediction)
             self._open().write_table(table)
             self.rows_written += table.num_rows
-            clips += len(prediction["positions"])
+            clips += len(prediction.positions)
         self.clips_done += clips
         self.shard_log.info(
             "batch %d: %d/%d clips, %d rows", batch_idx, self.clips_done, len(self.rows), self.rows_written
@@ -109,41 +105,41 @@ class TubeWriter(BasePredictionWriter):
         if self.progress is not None:
             self.progress(self.clips_done)
 
-    def to_table(self, p: dict) -> pa.Table:
+    def to_table(self, p: Prediction) -> pa.Table:
         """One batch's outputs as rows of the tube table (one row per clip x target)."""
-        n, k = p["targets"].shape
-        clip_rows = self.rows.iloc[p["positions"].numpy()]
+        n, k = p.targets.shape
+        clip_rows = self.rows.iloc[p.positions.numpy()]
         # nulls stay None (pandas would hand NaN to Arrow, which an int32 or string column refuses)
         columns = {
             name: np.repeat(clip_rows[name].astype(object).where(clip_rows[name].notna(), None).to_numpy(), k)
             for name in _INDEX_COLUMNS
         }
-        targets = p["targets"].reshape(-1).numpy()
-        stored = p["tubes"].reshape(n * k, *p["tubes"].shape[2:]).numpy()
-        pred = np.repeat(p["pred"].numpy(), k)
+        targets = p.targets.reshape(-1).numpy()
+        stored = p.tubes.reshape(n * k, *p.tubes.shape[2:]).numpy()
+        pred = np.repeat(p.pred.numpy(), k)
         columns.update(
-            crop_box=list(np.repeat(p["crop_box"].numpy(), k, axis=0)),
-            input_size=[list(p["input_size"])] * (n * k),
+            crop_box=list(np.repeat(p.crop_box.numpy(), k, axis=0)),
+            input_size=[list(p.input_size)] * (n * k),
             method=[self.method] * (n * k),
             layer=[self.layer] * (n * k),
             target=targets,
             target_name=[self.class_names[t] for t in targets],
             target_rank=np.tile(np.arange(k), n),
-            target_logit=p["target_logit"].reshape(-1).numpy(),
-            target_prob=p["target_prob"].reshape(-1).numpy(),
+            target_logit=p.target_logit.reshape(-1).numpy(),
+            target_prob=p.target_prob.reshape(-1).numpy(),
             pred=pred,
             pred_name=[self.class_names[t] for t in pred],
-            pred_prob=np.repeat(p["pred_prob"].numpy(), k),
+            pred_prob=np.repeat(p.pred_prob.numpy(), k),
             volume=[encode_volume(v) for v in stored],
             volume_shape=[list(stored.shape[1:])] * (n * k),
             volume_codec=["float16" if stored.dtype == np.float16 else "float32"] * (n * k),
-            volume_scale=p["scale"].reshape(-1).numpy(),
-            layer_volumes=encode_layer_volumes(self.layer.split("+"), p.get("layer_tubes"), n * k),
+            volume_scale=p.scale.reshape(-1).numpy(),
+            layer_volumes=encode_layer_volumes(self.layer.split("+"), p.layer_tubes, n * k),
         )
-        peak_t = p["stats"]["peak_t"].numpy()
+        peak_t = p.stats["peak_t"].numpy()
         frames = np.stack([np.asarray(f) for f in columns["frame_indices"]])
         columns["peak_frame"] = frames[np.arange(n * k), peak_t]
-        for name, value in p["stats"].items():
+        for name, value in p.stats.items():
             value = value.numpy()
             columns[name] = list(value) if value.ndim == 2 else value
         return pa.Table.from_pydict({f.name: columns[f.name] for f in TUBE_SCHEMA}, schema=self.schema)
@@ -151,13 +147,11 @@ class TubeWriter(BasePredictionWriter):
     def on_predict_end(self, trainer, pl_module):
         """The shard is done: publish the part file (complete or nothing) and its failures."""
         self._open().close()
-        with open(self.tmp, "rb") as handle:
-            os.fsync(handle.fileno())
         if self.failures:
             write_table_atomic(failures_table(self.failures), self.failure_path)
         else:  # a recomputed shard must not keep the failures of an earlier attempt
             self.failure_path.unlink(missing_ok=True)
-        os.replace(self.tmp, self.path)
+        publish(self.tmp, self.path)
         self.shard_log.info("published %s: %d rows, %d failures", self.path, self.rows_written, len(self.failures))
 
     def abort(self) -> None:

@@ -22,17 +22,16 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from dask.distributed import as_completed
 from omegaconf import OmegaConf
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline.data.clips import ClipDataset, collate_clips
-from pipeline.data.video import ResizeCrop
+from pipeline.errors import ConfigError, StageFailed
 from pipeline.explain import faithfulness as fm
-from pipeline.explain.explainer import upsample
+from pipeline.explain.upsample import upsample
+from pipeline.models.inputs import Normalise
+from pipeline.runtime.builders import build_explainer, clip_loader, torch_threads
 from pipeline.runtime.cluster import GPU, offers_gpus, worker_gpu
-from pipeline.runtime.shard import build_explainer, loader_workers, torch_threads
+from pipeline.runtime.tasks import follow
 from pipeline.store import (
     ALL_LABEL,
     ALL_NAME,
@@ -40,12 +39,14 @@ from pipeline.store import (
     UNLABELLED_NAME,
     boxes_path,
     decode_column,
+    failure_row,
     failures_table,
     file_metadata,
     part_name,
     read_boxes,
     read_index,
     read_tubes,
+    shard_failure_rows,
     shard_parts,
     write_table_atomic,
 )
@@ -83,20 +84,20 @@ def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
     """Settings of this stage, checked before any work starts."""
     ev = cfg.evaluate
     if ev.baseline not in fm.BASELINES:
-        raise ValueError(f"evaluate.baseline must be one of {fm.BASELINES}, got {ev.baseline!r}")
+        raise ConfigError(f"evaluate.baseline must be one of {fm.BASELINES}, got {ev.baseline!r}")
     for key in ("steps", "batch_size"):
         if int(ev[key]) < 1:
-            raise ValueError(f"evaluate.{key} must be >= 1, got {ev[key]}")
+            raise ConfigError(f"evaluate.{key} must be >= 1, got {ev[key]}")
     if float(ev.blur_sigma) <= 0:
-        raise ValueError(f"evaluate.blur_sigma must be > 0, got {ev.blur_sigma}")
+        raise ConfigError(f"evaluate.blur_sigma must be > 0, got {ev.blur_sigma}")
     if ev.clips_per_class is not None and int(ev.clips_per_class) < 1:
-        raise ValueError(f"evaluate.clips_per_class must be >= 1 or null (all clips), got {ev.clips_per_class}")
+        raise ConfigError(f"evaluate.clips_per_class must be >= 1 or null (all clips), got {ev.clips_per_class}")
     if not 0 < float(ev.iou_level) <= 1:
-        raise ValueError(f"evaluate.iou_level must be in (0, 1], got {ev.iou_level}")
+        raise ConfigError(f"evaluate.iou_level must be in (0, 1], got {ev.iou_level}")
     if ev.device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"evaluate.device must be auto, cpu or cuda, got {ev.device!r}")
+        raise ConfigError(f"evaluate.device must be auto, cpu or cuda, got {ev.device!r}")
     if not cfg.model.get("checkpoint"):
-        raise ValueError(
+        raise ConfigError(
             "stage=evaluate needs trained weights (model.checkpoint): the randomisation check compares them with random ones"
         )
 
@@ -195,10 +196,11 @@ def evaluate_shard(
         torch.manual_seed(int(ev.seed))
         random_explainer = build_explainer(cfg, _randomised(cfg)).to(device)
         random_tubes = {}
-        loader = _loader(cfg, rows)
+        loader = clip_loader(cfg, rows, int(ev.batch_size))
+        normalise = Normalise(cfg.model.input.mean, cfg.model.input.std).to(device)
         for batch in loader:  # pass 1: the randomised model's tubes (the explainer cache holds one model)
             if batch["video"] is not None:  # (no inference_mode: a gradient method needs autograd)
-                x = _normalise(cfg, batch["video"].to(device))
+                x = normalise(batch["video"].to(device))
                 targets = torch.tensor(rows["target"].to_numpy()[batch["positions"].numpy()], device=device)
                 tubes = random_explainer(x, lambda logits, t=targets: t[:, None]).tubes[:, 0].detach().cpu()
                 random_tubes.update(zip(batch["positions"].tolist(), tubes))
@@ -210,18 +212,12 @@ def evaluate_shard(
         for batch in loader:
             for position, error_type, message in batch["failures"]:
                 failures.append(
-                    dict(
-                        clip_id=rows.clip_id[position],
-                        source=rows.source[position],
-                        stage="evaluate",
-                        error_type=error_type,
-                        message=message,
-                    )
+                    failure_row(rows.clip_id[position], rows.source[position], "evaluate", error_type, message)
                 )
             if batch["video"] is None:
                 continue
             pos = batch["positions"].numpy()
-            x = _normalise(cfg, batch["video"].to(device))
+            x = normalise(batch["video"].to(device))
             nat = torch.stack([torch.from_numpy(native[c]) for c in rows["clip_id"].to_numpy()[pos]]).to(device)
             metrics = evaluate_batch(
                 explainer.net,
@@ -256,22 +252,6 @@ def evaluate_shard(
     else:
         failure_path.unlink(missing_ok=True)
     return dict(shard=shard, clips=len(table), failures=len(failures))
-
-
-def _loader(cfg, rows: pd.DataFrame) -> DataLoader:
-    transform = ResizeCrop(int(cfg.model.input.short_side), tuple(cfg.model.input.size))
-    return DataLoader(
-        ClipDataset(rows, transform),
-        batch_size=int(cfg.evaluate.batch_size),
-        collate_fn=collate_clips,
-        num_workers=loader_workers(cfg),
-    )
-
-
-def _normalise(cfg, video: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(cfg.model.input.mean, device=video.device).view(1, 3, 1, 1, 1)
-    std = torch.tensor(cfg.model.input.std, device=video.device).view(1, 3, 1, 1, 1)
-    return (video.float() - mean) / std
 
 
 def aggregate(run_dir: Path) -> pd.DataFrame:
@@ -320,54 +300,31 @@ def run(cfg, run_dir: Path, client=None) -> dict:
     def shard_boxes(part):
         return None if boxes is None else boxes[boxes["video_id"].isin(set(part["video_id"]))]
 
+    # as the extractor: on GPU workers each task holds one worker's GPU=1 resource, so tasks never share a device
+    gpu = (
+        client is not None and ev.device != "cpu" and str(cfg.trainer.accelerator) != "cpu" and offers_gpus(cfg.cluster)
+    )
+    jobs = {shard: (cfg_dict, str(run_dir), shard, part, shard_boxes(part), d) for shard, (part, d) in todo.items()}
     errors = []
-    with tqdm(total=len(rows), desc="evaluate", unit="clip") as bar:
-        if client is None:
-            outcomes = []
-            for shard, (part, settings_hash) in todo.items():
-                outcomes.append(_guarded(cfg_dict, str(run_dir), shard, part, shard_boxes(part), settings_hash))
-                bar.update(len(part))
-        else:
-            # as the extractor: on GPU workers each task holds one worker's GPU=1 resource, so tasks never share a device
-            gpu = ev.device != "cpu" and str(cfg.trainer.accelerator) != "cpu" and offers_gpus(cfg.cluster)
-            futures = [
-                client.submit(
-                    _guarded,
-                    cfg_dict,
-                    str(run_dir),
-                    s,
-                    p,
-                    shard_boxes(p),
-                    d,
-                    pure=False,
-                    resources={GPU: 1} if gpu else None,
-                )
-                for s, (p, d) in todo.items()
-            ]
-            outcomes = []
-            for future in as_completed(futures):
-                outcomes.append(future.result())
-                bar.update(outcomes[-1].get("clips", 0))
-    for outcome in outcomes:
-        if "error" in outcome:
-            errors.append(outcome)
-            part = todo[outcome["shard"]][0]
-            failure_rows = [
-                dict(
-                    clip_id=c,
-                    source=s,
-                    stage="evaluate",
-                    error_type=outcome["error_type"],
-                    message=f"shard {outcome['shard']}: {outcome['error']}",
-                )
-                for c, s in zip(part["clip_id"], part["source"])
-            ]
-            write_table_atomic(
-                failures_table(failure_rows), run_dir / "failures" / f"evaluate-{outcome['shard']:05d}.parquet"
-            )
-            log.error("evaluate shard %d failed: %s", outcome["shard"], outcome["error"])
+    with tqdm(
+        total=len(rows), initial=len(rows) - sum(len(p) for p, _ in todo.values()), desc="evaluate", unit="clip"
+    ) as bar:
+        for shard, _, error in follow(
+            client, evaluate_shard, jobs, name="evaluate", resources={GPU: 1} if gpu else None
+        ):
+            bar.update(len(todo[shard][0]))
+            if error is None:
+                continue
+            errors.append(shard)
+            message = f"shard {shard}: {type(error).__name__}: {error}"
+            failures = shard_failure_rows(todo[shard][0], "evaluate", type(error).__name__, message)
+            write_table_atomic(failures_table(failures), run_dir / "failures" / f"evaluate-{shard:05d}.parquet")
+            trace = run_dir / "logs" / f"evaluate-{shard:05d}.log"
+            trace.parent.mkdir(parents=True, exist_ok=True)
+            trace.write_text(error.remote_traceback)
+            log.error("evaluate %s (%s)", message, trace)
     if not list((run_dir / "evaluate").glob("part-*.parquet")):
-        raise RuntimeError(f"{run_dir}: no clip could be evaluated; see {run_dir / 'failures'}")
+        raise StageFailed(f"{run_dir}: no clip could be evaluated; see {run_dir / 'failures'}")
     table = aggregate(run_dir)
     write_table_atomic(pa.Table.from_pandas(table, preserve_index=False), run_dir / "stats" / "faithfulness.parquet")
     overall = table[table["label"] == -1]
@@ -383,14 +340,6 @@ def run(cfg, run_dir: Path, client=None) -> dict:
         )
     return dict(
         clips=len(rows),
-        failed_shards=[e["shard"] for e in errors],
+        failed_shards=sorted(errors),
         overall=overall.drop(columns=CURVES).to_dict("records"),
     )
-
-
-def _guarded(cfg_dict, run_dir, shard, part, boxes, settings_hash) -> dict:
-    """One shard; an exception becomes a result naming it, so one bad shard never stops the others."""
-    try:
-        return evaluate_shard(cfg_dict, run_dir, shard, part, boxes, settings_hash)
-    except Exception as err:
-        return dict(shard=shard, error=f"{type(err).__name__}: {err}", error_type=type(err).__name__)

@@ -18,14 +18,17 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
-from dask.distributed import as_completed
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from pipeline.errors import ConfigError, StageFailed
 from pipeline.runtime import ddp
+from pipeline.runtime.builders import build_explainer
 from pipeline.runtime.cluster import GPU, offers_gpus, open_client
+from pipeline.runtime.job import ShardJob, ShardResult
 from pipeline.runtime.module import TARGET_MODES
-from pipeline.runtime.shard import build_explainer, run_shard
+from pipeline.runtime.shard import log_path, run_shard
+from pipeline.runtime.tasks import follow
 from pipeline.store import (
     CODECS,
     failures_table,
@@ -33,6 +36,7 @@ from pipeline.store import (
     part_name,
     read_failures,
     read_index,
+    shard_failure_rows,
     shard_parts,
     tube_files,
     write_table_atomic,
@@ -56,7 +60,7 @@ def published_shard(run_dir: Path, shard: int, config_hash: str) -> dict | None:
     metas = [file_metadata(path) for path in parts]
     for path, meta in zip(parts, metas):
         if meta.get("config_hash") != config_hash:
-            raise RuntimeError(
+            raise ConfigError(
                 f"{run_dir} holds tubes made with another configuration ({path.name}: {meta.get('config_hash')} != {config_hash}); "
                 "choose a new run_name or delete the run directory"
             )
@@ -98,36 +102,36 @@ def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
     """Settings of this stage that would otherwise fail inside every task. ``upstream``: the stages that run
     before this one in the same invocation (a checkpoint that ``train`` will write is not required yet)."""
     if cfg.target.mode not in TARGET_MODES:
-        raise ValueError(f"target.mode must be one of {TARGET_MODES}, got {cfg.target.mode!r}")
+        raise ConfigError(f"target.mode must be one of {TARGET_MODES}, got {cfg.target.mode!r}")
     if cfg.target.mode == "topk" and int(cfg.target.k) < 1:
-        raise ValueError(f"target.k must be >= 1, got {cfg.target.k}")
+        raise ConfigError(f"target.k must be >= 1, got {cfg.target.k}")
     if cfg.store.codec not in CODECS:
-        raise ValueError(f"store.codec must be one of {CODECS}, got {cfg.store.codec!r}")
+        raise ConfigError(f"store.codec must be one of {CODECS}, got {cfg.store.codec!r}")
     for key, least in (("batch_size", 1), ("prefetch_factor", 1), ("num_workers", 0), ("retries", 0)):
         if not (key == "num_workers" and cfg.extract[key] == "auto") and int(cfg.extract[key]) < least:
-            raise ValueError(f"extract.{key} must be >= {least}, got {cfg.extract[key]}")
+            raise ConfigError(f"extract.{key} must be >= {least}, got {cfg.extract[key]}")
     threads = cfg.extract.torch_threads
     if threads != "auto" and (not str(threads).isdigit() or int(threads) < 1):
-        raise ValueError(f"extract.torch_threads must be 'auto' or >= 1, got {threads!r}")
+        raise ConfigError(f"extract.torch_threads must be 'auto' or >= 1, got {threads!r}")
     if str(cfg.trainer.accelerator) not in ("cpu", "gpu", "cuda"):
-        raise ValueError(
+        raise ConfigError(
             f"trainer.accelerator must be cpu or gpu for the extract stage, got {cfg.trainer.accelerator!r}"
         )
     if str(cfg.trainer.accelerator) != "cpu" and not uses_ddp(cfg) and not offers_gpus(cfg.cluster):
-        raise ValueError(
+        raise ConfigError(
             f"trainer.accelerator={cfg.trainer.accelerator} needs GPU workers: set cluster.gpus (local) or cluster.gpus_per_job (slurm)"
         )
     if uses_ddp(cfg):
         if upstream or cfg.stage not in ("extract", ["extract"]):
-            raise ValueError(
+            raise ConfigError(
                 "trainer.strategy=ddp runs the extract stage alone (every rank reruns the command): use stage=extract"
             )
     elif str(cfg.trainer.strategy) != "auto":
-        raise ValueError(
+        raise ConfigError(
             f"trainer.strategy must be auto (one device per Dask task) or ddp, got {cfg.trainer.strategy!r}"
         )
     elif str(cfg.trainer.devices) != "1":
-        raise ValueError(
+        raise ConfigError(
             f"trainer.devices must be 1 with Dask (each task uses one device; more devices = more workers), "
             f"or use trainer.strategy=ddp on one node; got {cfg.trainer.devices}"
         )
@@ -225,73 +229,58 @@ def run_on_dask(
     """One task per shard (one GPU each on GPUs); records each shard as it ends. Returns the failed shards' errors.
 
     Raises:
-        RuntimeError: with ``extract.fail_fast``, at the first failed clip or shard.
+        StageFailed: with ``extract.fail_fast``, at the first failed clip or shard.
     """
     fail_fast = bool(cfg.extract.fail_fast)
     cfg_dict = OmegaConf.to_container(cfg, resolve=True)
     topic = f"extract-progress-{uuid.uuid4().hex}"
+    jobs = {
+        shard: (cfg_dict, ShardJob(run_dir, shard, rows, classes, config_hash, progress_topic=topic))
+        for shard, rows in todo.items()
+    }
     resources = {GPU: 1} if str(cfg.trainer.accelerator) != "cpu" else None
     failed = {}
-    with tqdm(
-        total=total, initial=total - sum(len(r) for r in todo.values()), desc="extract", unit="clip", smoothing=0.1
-    ) as bar:
+    done_before = total - sum(len(r) for r in todo.values())
+    with tqdm(total=total, initial=done_before, desc="extract", unit="clip", smoothing=0.1) as bar:
         progress = ShardProgress(bar)
         client.subscribe_topic(topic, progress.on_event)
-        futures = {
-            client.submit(
-                run_shard,
-                cfg_dict,
-                str(run_dir),
-                shard,
-                rows,
-                classes,
-                config_hash,
-                topic,
-                key=f"extract-{shard:05d}-{uuid.uuid4().hex[:8]}",
-                pure=False,
-                resources=resources,
-                retries=0 if fail_fast else int(cfg.extract.retries),
-            ): shard
-            for shard, rows in todo.items()
-        }
         try:
-            for future in as_completed(futures):
-                shard = futures[future]
-                if future.status == "finished":
-                    result = future.result()
+            for shard, result, error in follow(client, run_shard, jobs, name="extract", resources=resources):
+                if error is not None:  # the task itself was lost (its worker died): Dask's own retries are spent
+                    result = ShardResult(
+                        shard, error=f"{type(error).__name__}: {error}", error_type=type(error).__name__
+                    )
+                if result.error is None:
                     ledger.finish(
                         shard,
                         shard_digest(todo[shard]),
-                        rows=result["rows"],
-                        clips=result["clips"],
-                        failures=result["failures"],
-                        seconds=result["seconds"],
+                        rows=result.rows,
+                        clips=result.clips,
+                        failures=result.failures,
+                        seconds=result.seconds,
+                    )
+                elif fail_fast or result.stop:
+                    raise StageFailed(
+                        f"extract stopped at the first failure (extract.fail_fast=true), shard {shard}: {result.error}; "
+                        f"see {log_path(run_dir, shard)}"
                     )
                 else:
-                    error = future.exception()
-                    if fail_fast:
-                        raise RuntimeError(
-                            f"extract stopped at the first failure (extract.fail_fast=true), shard {shard}: {type(error).__name__}: {error}"
-                        )
-                    failed[shard] = f"{type(error).__name__}: {error}"
-                    record_failed_shard(run_dir, shard, todo[shard], error, ledger)
+                    failed[shard] = result.error
+                    record_failed_shard(run_dir, shard, todo[shard], result, ledger)
                 progress.set(shard, len(todo[shard]), end=True)
         finally:
             client.unsubscribe_topic(topic)
-            client.cancel(list(futures))
     return failed
 
 
-def record_failed_shard(run_dir: Path, shard: int, rows: pd.DataFrame, error: BaseException, ledger: Ledger) -> None:
-    """A shard that failed after its retries: one failure row per clip, noted in the manifest; the run goes on."""
-    message = f"shard {shard} failed after its retries: {type(error).__name__}: {error}"
-    failure_rows = [
-        dict(clip_id=c, source=s, stage="extract", error_type=type(error).__name__, message=message)
-        for c, s in zip(rows["clip_id"], rows["source"])
-    ]
-    write_table_atomic(failures_table(failure_rows), run_dir / "failures" / part_name(shard))
-    ledger.fail(shard, shard_digest(rows), f"{type(error).__name__}: {error}")
-    log.error("%s (logs/shard-%05d.log)", message, shard)
+def record_failed_shard(run_dir: Path, shard: int, rows: pd.DataFrame, result: ShardResult, ledger: Ledger) -> None:
+    """A shard that failed after its retries: one failure row per clip, noted in the ledger, one console line
+    (the tracebacks are in the shard's log); the run goes on."""
+    message = f"shard {shard} failed after {result.attempts} attempt(s): {result.error}"
+    failures = shard_failure_rows(rows, "extract", result.error_type or "Error", message)
+    write_table_atomic(failures_table(failures), run_dir / "failures" / part_name(shard))
+    ledger.fail(shard, shard_digest(rows), result.error)
+    log.error("%s (%s)", message, log_path(run_dir, shard))
 
 
 def summarise(run_dir: Path, shards: dict, ledger: Ledger, skipped: int, failed: dict) -> dict:

@@ -21,6 +21,7 @@ from pipeline.data.clip_index import assign_shards, build_clips
 from pipeline.data.datasets.base import DatasetReader
 from pipeline.data.probing import probe_all
 from pipeline.data.sampling import ClipSampler
+from pipeline.errors import ConfigError
 from pipeline.store import INDEX_SCHEMA, failures_table, write_table_atomic
 
 log = logging.getLogger(__name__)
@@ -30,9 +31,9 @@ def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
     """Settings of this stage, checked before any work starts."""
     instantiate(cfg.sampler)
     if int(cfg.index.clips_per_shard) < 1:
-        raise ValueError(f"index.clips_per_shard must be >= 1, got {cfg.index.clips_per_shard}")
+        raise ConfigError(f"index.clips_per_shard must be >= 1, got {cfg.index.clips_per_shard}")
     if int(cfg.index.get("probe_batch", 32)) < 1:
-        raise ValueError(f"index.probe_batch must be >= 1, got {cfg.index.probe_batch}")
+        raise ConfigError(f"index.probe_batch must be >= 1, got {cfg.index.probe_batch}")
 
 
 def run(cfg, run_dir: Path, client=None) -> pd.DataFrame:

@@ -29,6 +29,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from tqdm import tqdm
 
 from pipeline.data.video import VideoError
+from pipeline.errors import ConfigError, MissingInput
 from pipeline.report import render
 from pipeline.report.gallery import ClipRenderer, asset_name
 from pipeline.report.marks import BoxTable
@@ -172,7 +173,7 @@ def _step_pointing(steps: pd.DataFrame | None, method: str, label_name: str) -> 
 def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
     """Settings of this stage, checked before any work starts."""
     if int(cfg.report.clips_per_class) < 1:
-        raise ValueError(f"report.clips_per_class must be >= 1, got {cfg.report.clips_per_class}")
+        raise ConfigError(f"report.clips_per_class must be >= 1, got {cfg.report.clips_per_class}")
 
 
 def run(cfg, run_dir: Path, client=None) -> dict:
@@ -183,9 +184,7 @@ def run(cfg, run_dir: Path, client=None) -> dict:
     _, meta = read_index(run_dir)
     stats = run_dir / "stats"
     if not (stats / "per_class.parquet").is_file():
-        raise FileNotFoundError(
-            f"{stats / 'per_class.parquet'}: no statistics; run the stats stage first (stage=stats)"
-        )
+        raise MissingInput(f"{stats / 'per_class.parquet'}: no statistics; run the stats stage first (stage=stats)")
     per_class, overall = pd.read_parquet(stats / "per_class.parquet"), pd.read_parquet(stats / "overall.parquet")
     per_split = _optional(stats / "per_split.parquet")
     faith = _optional(stats / "faithfulness.parquet")

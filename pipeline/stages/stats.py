@@ -36,9 +36,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from pipeline.errors import ConfigError, MissingInput, StageFailed
 from pipeline.explain.clipstats import peak_in_box
-from pipeline.explain.explainer import upsample
 from pipeline.explain.faithfulness import spearman
+from pipeline.explain.upsample import upsample
 from pipeline.store import (
     ALL_LABEL,
     ALL_NAME,
@@ -49,6 +50,7 @@ from pipeline.store import (
     read_boxes,
     read_failures,
     read_index,
+    require_tubes,
     tube_files,
     write_table_atomic,
 )
@@ -111,16 +113,17 @@ def _prepare(part: pd.DataFrame, lengths: dict[str, int]) -> pd.DataFrame:
     out["label_name"] = out["label_name"].fillna(UNLABELLED_NAME).astype(object)
     out["split"] = out["split"].fillna("(none)").astype(object)
     out["correct"] = (part["pred"] == part["label"]).astype("float64").where(part["label"].notna())
+    expanded = {}  # built apart and joined once (inserting columns one by one fragments the frame)
     for name, length in lengths.items():
         values = np.stack(part[name].to_numpy()) if len(part) else np.zeros((0, length))
         for i in range(length):
-            out[f"{name}__{i:03d}"] = values[:, i].astype("float64")
+            expanded[f"{name}__{i:03d}"] = values[:, i].astype("float64")
     for name in HISTOGRAMS:  # one-hot bins: their mean per group is the share of clips in each bin
         if name in part.columns:
             bins = np.clip((part[name].to_numpy(dtype="float64") * HIST_BINS).astype(int), 0, HIST_BINS - 1)
             for b in range(HIST_BINS):
-                out[f"{name}_hist__{b:03d}"] = (bins == b).astype("float64")
-    return out
+                expanded[f"{name}_hist__{b:03d}"] = (bins == b).astype("float64")
+    return pd.concat([out, pd.DataFrame(expanded, index=out.index)], axis=1)
 
 
 def pointing_rows(part: pd.DataFrame, boxes: pd.DataFrame, tolerance: float) -> pd.DataFrame:
@@ -192,12 +195,13 @@ def aggregate_all(prepared: dd.DataFrame) -> dict[str, pd.DataFrame]:
             .reset_index()
             .rename(columns={"correct": "accuracy", "target_prob": "mean_target_prob", "pred_prob": "mean_pred_prob"})
         )
+        lists, expanded = {}, []
         for stat in [*LIST_STATS, *(f"{h}_hist" for h in HISTOGRAMS)]:
             cols = sorted(c for c in table.columns if c.startswith(f"{stat}__"))
             if cols:
-                table[stat] = list(table[cols].to_numpy(dtype=np.float32))
-                table = table.drop(columns=cols)
-        tables[name] = table
+                lists[stat] = list(table[cols].to_numpy(dtype=np.float32))
+                expanded += cols
+        tables[name] = table.drop(columns=expanded).assign(**lists)
     return tables
 
 
@@ -311,7 +315,7 @@ def agreement(run_dir: Path, others: list[str]) -> tuple[pd.DataFrame, pd.DataFr
     for name in others:
         other_dir = run_dir.parent / str(name)
         if not tube_files(other_dir):
-            raise FileNotFoundError(
+            raise MissingInput(
                 f"stats.compare_runs: {other_dir / 'tubes'} has no tube files; extract run {name!r} first"
             )
         frames += dask.compute(*[dask.delayed(tube_agreement)(f, other_dir, str(name)) for f in tube_files(run_dir)])
@@ -339,22 +343,20 @@ def _list_lengths(files: list[Path]) -> dict[str, int]:
 def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
     """Settings of this stage, checked before any work starts."""
     if float(cfg.stats.pointing_tolerance) < 0:
-        raise ValueError(f"stats.pointing_tolerance must be >= 0, got {cfg.stats.pointing_tolerance}")
+        raise ConfigError(f"stats.pointing_tolerance must be >= 0, got {cfg.stats.pointing_tolerance}")
     others = cfg.stats.get("compare_runs") or []
     if isinstance(others, str) or not all(isinstance(name, str) and name and "/" not in name for name in others):
-        raise ValueError(f"stats.compare_runs must be a list of run names (folders beside this run), got {others!r}")
+        raise ConfigError(f"stats.compare_runs must be a list of run names (folders beside this run), got {others!r}")
     if cfg.run_name in others:
-        raise ValueError(f"stats.compare_runs names this run itself ({cfg.run_name!r})")
+        raise ConfigError(f"stats.compare_runs names this run itself ({cfg.run_name!r})")
 
 
 def run(cfg, run_dir: Path, client=None) -> dict:
-    files = tube_files(run_dir)
-    if not files:
-        raise FileNotFoundError(f"{run_dir / 'tubes'}: no tube files; run the extract stage first")
+    files = require_tubes(run_dir)
     if all(pq.read_metadata(f).num_rows == 0 for f in files):
         failures = read_failures(run_dir)
         reasons = failures["error_type"].value_counts().to_dict() if len(failures) else {}
-        raise RuntimeError(
+        raise StageFailed(
             f"{run_dir}: no clip has a tube, so there is nothing to aggregate; failures by reason: {reasons} (see {run_dir / 'failures'})"
         )
     lengths = _list_lengths(files)

@@ -7,7 +7,6 @@ kept. It decodes the training clips once into memory, so it suits small datasets
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -21,6 +20,8 @@ from pipeline.data.clips import ClipDataset
 from pipeline.data.probing import probe_all
 from pipeline.data.sampling import CenterSampler, UniformSampler
 from pipeline.data.video import ResizeCrop
+from pipeline.models.inputs import Normalise
+from pipeline.store import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +32,10 @@ class Classifier(pl.LightningModule):
     def __init__(self, net: torch.nn.Module, mean, std, lr: float, epochs: int):
         super().__init__()
         self.net, self.lr, self.epochs = net, lr, epochs
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1, 1))
+        self.normalise = Normalise(mean, std)
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
-        return self.net((video.float() - self.mean) / self.std)
+        return self.net(self.normalise(video))
 
     def training_step(self, batch, batch_idx):
         video, label = batch
@@ -99,10 +99,8 @@ def run(cfg, run_dir=None, client=None) -> dict:
     )
     trainer.fit(model, DataLoader(train, batch_size=int(cfg.train.batch_size), shuffle=True))
     accuracy = dict(train=evaluate(model, train), test=evaluate(model, test))
-    checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    tmp = checkpoint.with_name(f".{checkpoint.name}.tmp-{os.getpid()}")
-    torch.save(net.state_dict(), tmp)
-    os.replace(tmp, checkpoint)
+    with atomic_write(checkpoint) as tmp:
+        torch.save(net.state_dict(), tmp)
     log.info(
         "model: trained on %d clips, accuracy train %.3f test %.3f -> %s",
         len(train),

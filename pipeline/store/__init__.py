@@ -13,7 +13,18 @@ from pipeline.store.codec import (
     encode_volume,
     quantise,
 )
-from pipeline.store.files import failure_row, failures_table, file_metadata, part_name, shard_parts, write_table_atomic
+from pipeline.store.files import (
+    atomic_write,
+    failure_row,
+    failures_table,
+    file_metadata,
+    part_name,
+    publish,
+    shard_failure_rows,
+    shard_parts,
+    temp_path,
+    write_table_atomic,
+)
 from pipeline.store.readers import (
     boxes_path,
     decode_column,
@@ -21,6 +32,7 @@ from pipeline.store.readers import (
     read_failures,
     read_index,
     read_tubes,
+    require_tubes,
     tube_files,
 )
 from pipeline.store.schema import (
@@ -48,6 +60,7 @@ __all__ = [
     "TUBE_SCHEMA",
     "UNLABELLED",
     "UNLABELLED_NAME",
+    "atomic_write",
     "boxes_path",
     "decode_column",
     "decode_layer_volumes",
@@ -59,12 +72,16 @@ __all__ = [
     "failures_table",
     "file_metadata",
     "part_name",
+    "publish",
+    "quantise",
     "read_boxes",
     "read_failures",
     "read_index",
     "read_tubes",
+    "require_tubes",
+    "shard_failure_rows",
     "shard_parts",
+    "temp_path",
     "tube_files",
-    "quantise",
     "write_table_atomic",
 ]

@@ -15,13 +15,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pipeline.errors import ConfigError
+
 CODECS = ("float16", "float32")
 
 
 def quantise(tubes: torch.Tensor, codec: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode ``(..., t, h, w)`` float tubes: returns (stored values, per-tube float32 scale)."""
     if codec not in CODECS:
-        raise ValueError(f"store.codec must be one of {CODECS}, got {codec!r}")
+        raise ConfigError(f"store.codec must be one of {CODECS}, got {codec!r}")
     tubes = tubes.float()
     if codec == "float32":
         return tubes, torch.ones(tubes.shape[:-3], dtype=torch.float32, device=tubes.device)
@@ -42,7 +44,7 @@ def encode_volume(stored: np.ndarray) -> bytes:
 def decode_volume(data: bytes, shape, codec: str, scale: float) -> np.ndarray:
     """One stored tube back to float32 ``shape``."""
     if codec not in CODECS:
-        raise ValueError(f"unknown volume codec {codec!r}")
+        raise ConfigError(f"unknown volume codec {codec!r}")
     values = np.frombuffer(data, dtype="<f2" if codec == "float16" else "<f4").astype(np.float32)
     return (values * np.float32(scale)).reshape(tuple(shape))
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -11,19 +13,39 @@ import pyarrow.parquet as pq
 from pipeline.store.schema import COMPRESSION, FAILURE_SCHEMA
 
 
-def write_table_atomic(table: pa.Table, path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Write ``table`` to ``path`` so that the file appears complete or not at all (temp + fsync + rename)."""
+def temp_path(path: str | Path) -> Path:
+    """The hidden temporary file beside ``path`` that a writer fills before :func:`publish` (``.NAME.tmp-PID``)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if metadata:
-        table = table.replace_schema_metadata(
-            {**(table.schema.metadata or {}), **{k.encode(): v.encode() for k, v in metadata.items()}}
-        )
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression=COMPRESSION)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def publish(tmp: Path, path: str | Path) -> None:
+    """Make a finished temporary file the real one: fsync, then an atomic rename (complete or not at all)."""
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path) -> Iterator[Path]:
+    """Write to the yielded temporary path; on success it becomes ``path`` (:func:`publish`), on error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        yield tmp
+        publish(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_table_atomic(table: pa.Table, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Write ``table`` to ``path`` so that the file appears complete or not at all."""
+    if metadata:
+        merged = {**(table.schema.metadata or {}), **{k.encode(): v.encode() for k, v in metadata.items()}}
+        table = table.replace_schema_metadata(merged)
+    with atomic_write(path) as tmp:
+        pq.write_table(table, tmp, compression=COMPRESSION)
 
 
 def file_metadata(path: str | Path) -> dict[str, str]:
@@ -32,12 +54,18 @@ def file_metadata(path: str | Path) -> dict[str, str]:
 
 
 def failures_table(rows: list[dict]) -> pa.Table:
+    """Failure rows (:func:`failure_row`) as a table of the contract's schema."""
     return pa.Table.from_pylist(rows, schema=FAILURE_SCHEMA)
 
 
 def failure_row(clip_id: str, source: str | None, stage: str, error_type: str, message: str) -> dict:
     """One row of ``failures/*.parquet``: what failed (a clip, or the source when no clip exists), where and why."""
     return dict(clip_id=clip_id, source=source, stage=stage, error_type=error_type, message=message)
+
+
+def shard_failure_rows(rows, stage: str, error_type: str, message: str) -> list[dict]:
+    """One failure row per clip of ``rows`` (index rows) for a whole shard that failed."""
+    return [failure_row(c, s, stage, error_type, message) for c, s in zip(rows["clip_id"], rows["source"])]
 
 
 def part_name(shard: int, rank: int | None = None) -> str:

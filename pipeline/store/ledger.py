@@ -10,13 +10,15 @@ configuration and clips it was made for).
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
+from pipeline.errors import ConfigError
+from pipeline.store.files import atomic_write
+
 
 class Ledger:
-    """Finished and failed shards of one run directory.
+    """The ledger: finished and failed shards of one run directory.
 
     Args:
         run_dir: ``outputs/<run_name>``.
@@ -32,7 +34,7 @@ class Ledger:
         data = json.loads(self.path.read_text()) if self.path.is_file() else {}
         recorded = data.get("config_hash", config_hash)
         if recorded != config_hash:
-            raise RuntimeError(
+            raise ConfigError(
                 f"{run_dir} holds tubes made with another configuration (manifest {recorded} != {config_hash}); "
                 "choose a new run_name or delete the run directory"
             )
@@ -70,9 +72,5 @@ class Ledger:
             done={str(k): v for k, v in sorted(self.done.items())},
             failed={str(k): v for k, v in sorted(self.failed.items())},
         )
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        with open(tmp, "w") as handle:
-            json.dump(data, handle, indent=1)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.path)
+        with atomic_write(self.path) as tmp:
+            tmp.write_text(json.dumps(data, indent=1))

@@ -12,6 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from pipeline.errors import MissingInput
+from pipeline.explain.upsample import upsample as upsample_tubes
 from pipeline.store.codec import decode_layer_volumes, decode_volume
 from pipeline.store.schema import FAILURE_SCHEMA
 
@@ -20,6 +22,27 @@ log = logging.getLogger(__name__)
 
 def tube_files(run_dir: str | Path) -> list[Path]:
     return sorted((Path(run_dir) / "tubes").glob("part-*.parquet"))
+
+
+def require_tubes(run_dir: str | Path) -> list[Path]:
+    """The run's tube part files; :class:`MissingInput` saying why there are none (no extract run yet, or an
+    extract whose shards all failed, as the ledger tells) and what to run."""
+    files = tube_files(run_dir)
+    if files:
+        return files
+    ledger = Path(run_dir) / "manifest.json"
+    failed = {}
+    if ledger.is_file():
+        try:
+            failed = json.loads(ledger.read_text()).get("failed", {})
+        except ValueError:
+            failed = {}
+    if failed:
+        raise MissingInput(
+            f"{Path(run_dir)}: extract failed: {len(failed)} shard(s) failed and none is done (see "
+            f"{Path(run_dir) / 'failures'} and {Path(run_dir) / 'logs'}); fix the cause and rerun stage=extract"
+        )
+    raise MissingInput(f"{Path(run_dir) / 'tubes'}: no tube files; run the extract stage first (stage=extract)")
 
 
 def read_tubes(
@@ -38,9 +61,7 @@ def read_tubes(
             the extractor did before computing statistics.
         filters: pyarrow filters, e.g. ``[("label_name", "=", "MoveLeft")]``.
     """
-    files = tube_files(run_dir)
-    if not files:
-        raise FileNotFoundError(f"{Path(run_dir) / 'tubes'}: no tube files; run the extract stage first")
+    files = require_tubes(run_dir)
     wanted = None
     if columns is not None:
         wanted = list(dict.fromkeys(columns))
@@ -63,8 +84,6 @@ def read_tubes(
 
 def decode_column(frame: pd.DataFrame, upsample: bool = False) -> list[np.ndarray]:
     """Decode the ``volume`` column of a tubes frame; with ``upsample``, to each row's ``input_size``."""
-    from pipeline.explain.explainer import upsample as upsample_tubes
-
     volumes = [
         decode_volume(data, shape, codec, scale)
         for data, shape, codec, scale in zip(
@@ -89,8 +108,6 @@ def decode_column(frame: pd.DataFrame, upsample: bool = False) -> list[np.ndarra
 def decode_layers_column(frame: pd.DataFrame, upsample: bool = False) -> list[dict[str, np.ndarray] | None]:
     """Decode the ``layer_volumes`` column of a tubes frame; with ``upsample``, each tube to the row's
     ``input_size``."""
-    from pipeline.explain.explainer import upsample as upsample_tubes
-
     out = []
     for i, (cell, codec) in enumerate(zip(frame["layer_volumes"], frame["volume_codec"])):
         tubes = decode_layer_volumes(cell, codec)
@@ -105,7 +122,7 @@ def read_index(run_dir: str | Path) -> tuple[pd.DataFrame, dict]:
     """The index table and its metadata (``classes``, ``boxes``)."""
     path = Path(run_dir) / "index.parquet"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no index; run the index stage first (stage=index)")
+        raise MissingInput(f"{path}: no index; run the index stage first (stage=index)")
     table = pq.read_table(path)
     meta = json.loads(table.schema.metadata[b"saliency_tubes"])
     return table.to_pandas(), meta

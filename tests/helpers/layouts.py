@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from helpers.config import make_cfg
 from pipeline.data.video import write_video
 from pipeline.stages import index
 from pipeline.store import read_index
@@ -14,8 +15,6 @@ from pipeline.store import read_index
 
 def run_index(tmp_path: Path, overrides: list[str]):
     """Run the real index stage with the project's config plus ``overrides``: (index rows, metadata, run dir)."""
-    from conftest import make_cfg
-
     cfg = make_cfg(tmp_path, overrides)
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

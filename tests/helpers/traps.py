@@ -1,4 +1,4 @@
-"""A demo network with traps for the cluster tests: a forward pass inside a Dask worker springs one trap
+"""Parts that fail on purpose. A demo network with traps for the cluster tests: a forward pass inside a Dask worker springs one trap
 (a ``raise-*`` or ``exit-*`` file in ``trap``) by deleting it, then raises or kills its worker process.
 
 Deleting a file succeeds for exactly one process, so N trap files fail exactly N forward passes, wherever
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.data.datasets.base import DatasetReader
 from pipeline.models import DemoNet3D
 
 
@@ -36,3 +37,15 @@ class TrappedNet(DemoNet3D):
                 os._exit(1)
             raise RuntimeError(f"trap {path.name} sprang")
         return super().forward(x)
+
+
+class BrokenReader(DatasetReader):
+    """A dataset reader with a bug (it divides by zero): the stand-in for a genuine bug in the pipeline."""
+
+    classes = ["a", "b"]
+
+    def __init__(self, **_):
+        pass
+
+    def records(self):
+        return [], [1 / 0]

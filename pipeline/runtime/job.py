@@ -1,0 +1,49 @@
+"""The records that cross the runtime: a shard's job (what the driver sends a task) and its result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+
+@dataclass
+class ShardJob:
+    """One unit of extract work: the clips of one shard of the index, and where their part file goes.
+
+    Args:
+        run_dir: ``outputs/<run_name>``.
+        shard: the shard number (names the part file and the log).
+        rows: the shard's index rows.
+        classes: the class names the tube rows use (index = class).
+        config_hash: the run's fingerprint, stored in the part file's metadata.
+        rank, ranks: under Lightning DDP, this process's rank and the number of ranks sharing the shard
+            (``rank=None``: the whole shard).
+        progress_topic: the Dask event topic per-batch progress is sent to (None: no progress events).
+    """
+
+    run_dir: Path
+    shard: int
+    rows: pd.DataFrame
+    classes: list[str]
+    config_hash: str
+    rank: int | None = None
+    ranks: int = 1
+    progress_topic: str | None = None
+
+
+@dataclass
+class ShardResult:
+    """How a shard task ended. ``error`` is set when every attempt failed (its type in ``error_type``);
+    ``stop`` when the run must stop at once (``extract.fail_fast``)."""
+
+    shard: int
+    rows: int = 0
+    clips: int = 0
+    failures: int = 0
+    seconds: float = 0.0
+    attempts: int = 1
+    error: str | None = None
+    error_type: str | None = None
+    stop: bool = False

@@ -1,0 +1,57 @@
+"""What the console shows when things go wrong: a user error is one line, a failing shard is one line (its
+tracebacks go to the shard's log), a genuine bug keeps its traceback. Each runs the real command line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
+    command = [sys.executable, "-m", "pipeline", f"paths.root={tmp_path}", *args]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_a_bad_setting_is_one_line_without_traceback(tmp_path):
+    done = _run(["stage=extract", "store.codec=float8"], tmp_path)
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() + done.stdout.splitlines() if "store.codec" in line]
+    assert len(errors) == 1 and "float8" in errors[0]
+    assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_a_failing_shard_is_one_console_line_and_its_tracebacks_are_in_its_log(pipeline_overrides, tmp_path):
+    traps = tmp_path / "traps"
+    traps.mkdir()
+    for name in ("raise-1", "raise-2"):  # one worker thread: the first shard's two attempts spring both
+        (traps / name).touch()
+    overrides = [
+        *pipeline_overrides,
+        "model.net._target_=helpers.traps.TrappedNet",
+        f"+model.net.trap={traps}",
+        "extract.retries=1",
+        "cluster.n_workers=1",
+        "run_name=trapped",
+        "stage=[index,extract]",
+    ]
+    done = _run(overrides, tmp_path)
+    console = done.stdout + done.stderr
+    failed = [line for line in console.splitlines() if "failed after" in line]
+    assert len(failed) == 1, console[-3000:]
+    assert "shard 0 failed after 2 attempt(s): RuntimeError: trap raise-" in failed[0]
+    assert "logs/shard-00000.log" in failed[0]
+    assert "Traceback" not in console and "Compute Failed" not in console
+    log = (tmp_path / "outputs" / "trapped" / "logs" / "shard-00000.log").read_text()
+    assert log.count("Traceback (most recent call last)") == 2 and "trap raise-1 sprang" in log
+    assert "trap raise-2 sprang" in log
+
+
+def test_a_genuine_bug_keeps_its_traceback(tmp_path):
+    done = _run(["stage=index", "dataset._target_=helpers.traps.BrokenReader", "run_name=bug"], tmp_path)
+    assert done.returncode == 1
+    assert "Traceback (most recent call last)" in done.stderr and "ZeroDivisionError" in done.stderr
