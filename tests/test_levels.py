@@ -8,9 +8,9 @@ import copy
 
 import pytest
 import torch
-from test_models import zoo_model
 from torch import nn
 
+from helpers.zoo import zoo_model
 from pipeline.explain.explainer import TubeExplainer
 from pipeline.explain.levels import choose_layers, find_levels
 from pipeline.explain.methods import Fusion, GradCAM, LayerCAM

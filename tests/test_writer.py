@@ -118,7 +118,8 @@ def test_a_fusion_stores_each_layers_tube_and_read_tubes_decodes_it(tmp_path):
     )
     for method, run in ((Fusion(GradCAM(), "auto"), "fused"), (CAM(), "cam")):
         module = TubeModule(TubeExplainer(net, method, (3, 8, 64, 64)), [0.45] * 3, [0.225] * 3, target="topk", k=2)
-        writer = TubeWriter(tmp_path / run, 0, rows, method.name, module.explainer.layer_name, list("ABCD"), {})
+        job = ShardJob(tmp_path / run, 0, rows, list("ABCD"), "x")
+        writer = TubeWriter(job, rows, method.name, module.explainer.layer_name)
         prediction = module.predict_step(dict(batch, failures=[]), 0)
         writer.write_on_batch_end(None, module, prediction, None, batch, 0)
         writer.on_predict_end(None, module)
