@@ -221,27 +221,28 @@ def test_oracle_layouts_agree_with_hand_reshape():
 def test_method_configs_instantiate(tmp_path):
     from hydra.utils import instantiate
 
-    assert instantiate(make_cfg(tmp_path, ["model=r3d_18", "method=fusion"]).method).layers == "auto"
+    default = instantiate(make_cfg(tmp_path, ["model=r3d_18", "method=fusion"]).method)
+    assert (default.layers, default.levels, default.combine, default.name) == ("auto", 3, "weighted", "fusion-layercam")
     overrides = ["model=r3d_18", "method=fusion", "method.combine=max", "method.layers=${model.fusion_layers}"]
     fusion = instantiate(make_cfg(tmp_path, overrides).method)
     assert (
         isinstance(fusion, Fusion)
         and fusion.layers == ["layer3", "layer4"]
         and fusion.combine == "max"
-        and fusion.name == "fusion-gradcam"
+        and fusion.name == "fusion-layercam"
     )
-    layercam = instantiate(
+    gradcam = instantiate(
         make_cfg(
             tmp_path,
             [
                 "model=mvit_v2_s",
                 "method=fusion",
-                "method.method._target_=pipeline.explain.methods.LayerCAM",
+                "method.method._target_=pipeline.explain.methods.GradCAM",
                 "method.layers=${model.fusion_layers}",
             ],
         ).method
     )
-    assert isinstance(layercam.method, LayerCAM) and layercam.layers == ["blocks.13", "blocks.14"]
+    assert isinstance(gradcam.method, GradCAM) and gradcam.layers == ["blocks.13", "blocks.14"]
     assert instantiate(make_cfg(tmp_path, ["method=scorecam", "method.batch_size=5"]).method).batch_size == 5
     with pytest.raises(Exception, match="at least two layers"):
         instantiate(

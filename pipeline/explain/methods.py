@@ -173,8 +173,10 @@ class Fusion(SaliencyMethod):
 
     Each layer's tube is brought to the finest layer's ``(t, h, w)`` (trilinear), divided by its own maximum
     (so layers of different scale count alike) and the layers are combined voxel-wise: ``product`` (the tube is
-    high only where every layer agrees: the deep layer says which part, the shallow one sharpens it), ``mean``
-    or ``max``. Fused tubes are normalised to [0, 1] per clip and target. Gradient methods get every layer's
+    high only where every layer agrees: the deep layer says which part, the shallow one sharpens it),
+    ``weighted`` (a weighted geometric product ``prod_i tube_i ** (2 ** -i)``, layers ranked from the finest,
+    ``i = 0``, to the coarsest, ties in the order given: the coarse layers still select the object, but their
+    blurred peaks pull the fine layer's peak less than in a plain product), ``mean`` or ``max``. Fused tubes are normalised to [0, 1] per clip and target. Gradient methods get every layer's
     gradients from one backward pass.
 
     Args:
@@ -182,7 +184,7 @@ class Fusion(SaliencyMethod):
             gradient method).
         layers: dotted module names, at least two; or ``auto``: the explainer picks the deepest ``levels``
             resolution levels that carry class evidence (:mod:`pipeline.explain.levels`).
-        combine: ``product`` | ``mean`` | ``max``.
+        combine: ``product`` | ``weighted`` | ``mean`` | ``max``.
         levels: how many resolution levels ``layers=auto`` fuses (at least 2).
 
     Example:
@@ -193,7 +195,7 @@ class Fusion(SaliencyMethod):
         'features.block1+features'
     """
 
-    COMBINE = ("product", "mean", "max")
+    COMBINE = ("product", "weighted", "mean", "max")
     AUTO = "auto"
 
     def __init__(
@@ -233,8 +235,11 @@ class Fusion(SaliencyMethod):
         for tube in tubes:
             tube = upsample(tube, size).clamp(min=0)
             scaled.append(tube / tube.amax(dim=SPACE, keepdim=True).clamp(min=1e-12))
+        if self.combine == "weighted":  # finest first (most voxels; ties keep their order), weights 1, 1/2, ...
+            ranked = sorted(range(len(tubes)), key=lambda i: -tubes[i].shape[2:].numel())
+            scaled = [scaled[i] ** (0.5**rank) for rank, i in enumerate(ranked)]
         stacked = torch.stack(scaled)
-        if self.combine == "product":
+        if self.combine in ("product", "weighted"):
             fused = stacked.prod(0)
         elif self.combine == "mean":
             fused = stacked.mean(0)
