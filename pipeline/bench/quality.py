@@ -10,8 +10,9 @@ tubes (predicted class) are scored by
   fall in the disc's box;
 - deletion and insertion AUC of ``stage=evaluate``'s maths (:mod:`pipeline.explain.faithfulness`, blur baseline,
   10 steps) against a random tube of the method's own resolution;
-- time per clip of the explainer (forward, backward where needed, the tube): per batch the fastest of three
-  runs, the methods interleaved batch by batch so that load from other processes hits all alike.
+- time per clip of the explainer (forward, backward where needed, the tube) on one torch thread, as an extract
+  task runs by default: per batch the fastest of three runs, the methods interleaved batch by batch so that load
+  from other processes hits all alike.
 
 The demo's own set and model (``make demo``'s; trained here if missing) are scored the same way for ``cam`` and
 ``fusion``. ``python -m pipeline.bench quality [--quick]``.
@@ -65,6 +66,7 @@ METHODS = {
     "fusion": lambda: instantiate(settings(Path.cwd(), ["method=fusion"]).method),  # conf/method/fusion.yaml
 }
 STEPS, BLUR_SIGMA, BATCH, REPEATS = 10, 5.0, 8, 3
+TIMING_THREADS = 1  # as each extract task (extract.torch_threads); two threads on a shared machine time noise
 
 
 def settings(root: Path, overrides: list[str]):
@@ -100,6 +102,8 @@ def score(cfg, methods: dict, quick: bool) -> tuple[list[dict], dict]:
     shape = tuple(x_all.shape[1:])
     explainers = {name: TubeExplainer(net, make(), shape, layout=cfg.model.layout) for name, make in methods.items()}
     seconds = dict.fromkeys(methods, 0.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(TIMING_THREADS)
     native = {name: [] for name in methods}
     targets = []
     for start in range(0, len(x_all), BATCH):
@@ -115,6 +119,7 @@ def score(cfg, methods: dict, quick: bool) -> tuple[list[dict], dict]:
             seconds[name] += min(times)
             native[name].append(out.tubes[:, 0].detach())
         targets.append(out.targets[:, 0])
+    torch.set_num_threads(threads)
     targets = torch.cat(targets)
     boxes = read_boxes(instantiate(cfg.dataset, split="test").boxes_path)
     generator = torch.Generator().manual_seed(0)
