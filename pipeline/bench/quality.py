@@ -199,7 +199,7 @@ def run(out_dir: Path, quick: bool) -> str:
             f"Coarse set: {coarse_info['clips']} test clips of {coarse_info['grid']} (distractors move along the "
             f"class directions), a four-block 3D CNN (test accuracy {coarse_info['accuracy']:.1%}); chance of the "
             f"pointing game {chance:.1%}. Blur baseline, {STEPS} steps; random = a random tube of the method's "
-            "own resolution; target = predicted class.",
+            f"own resolution; target = predicted class; time on {TIMING_THREADS} torch thread, batches of {BATCH}.",
             "",
             table(coarse_results),
             "",
