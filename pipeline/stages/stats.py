@@ -151,8 +151,8 @@ def pointing_rows(part: pd.DataFrame, boxes: pd.DataFrame, tolerance: float) -> 
         cx1=crop[:, 2],
         cy1=crop[:, 3],
     )
-    steps = steps.explode(["frame_indices", "frame_peak_x", "frame_peak_y"])
-    steps = steps.assign(step=steps.groupby(level=0).cumcount()).reset_index(drop=True)  # the clip's time step
+    steps = steps.explode(["frame_indices", "frame_peak_x", "frame_peak_y"], ignore_index=True)
+    steps["step"] = steps.groupby(["method", "clip_id"], sort=False).cumcount()  # the clip's time step
     steps = steps.rename(columns={"frame_indices": "frame", "frame_peak_x": "px", "frame_peak_y": "py"})
     steps = steps.astype({"frame": "int64", "step": "int64", "px": "float64", "py": "float64", "video_id": object})
     merged = steps.merge(boxes, on=["video_id", "frame"], how="inner")
