@@ -130,19 +130,8 @@ def pointing_rows(part: pd.DataFrame, boxes: pd.DataFrame, tolerance: float) -> 
     """One row per clip time step that has a ground-truth box: hit (0/1) and the chance of a random hit."""
     part = part[part["target_rank"] == 0]
     crop = np.stack(part["crop_box"].to_numpy()) if len(part) else np.zeros((0, 4))
-    steps = part[
-        [
-            "method",
-            "label",
-            "label_name",
-            "split",
-            "clip_id",
-            "video_id",
-            "frame_indices",
-            "frame_peak_x",
-            "frame_peak_y",
-        ]
-    ].assign(
+    keep = ["method", "label", "label_name", "split", "clip_id", "video_id"]
+    steps = part[[*keep, "frame_indices", "frame_peak_x", "frame_peak_y"]].assign(
         label=part["label"].fillna(UNLABELLED).astype("int64"),
         label_name=part["label_name"].fillna(UNLABELLED_NAME).astype(object),
         split=part["split"].fillna("(none)").astype(object),
