@@ -108,6 +108,7 @@ def test_a_fusion_stores_each_layers_tube_and_read_tubes_decodes_it(tmp_path):
             source=["/x/a.mp4", "/x/b.mp4"],
             label=pd.array([0, 1], dtype="Int32"),
             label_name=["A", "B"],
+            model_label=[0, 1],
             split=["test"] * 2,
             frame_indices=[list(range(8))] * 2,
             padded=[0] * 2,
