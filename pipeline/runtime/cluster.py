@@ -11,6 +11,7 @@ task which of its node's GPUs belongs to the worker it runs on.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 import logging
@@ -265,7 +266,24 @@ def open_client(cfg, lazy: bool = False):
         finally:
             client.close()
             if cluster is not None:
+                _close_workers(cluster)
                 cluster.close()
+
+
+#: seconds a local worker process may take to exit before its nanny kills it (Dask's own default: 4 s, which a
+#: worker that has imported torch and Lightning can overrun on a busy machine, and the nanny then warns)
+WORKER_EXIT_SECONDS = 30
+
+
+def _close_workers(cluster) -> None:
+    """Let a local cluster's worker processes exit on their own, with time to spare, before the cluster closes."""
+    if not isinstance(cluster, LocalCluster):
+        return
+
+    async def close_all():
+        await asyncio.gather(*(worker.close(timeout=WORKER_EXIT_SECONDS) for worker in list(cluster.workers.values())))
+
+    cluster.sync(close_all)
 
 
 def worker_gpu(device_count: int) -> int:
