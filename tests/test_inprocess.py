@@ -59,8 +59,9 @@ def test_a_small_run_starts_no_cluster_and_retries_a_failing_shard(indexed, tmp_
 def test_a_shard_failing_every_attempt_becomes_failure_rows(indexed, tmp_path, monkeypatch):
     overrides, run_dir, index = indexed
     _failing_once(monkeypatch, shard=0, times=2)
-    results = run(make_cfg(tmp_path, [*overrides, "stage=extract", "extract.retries=1"]))
-    assert results["extract"]["failed_shards"] == [0]
+    with pytest.raises(StageFailed, match="3 of 4 shards done, 1 left") as unfinished:  # the command fails
+        run(make_cfg(tmp_path, [*overrides, "stage=extract", "extract.retries=1"]))
+    assert unfinished.value.results["extract"]["failed_shards"] == [0]
     failures = read_failures(run_dir)
     lost = index.loc[index["shard"] == 0, "clip_id"]
     assert set(failures["clip_id"]) == set(lost) and (failures["error_type"] == "RuntimeError").all()

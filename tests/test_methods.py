@@ -121,7 +121,7 @@ def test_gradients_flow_only_above_the_layer(net, clips):
     assert all(p.grad is None and not p.requires_grad for p in explainer.net.parameters())
 
 
-@pytest.mark.parametrize("combine", ["product", "mean", "max"])
+@pytest.mark.parametrize("combine", ["product", "weighted", "mean", "max"])
 def test_fusion_of_two_layers(net, clips, combine):
     layers = ["features.block2", "features.block3"]
     out = TubeExplainer(copy.deepcopy(net), Fusion(LayerCAM(), layers, combine), SHAPE)(clips, top2)
@@ -140,6 +140,7 @@ def test_fusion_of_two_layers(net, clips, combine):
 
     fused = {
         "product": unit(fine) * unit(coarse),
+        "weighted": unit(fine) * unit(coarse) ** 0.5,  # one grid: ranked in the order given
         "mean": (unit(fine) + unit(coarse)) / 2,
         "max": np.maximum(unit(fine), unit(coarse)),
     }[combine]

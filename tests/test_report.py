@@ -9,6 +9,7 @@ import shutil
 import subprocess
 
 import numpy as np
+import pandas as pd
 import pytest
 from markupsafe import escape
 from PIL import Image
@@ -183,3 +184,88 @@ def test_a_failing_report_leaves_the_last_good_one(built, tmp_path):
     report.run(cfg, run_dir)
     rebuilt = _tree(run_dir / "report")
     assert rebuilt.keys() == good.keys() and all(rebuilt[k][0] != good[k][0] for k in good)
+
+
+@pytest.fixture(scope="module")
+def fused(tmp_path_factory):
+    """A fused run whose boxes cover only video000 and video001 (clips of video002 have none)."""
+    run_dir = tmp_path_factory.mktemp("fused") / "run"
+    write_synthetic_run(run_dir, 24, ["Sit", "Wave"], videos=3, seed=2, method="fusion-gradcam", layers=["b2", "b3"])
+    boxes = pd.read_csv(run_dir / "boxes.csv")
+    boxes[boxes["video_id"] != "video002"].to_csv(run_dir / "boxes.csv", index=False)
+    cfg = config(clips_per_class=PER_CLASS)
+    stats.run(cfg, run_dir)
+    report.run(cfg, run_dir)
+    return run_dir, cfg
+
+
+def _white(gif) -> int:
+    """Near-white pixels over all frames of a GIF: only a drawn box is white (frames are grey and red, the heat
+    map is jet)."""
+    image, count = Image.open(gif), 0
+    for i in range(image.n_frames):
+        image.seek(i)
+        count += int((np.asarray(image.convert("RGB")).min(2) > 235).sum())
+    return count
+
+
+def _items(html: str) -> list[tuple[str, str, str]]:
+    """(clip id, its meta text, its GIF) of every gallery item of a page."""
+    return re.findall(r'<div class="meta"><b>(clip\d+)</b>(.*?)</div>\s*<img class="gif" src="([^"]+)"', html, re.S)
+
+
+def test_boxes_are_drawn_where_the_dataset_has_them_and_nowhere_else(fused):
+    run_dir, _ = fused
+    tubes = read_tubes(run_dir, columns=["clip_id", "video_id", "frame_indices", "frame_peak_x", "frame_peak_y"])
+    boxes = pd.read_csv(run_dir / "boxes.csv").set_index(["video_id", "frame"])
+    seen = {"boxed": 0, "unboxed": 0}
+    for page in (run_dir / "report").glob("c-*.html"):
+        for clip_id, meta, gif in _items(page.read_text()):
+            row = tubes[tubes["clip_id"] == clip_id].iloc[0]
+            if row.video_id == "video002":
+                seen["unboxed"] += 1
+                assert "peak on the box" not in meta and _white(run_dir / "report" / gif) == 0
+                continue
+            seen["boxed"] += 1
+            hits = sum(  # the pointing game by hand: each step's peak (source pixels) inside that frame's box
+                boxes.loc[(row.video_id, f)].x0 <= x < boxes.loc[(row.video_id, f)].x1
+                and boxes.loc[(row.video_id, f)].y0 <= y < boxes.loc[(row.video_id, f)].y1
+                for f, x, y in zip(row.frame_indices, row.frame_peak_x, row.frame_peak_y)
+            )
+            assert f"peak on the box in {hits} of {len(row.frame_indices)} steps" in meta
+            assert _white(run_dir / "report" / gif) > 10 * len(row.frame_indices)
+    assert seen["boxed"] and seen["unboxed"]
+
+
+def test_class_pages_give_the_pointing_game_per_time_step(fused):
+    run_dir, _ = fused
+    steps = pd.read_parquet(run_dir / "stats" / "pointing.parquet")
+    for name, mine in steps.groupby("label_name"):
+        page = next(p.read_text() for p in (run_dir / "report").glob("c-*.html") if f"<h1>{name} " in p.read_text())
+        table = page.split("<h2>Pointing game per time step</h2>")[1].split("</table>")[0]
+        row = re.search(r'<td class="name">this class</td>(.*?)</tr>', table, re.S).group(1)
+        shown = [float(v) for v in re.findall(r">([\d.]+)%</td>", row)]
+        expected = (100 * mine.groupby("step")["hit"].mean()).tolist()
+        assert len(shown) == 8 and np.allclose(shown, expected, atol=0.051)
+
+
+def test_a_fused_run_shows_each_layers_tube_beside_the_fused_one(fused, built):
+    run_dir, _ = fused
+    for page in (run_dir / "report").glob("c-*.html"):
+        html = page.read_text()
+        assert "What each fused layer contributed" in html and "(b2, b3)" in html
+        src = re.search(r'<img class="layers" src="([^"]+)"', html).group(1)
+        assert Image.open(run_dir / "report" / src).height > 300  # three rows: fused, b2, b3
+    assert all("What each fused layer contributed" not in html for html in _pages(built[0]).values())
+
+
+def test_without_boxes_nothing_is_drawn(fused):
+    run_dir, cfg = fused
+    (run_dir / "boxes.csv").unlink()
+    stats.run(cfg, run_dir)
+    report.run(cfg, run_dir)
+    assert not (run_dir / "stats" / "pointing_steps.parquet").exists()
+    for page in (run_dir / "report").glob("c-*.html"):
+        html = page.read_text()
+        assert "Pointing game per time step" not in html and "peak on the box" not in html
+        assert all(_white(run_dir / "report" / gif) == 0 for _, _, gif in _items(html))

@@ -91,3 +91,56 @@ def test_progress_counts_clips_and_fail_fast_stops_at_a_bad_clip(tmp_path):
     strict.abort()
     assert not list((tmp_path / "strict").rglob("*.parquet*"))
     assert strict.path.name == "part-00004-rank1.parquet"
+
+
+def test_a_fusion_stores_each_layers_tube_and_read_tubes_decodes_it(tmp_path):
+    """method=fusion with automatic layers: the row names the layers, and layer_volumes holds each layer's own
+    tube (the codec's float16 of the explainer's), decoded and upsampled by read_tubes; one-layer rows: null."""
+    from pipeline.explain.methods import Fusion, GradCAM
+    from pipeline.explain.upsample import upsample
+    from pipeline.store import read_tubes
+
+    torch.manual_seed(0)
+    rows = pd.DataFrame(
+        dict(
+            clip_id=["a:0", "b:0"],
+            video_id=["a", "b"],
+            source=["/x/a.mp4", "/x/b.mp4"],
+            label=pd.array([0, 1], dtype="Int32"),
+            label_name=["A", "B"],
+            model_label=[0, 1],
+            split=["test"] * 2,
+            frame_indices=[list(range(8))] * 2,
+            padded=[0] * 2,
+            shard=[0] * 2,
+        )
+    )
+    net = DemoNet3D(num_classes=4).eval()
+    batch = dict(
+        positions=torch.arange(2), video=torch.rand(2, 3, 8, 64, 64), crop_box=torch.tensor([[0.0, 0, 64, 64]] * 2)
+    )
+    for method, run in ((Fusion(GradCAM(), "auto"), "fused"), (CAM(), "cam")):
+        module = TubeModule(TubeExplainer(net, method, (3, 8, 64, 64)), [0.45] * 3, [0.225] * 3, target="topk", k=2)
+        job = ShardJob(tmp_path / run, 0, rows, list("ABCD"), "x")
+        writer = TubeWriter(job, rows, method.name, module.explainer.layer_name)
+        prediction = module.predict_step(dict(batch, failures=[]), 0)
+        writer.write_on_batch_end(None, module, prediction, None, batch, 0)
+        writer.on_predict_end(None, module)
+    fused = read_tubes(tmp_path / "fused", columns=["clip_id", "target", "layer", "layer_volumes"])
+    assert (fused["layer"] == "features.block1+features").all() and len(fused) == 4
+    explained = module.explainer  # the cam explainer; recompute the fusion's layer tubes independently
+    fusion = TubeExplainer(net, Fusion(GradCAM(), ["features.block1", "features"]), (3, 8, 64, 64))
+    x = (batch["video"] - 0.45) / 0.225
+    expected = fusion(x, lambda logits: logits.topk(2, dim=1).indices).layer_tubes
+    for i, cell in enumerate(fused["layer_volumes"]):
+        assert list(cell) == ["features.block1", "features"]
+        for name, tube in zip(cell, expected):
+            want = tube[i // 2, i % 2].detach().numpy()
+            assert cell[name].shape == want.shape and cell[name].dtype == "float32"
+            assert abs(cell[name] - want).max() <= 2**-11 * abs(want).max() + 1e-7
+    up = read_tubes(tmp_path / "fused", columns=["layer_volumes"], upsample=True)["layer_volumes"][0]
+    native = fused["layer_volumes"][0]["features"]
+    assert up["features"].shape == (8, 64, 64)
+    assert abs(up["features"] - upsample(torch.from_numpy(native), (8, 64, 64)).numpy()).max() == 0
+    assert read_tubes(tmp_path / "cam", columns=["layer", "layer_volumes"])["layer_volumes"].isna().all()
+    assert explained.layer_name == "features"

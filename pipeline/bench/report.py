@@ -26,6 +26,7 @@ from pipeline.stages import report, stats
 from pipeline.store import (
     INDEX_SCHEMA,
     TUBE_SCHEMA,
+    encode_layer_volumes,
     encode_volume,
     failures_table,
     part_name,
@@ -61,11 +62,14 @@ def write_synthetic_run(
     seed: int = 0,
     method: str = "cam",
     volumes=None,
+    layers: list[str] | None = None,
 ) -> pd.DataFrame:
     """Write a complete extracted run of ``clips`` clips over ``classes`` without a model; returns its index.
 
     ``volumes(rng, n) -> (n, *NATIVE)`` makes the native tubes (default: a random blob per clip). Labels
     are dealt in turn; about 10 % of the clips are predicted wrong; two splits; one failure row per 1,000 clips.
+    ``layers`` makes it a fused run: each named layer gets its own tube (``layer_volumes``), the first at the
+    tube's resolution and each next one twice as coarse in space.
     """
     rng = np.random.default_rng(seed)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -107,7 +111,14 @@ def write_synthetic_run(
     crop = np.array([(VIDEO_W - VIDEO_H) / 2, 0, (VIDEO_W + VIDEO_H) / 2, VIDEO_H], dtype=np.float32)
     for shard, rows in index.groupby("shard"):
         n = len(rows)
-        stored, scale = quantise(torch.from_numpy(make(rng, n)).float(), "float16")
+        native = torch.from_numpy(make(rng, n)).float()
+        stored, scale = quantise(native, "float16")
+        per_layer = None
+        if layers:
+            per_layer = [
+                quantise(torch.nn.functional.avg_pool3d(native[:, None], (1, 2**i, 2**i))[:, 0], "float16")
+                for i in range(len(layers))
+            ]
         decoded = stored.float() * scale[:, None, None, None]
         st = clip_statistics(upsample(decoded, (CLIP_LEN, SIDE, SIDE)), torch.from_numpy(np.tile(crop, (n, 1))))
         probs = rng.uniform(0.3, 1.0, n).astype(np.float32)
@@ -123,7 +134,7 @@ def write_synthetic_run(
             crop_box=[crop] * n,
             input_size=[[CLIP_LEN, SIDE, SIDE]] * n,
             method=[method] * n,
-            layer=["features"] * n,
+            layer=["+".join(layers) if layers else "features"] * n,
             target=pred,
             target_name=[classes[p] for p in pred],
             target_rank=np.zeros(n, np.int32),
@@ -137,6 +148,7 @@ def write_synthetic_run(
             volume_codec=["float16"] * n,
             volume_scale=scale.numpy(),
             peak_frame=np.asarray(columns["frame_indices"])[np.arange(n), st["peak_t"].numpy()],
+            layer_volumes=encode_layer_volumes(list(layers or []), per_layer, n),
         )
         for name, value in st.items():
             value = value.numpy()

@@ -113,3 +113,9 @@ def clip_statistics(tubes: torch.Tensor, crop_boxes: torch.Tensor) -> dict[str, 
         border_mass=border_mass,
         density=density,
     )
+
+
+def peak_in_box(px, py, x0, y0, x1, y1, tolerance: float = 0.0):
+    """The pointing game's hit: a peak ``(px, py)`` inside the box ``[x0, x1) x [y0, y1)`` grown by ``tolerance``
+    on every side (all in source pixels). Works on tensors, arrays and pandas Series alike."""
+    return (px >= x0 - tolerance) & (px < x1 + tolerance) & (py >= y0 - tolerance) & (py < y1 + tolerance)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.explain.layouts import LayerOutput, read_output, replace_output
+from pipeline.explain.levels import choose_layers
 from pipeline.explain.methods import (
     Evidence,
     Fusion,
@@ -29,11 +30,13 @@ from pipeline.models.adapters import token_order as model_token_order
 
 @dataclass
 class Explanation:
-    """What one batch yields: logits ``(N, K)``, targets ``(N, k)`` and native tubes ``(N, k, t, h, w)``."""
+    """What one batch yields: logits ``(N, K)``, targets ``(N, k)`` and native tubes ``(N, k, t, h, w)``;
+    for a fusion, each fused layer's own tube too (``layer_tubes``, in the order of ``layer_names``)."""
 
     logits: torch.Tensor
     targets: torch.Tensor
     tubes: torch.Tensor
+    layer_tubes: list[torch.Tensor] | None = None
 
 
 GRADIENT_METHODS = "gradcam, gradcampp, xgradcam, layercam or scorecam"
@@ -80,7 +83,8 @@ class TubeExplainer(nn.Module):
             parameters are frozen here.
         method: a :class:`~pipeline.explain.methods.SaliencyMethod`; a :class:`~pipeline.explain.methods.Fusion` names its own layers.
         input_shape: ``(3, T, H, W)``, used to find and check the layer(s) with one probe clip.
-        layer: dotted name of the explained layer; ``None`` finds the last module with a 5-D output.
+        layer: dotted name of the explained layer; ``None`` finds the last module with a 5-D output. A fusion
+            names its own layers, or finds them (``layers=auto``, :func:`pipeline.explain.levels.choose_layers`).
         classifier: dotted name of the linear classifier (``cam`` only); ``None`` takes the last linear one.
         layout: how the layer's output is laid out (:mod:`pipeline.explain.layouts`).
         grid: ``(t, h, w)`` of a token layer that returns no grid; ``None``: the model's own (HF config).
@@ -108,7 +112,14 @@ class TubeExplainer(nn.Module):
         root = unwrap(net)
         self.grid = tuple(int(g) for g in grid) if grid else model_grid(net, input_shape[1:])
         self.token_order = token_order or model_token_order(net)
-        self.layer_names = list(method.layers) if method.layers else [layer or find_layer(net, input_shape, root)]
+        if isinstance(method, Fusion) and method.layers == Fusion.AUTO:
+            self.layer_names = choose_layers(
+                net, input_shape, self.layout, method.levels, root=root, grid=self.grid, order=self.token_order
+            )
+        elif method.layers:
+            self.layer_names = list(method.layers)
+        else:
+            self.layer_names = [layer or find_layer(net, input_shape, root)]
         self.layer_name = "+".join(self.layer_names)
         self.layers = [get_module(root, name, "model.layer") for name in self.layer_names]
         device = next(net.parameters()).device
@@ -258,5 +269,8 @@ class TubeExplainer(nn.Module):
                     for i, (a, g) in enumerate(zip(acts, part_grads))
                 ]
                 per_layer.append(combine_pathways(tubes))
-            tubes = self.method.fuse_tubes(per_layer) if isinstance(self.method, Fusion) else per_layer[0]
+            if isinstance(self.method, Fusion):
+                fused = self.method.fuse_tubes(per_layer)
+                return Explanation(logits.detach().float(), targets, fused, per_layer)
+            tubes = per_layer[0]
         return Explanation(logits.detach().float(), targets, tubes)

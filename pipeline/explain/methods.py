@@ -169,54 +169,84 @@ class ScoreCAM(SaliencyMethod):
 
 
 class Fusion(SaliencyMethod):
-    """One method on several layers (e.g. the last two stages), fused into one sharper tube.
+    """One method on several layers (e.g. the last stages), fused into one sharper tube.
 
     Each layer's tube is brought to the finest layer's ``(t, h, w)`` (trilinear), divided by its own maximum
     (so layers of different scale count alike) and the layers are combined voxel-wise: ``product`` (the tube is
-    high only where every layer agrees: the deep layer says which part, the shallow one sharpens it), ``mean``
-    or ``max``. Fused tubes are normalised to [0, 1] per clip and target.
+    high only where every layer agrees: the deep layer says which part, the shallow one sharpens it),
+    ``weighted`` (a weighted geometric product ``prod_i tube_i ** (2 ** -i)``, layers ranked from the finest,
+    ``i = 0``, to the coarsest, ties in the order given: the coarse layers still select the object, but their
+    blurred peaks pull the fine layer's peak less than in a plain product), ``mean`` or ``max``. Fused tubes are normalised to [0, 1] per clip and target. Gradient methods get every layer's
+    gradients from one backward pass.
 
     Args:
         method: the method run on each layer (``cam`` needs a classifier over every layer, so usually a
             gradient method).
-        layers: dotted module names, at least two.
-        combine: ``product`` | ``mean`` | ``max``.
+        layers: dotted module names, at least two; or ``auto``: the explainer picks the deepest ``levels``
+            resolution levels that carry class evidence (:mod:`pipeline.explain.levels`).
+        combine: ``product`` | ``weighted`` | ``mean`` | ``max``.
+        levels: how many resolution levels ``layers=auto`` fuses (at least 2).
+
+    Example:
+        >>> from pipeline.models import DemoNet3D
+        >>> from pipeline.explain.explainer import TubeExplainer
+        >>> explainer = TubeExplainer(DemoNet3D(num_classes=4), Fusion(GradCAM(), "auto"), (3, 8, 64, 64))
+        >>> explainer.layer_name
+        'features.block1+features'
     """
 
-    COMBINE = ("product", "mean", "max")
+    COMBINE = ("product", "weighted", "mean", "max")
+    AUTO = "auto"
 
-    def __init__(self, method: SaliencyMethod, layers: Sequence[str] | None, combine: str = "product"):
+    def __init__(
+        self,
+        method: SaliencyMethod,
+        layers: Sequence[str] | str | None = AUTO,
+        combine: str = "product",
+        levels: int = 3,
+    ):
         if isinstance(method, Fusion):
             raise MethodError("method.method of a fusion cannot be a fusion itself")
-        if not layers or isinstance(layers, str) or len(layers) < 2:
+        if layers != self.AUTO and (not layers or isinstance(layers, str) or len(layers) < 2):
             raise MethodError(
-                f"method=fusion needs at least two layers (method.layers or model.fusion_layers), got {layers!r}"
+                f"method=fusion needs at least two layers (method.layers, e.g. ${{model.fusion_layers}}) or "
+                f"method.layers=auto, got {layers!r}"
             )
         if combine not in self.COMBINE:
             raise MethodError(f"method.combine must be one of {self.COMBINE}, got {combine!r}")
-        self.method, self.layers, self.combine = method, [str(name) for name in layers], combine
+        if int(levels) < 2:
+            raise MethodError(f"method.levels must be >= 2 (resolution levels fused), got {levels!r}")
+        self.method, self.combine, self.levels = method, combine, int(levels)
+        self.layers = self.AUTO if layers == self.AUTO else [str(name) for name in layers]
         self.name = f"fusion-{method.name}"
         self.needs_grad, self.needs_classifier = method.needs_grad, method.needs_classifier
 
     def tubes(self, evidence):
         raise MethodError("a fusion tube is made of several layers' evidence; call fuse()")
 
-    def fuse(self, per_layer: Sequence[Evidence]) -> torch.Tensor:
-        """The fused ``(N, k, t, h, w)`` tube of the layers' evidence (in the order of ``layers``)."""
-        return self.fuse_tubes([self.method.tubes(evidence) for evidence in per_layer])
+    def layer_tubes(self, per_layer: Sequence[Evidence]) -> list[torch.Tensor]:
+        """Each layer's own ``(N, k, t, h, w)`` tube at its native resolution (raw scale)."""
+        return [self.method.tubes(evidence) for evidence in per_layer]
 
     def fuse_tubes(self, tubes: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The fused ``(N, k, t, h, w)`` tube of each layer's own ``(N, k, t, h, w)`` tube."""
+        """The fused ``(N, k, t, h, w)`` tube of the layers' own tubes (:meth:`layer_tubes`)."""
         size = max((tube.shape[2:] for tube in tubes), key=lambda s: s.numel())
         scaled = []
         for tube in tubes:
             tube = upsample(tube, size).clamp(min=0)
             scaled.append(tube / tube.amax(dim=SPACE, keepdim=True).clamp(min=1e-12))
+        if self.combine == "weighted":  # finest first (most voxels; ties keep their order), weights 1, 1/2, ...
+            ranked = sorted(range(len(tubes)), key=lambda i: -tubes[i].shape[2:].numel())
+            scaled = [scaled[i] ** (0.5**rank) for rank, i in enumerate(ranked)]
         stacked = torch.stack(scaled)
-        if self.combine == "product":
+        if self.combine in ("product", "weighted"):
             fused = stacked.prod(0)
         elif self.combine == "mean":
             fused = stacked.mean(0)
         else:
             fused = stacked.amax(0)
         return fused / fused.amax(dim=SPACE, keepdim=True).clamp(min=1e-12)
+
+    def fuse(self, per_layer: Sequence[Evidence]) -> torch.Tensor:
+        """The fused ``(N, k, t, h, w)`` tube of the layers' evidence (in the order of the layers)."""
+        return self.fuse_tubes(self.layer_tubes(per_layer))

@@ -7,6 +7,7 @@ Everything here draws what it is given; it reads no tables. Matplotlib runs on t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -23,6 +24,44 @@ from skimage.measure import marching_cubes
 from pipeline.data.video import write_video
 
 COLORMAP = matplotlib.colormaps["jet"]
+BOX_COLOUR, HIT_COLOUR, MISS_COLOUR = (255, 255, 255), (40, 220, 60), (255, 40, 200)
+
+
+@dataclass
+class Marks:
+    """Ground truth drawn over a clip's frames, in the frames' pixels (NaN where a time step has no box).
+
+    Attributes:
+        boxes: ``(T, 4)`` x0, y0, x1, y1 of the ground-truth box.
+        peaks: ``(T, 2)`` x, y of the tube's peak in each frame.
+        hits: ``(T,)`` 1 where the peak fell in the box (the pointing game), 0 where not, NaN without a box.
+    """
+
+    boxes: np.ndarray
+    peaks: np.ndarray
+    hits: np.ndarray
+
+
+def draw_marks(frames: np.ndarray, marks: Marks | None) -> np.ndarray:
+    """``frames`` ``(T, H, W, 3)`` with each step's box outlined and the tube's peak as a cross (green: on the
+    box, magenta: off it); steps without a box are left as they are."""
+    if marks is None:
+        return frames
+    out = []
+    for frame, box, peak, hit in zip(frames, marks.boxes, marks.peaks, marks.hits):
+        if np.isnan(hit):
+            out.append(frame)
+            continue
+        image = Image.fromarray(np.ascontiguousarray(frame))
+        draw = ImageDraw.Draw(image)
+        x0, y0, x1, y1 = (float(v) for v in box)
+        draw.rectangle((x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)), outline=BOX_COLOUR)
+        x, y, r = float(peak[0]), float(peak[1]), max(2.0, frame.shape[0] / 24)
+        colour = HIT_COLOUR if hit > 0 else MISS_COLOUR
+        draw.line((x - r, y, x + r, y), fill=colour, width=1)
+        draw.line((x, y - r, x, y + r), fill=colour, width=1)
+        out.append(np.asarray(image))
+    return np.stack(out)
 
 
 def crop_frames(frames: np.ndarray, crop_box) -> np.ndarray:
@@ -152,15 +191,18 @@ def isosurface(tube: np.ndarray, path: Path, levels=(0.3, 0.6, 0.85), title: str
     plt.close(fig)
 
 
-def side_by_side(frames: np.ndarray, tubes: dict[str, np.ndarray], path: Path, steps: int = 4) -> None:
-    """One row per method: ``steps`` evenly spaced frames of the clip with that method's tube over them."""
+def side_by_side(
+    frames: np.ndarray, tubes: dict[str, np.ndarray], path: Path, steps: int = 4, marks: dict | None = None
+) -> None:
+    """One row per method (or fused layer): ``steps`` evenly spaced frames of the clip with that tube over them,
+    and its :class:`Marks` (``marks[name]``) where given."""
     t = len(frames)
     picks = np.unique(np.linspace(0, t - 1, min(steps, t)).round().astype(int))
     fig, axes = plt.subplots(
         len(tubes), len(picks), figsize=(1.5 * len(picks) + 0.8, 1.5 * len(tubes)), dpi=90, squeeze=False
     )
     for row, (name, tube) in enumerate(tubes.items()):
-        blended = overlay(frames, tube)
+        blended = draw_marks(overlay(frames, tube), (marks or {}).get(name))
         for col, i in enumerate(picks):
             ax = axes[row, col]
             ax.imshow(blended[i])
@@ -175,11 +217,18 @@ def side_by_side(frames: np.ndarray, tubes: dict[str, np.ndarray], path: Path, s
 
 
 def tube_strip(
-    frames: np.ndarray, tube: np.ndarray, frame_indices, path: Path, title: str = "", tile: int = 96
+    frames: np.ndarray,
+    tube: np.ndarray,
+    frame_indices,
+    path: Path,
+    title: str = "",
+    tile: int = 96,
+    marks: Marks | None = None,
 ) -> None:
-    """Frames with the tube over them, one per time step (labelled with the source frame), above bars of the
-    tube's temporal profile. Drawn with Pillow: a few milliseconds, so every gallery clip can have one."""
-    blended = overlay(frames, tube)
+    """Frames with the tube (and its :class:`Marks`) over them, one per time step (labelled with the source
+    frame), above bars of the tube's temporal profile. Drawn with Pillow: a few milliseconds, so every gallery
+    clip can have one."""
+    blended = draw_marks(overlay(frames, tube), marks)
     t = len(blended)
     gap, label_h, bars_h = 4, 14, 40
     top = label_h if not title else 2 * label_h

@@ -41,6 +41,8 @@ class Prediction:
     tubes: torch.Tensor | None = None  # (n, k, t, h, w)
     scale: torch.Tensor | None = None  # (n, k)
     stats: dict[str, torch.Tensor] | None = None
+    #: method=fusion: ``(stored, scale)`` of each fused layer's own tube (``(n, k, t, h, w)``, ``(n, k)``)
+    layer_tubes: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 class TubeModule(pl.LightningModule):
@@ -98,6 +100,9 @@ class TubeModule(pl.LightningModule):
         size = tuple(x.shape[2:])
         up = upsample(decoded.reshape(n * k, *decoded.shape[2:]), size)
         stats = clip_statistics(up, batch["crop_box"].repeat_interleave(k, dim=0))
+        layer_tubes = None  # method=fusion: each fused layer's own tube, stored beside the fused one
+        if explanation.layer_tubes is not None:
+            layer_tubes = [tuple(v.cpu() for v in quantise(tube, self.codec)) for tube in explanation.layer_tubes]
         probs = explanation.logits.softmax(1)
         pred_prob, pred = probs.max(1)
         return Prediction(
@@ -112,5 +117,6 @@ class TubeModule(pl.LightningModule):
             pred_prob=pred_prob.cpu(),
             tubes=stored.cpu(),
             scale=scale.cpu(),
+            layer_tubes=layer_tubes,
             stats={name: value.cpu() for name, value in stats.items()},
         )

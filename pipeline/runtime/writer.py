@@ -22,6 +22,7 @@ from pipeline.runtime.module import Prediction
 from pipeline.store import (
     COMPRESSION,
     TUBE_SCHEMA,
+    encode_layer_volumes,
     encode_volume,
     failure_row,
     failures_table,
@@ -144,6 +145,7 @@ class TubeWriter(BasePredictionWriter):
             volume_shape=[list(stored.shape[1:])] * (n * k),
             volume_codec=["float16" if stored.dtype == np.float16 else "float32"] * (n * k),
             volume_scale=p.scale.reshape(-1).numpy(),
+            layer_volumes=encode_layer_volumes(self.layer.split("+"), p.layer_tubes, n * k),
         )
         peak_t = p.stats["peak_t"].numpy()
         frames = np.stack([np.asarray(f) for f in columns["frame_indices"]])

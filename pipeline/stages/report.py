@@ -6,7 +6,10 @@ column, temporal profiles, results per split, agreement with other runs, the fai
 A class page has the class's profile and spatial density against the dataset's, its deletion / insertion
 curves, galleries of its most and least confident clips and of its misclassified clips (with the tube of the
 predicted class and, when the run stored it, of the true class), and for its most confident clip an MP4, the
-paper-style tube picture, an isosurface view and the tube of every compared run side by side.
+paper-style tube picture, an isosurface view, the tube of every compared run side by side and, for a fused
+run, each fused layer's own tube beside the fused one. Where the dataset has ground-truth boxes, the frames
+show them with the tube's peak marked as a hit or a miss, and the class page gives the pointing game per time
+step.
 
 Scale: plots come from the aggregate tables; galleries are picked from a projection of a few small columns,
 and only the picked clips' volumes and frames are read, so the report's time and size grow with the number of
@@ -15,10 +18,8 @@ classes, not of clips.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -28,12 +29,17 @@ import pyarrow.parquet as pq
 from jinja2 import Environment, PackageLoader, select_autoescape
 from tqdm import tqdm
 
-from pipeline.data.video import VideoError, read_frames
+from pipeline.data.video import VideoError
 from pipeline.errors import ConfigError, MissingInput
 from pipeline.report import render
+from pipeline.report.gallery import ClipRenderer, asset_name
+from pipeline.report.marks import BoxTable
 from pipeline.store import (
+    ALL_LABEL,
     REPAIR,
     UNLABELLED_NAME,
+    boxes_path,
+    read_boxes,
     read_failures,
     read_index,
     read_table,
@@ -68,13 +74,9 @@ DETAIL_COLUMNS = [
     "entropy",
     "volume",
 ]
+#: optional columns of the contract (absent from runs written before they existed)
+OPTIONAL_DETAILS = ["layer_volumes"]
 ROLES = {"confident": "Most confident", "unsure": "Least confident", "misclassified": "Misclassified"}
-
-
-def asset_name(clip_id: str, method: str) -> str:
-    """A file-system-safe, collision-free name for a clip's pictures."""
-    safe = re.sub(r"[^A-Za-z0-9_-]+", "_", clip_id)[:60]
-    return f"{safe}-{method}-{hashlib.sha1(f'{clip_id}|{method}'.encode()).hexdigest()[:8]}"
 
 
 def anchor(method: str, label: str) -> str:
@@ -106,45 +108,6 @@ def pick_gallery(summary: pd.DataFrame, per_class: int) -> pd.DataFrame:
 def _optional(path: Path) -> pd.DataFrame | None:
     repair = "rebuild it with stage=evaluate" if path.name.startswith("faith") else REPAIR["stats"]
     return read_table(path, repair) if path.is_file() else None
-
-
-class ClipRenderer:
-    """Renders the pictures of gallery clips into ``assets``, decoding each clip's frames once."""
-
-    def __init__(self, assets: Path):
-        self.assets = assets
-        self._frames: dict[str, np.ndarray] = {}
-
-    def frames(self, row) -> np.ndarray:
-        if row.clip_id not in self._frames:
-            self._frames = {
-                row.clip_id: render.crop_frames(read_frames(row.source, list(row.frame_indices)), row.crop_box)
-            }
-        return self._frames[row.clip_id]
-
-    def overlay(self, row) -> dict:
-        """GIF and strip of one tube row."""
-        name = f"{asset_name(row.clip_id, row.method)}-t{int(row.target)}"
-        if not (self.assets / f"{name}.gif").is_file():
-            frames = self.frames(row)
-            render.save_gif(render.overlay(frames, row.volume), self.assets / f"{name}.gif")
-            render.tube_strip(
-                frames, row.volume, row.frame_indices, self.assets / f"{name}.png", title=f"tube for {row.target_name}"
-            )
-        return dict(gif=f"assets/{name}.gif", strip=f"assets/{name}.png")
-
-    def featured(self, row, others: dict[str, np.ndarray]) -> dict:
-        """MP4, paper-style tube picture, isosurface and (with compared runs) methods side by side."""
-        name = f"{asset_name(row.clip_id, row.method)}-t{int(row.target)}"
-        frames = self.frames(row)
-        render.save_mp4(render.overlay(frames, row.volume), self.assets / f"{name}.mp4")
-        render.tube_picture(frames, row.volume, self.assets / f"{name}-tube.png")
-        render.isosurface(row.volume, self.assets / f"{name}-iso.png")
-        out = dict(mp4=f"assets/{name}.mp4", tube=f"assets/{name}-tube.png", iso=f"assets/{name}-iso.png")
-        if others:
-            render.side_by_side(frames, {row.method: row.volume, **others}, self.assets / f"{name}-methods.png")
-            out["methods"] = f"assets/{name}-methods.png"
-        return out
 
 
 def _clip_item(row, role: str, renderer: ClipRenderer, true_row) -> dict:
@@ -206,6 +169,23 @@ def _shown_config(run_dir: Path) -> str:
     return ""
 
 
+def _step_pointing(steps: pd.DataFrame | None, method: str, label_name: str) -> list[dict]:
+    """The class's pointing game per time step beside all classes' (rows of ``stats/pointing_steps.parquet``)."""
+    if steps is None:
+        return []
+    mine = steps[(steps["method"] == method) & (steps["label_name"] == label_name)].set_index("step")
+    everyone = steps[(steps["method"] == method) & (steps["label"] == ALL_LABEL)].set_index("step")
+    return [
+        dict(
+            step=int(step),
+            game=float(r.pointing_game),
+            frames=int(r.pointing_frames),
+            all=float(everyone["pointing_game"].get(step, np.nan)),
+        )
+        for step, r in mine.sort_index().iterrows()
+    ]
+
+
 def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
     """Settings of this stage, checked before any work starts."""
     if int(cfg.report.clips_per_class) < 1:
@@ -248,15 +228,24 @@ def _build(cfg, run_dir: Path, out: Path) -> dict:
     with readable(tube_files(run_dir), REPAIR["tubes"]):
         summary = read_summary(run_dir)
     gallery = pick_gallery(summary, int(cfg.report.clips_per_class))
+    present = set(pq.read_schema(tube_files(run_dir)[0]).names)
     details = read_tubes(
-        run_dir, columns=DETAIL_COLUMNS, upsample=True, filters=[("clip_id", "in", sorted(set(gallery["clip_id"])))]
+        run_dir,
+        columns=DETAIL_COLUMNS + [c for c in OPTIONAL_DETAILS if c in present],
+        upsample=True,
+        filters=[("clip_id", "in", sorted(set(gallery["clip_id"])))],
     )
+    box_file = boxes_path(cfg, meta)
+    boxes = read_boxes(box_file) if box_file else None
+    if boxes is not None:
+        boxes = boxes[boxes["video_id"].isin(set(details["video_id"]))]
+    steps = _optional(stats / "pointing_steps.parquet") if boxes is not None else None
     first = {(r.clip_id, r.method): r for r in details[details["target_rank"] == 0].itertuples()}
     by_target = {(r.clip_id, r.method, int(r.target)): r for r in details.itertuples()}
     featured = gallery[gallery["role"] == "confident"].groupby(["method", "label_name"]).head(1)
     other_tubes = _other_tubes(run_dir, others, featured)
 
-    renderer = ClipRenderer(assets)
+    renderer = ClipRenderer(assets, BoxTable(boxes, float(cfg.stats.get("pointing_tolerance") or 0.0)))
     pages: dict[tuple[str, str], dict] = {}
     for g in tqdm(list(gallery.itertuples()), desc="report", unit="clip"):
         row = first[(g.clip_id, g.method)]
@@ -341,6 +330,7 @@ def _build(cfg, run_dir: Path, out: Path) -> dict:
     template = env.get_template("class.html")
     for record in class_records:
         page = pages.get((record["method"], record["label_name"]), {role: [] for role in ROLES})
+        page["steps"] = _step_pointing(steps, record["method"], record["label_name"])
         (out / f"{record['anchor']}.html").write_text(
             template.render(
                 **common,

@@ -1,6 +1,7 @@
 """Stats stage: ``tubes/*.parquet`` -> ``stats/per_class.parquet``, ``stats/overall.parquet``,
 ``stats/per_split.parquet`` (the same per split), where the dataset has ground-truth boxes
-``stats/pointing.parquet`` (a folder of Parquet parts, one row per clip time step), and with
+``stats/pointing.parquet`` (a folder of Parquet parts, one row per clip time step, with its ``step``) and
+``stats/pointing_steps.parquet`` (the pointing game per class and time step), and with
 ``stats.compare_runs`` ``stats/agreement.parquet`` (per clip) and ``stats/agreement_per_class.parquet``.
 
 Per-clip statistics were computed by the extractor and stored with each tube; this stage only aggregates
@@ -36,6 +37,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.errors import ConfigError, MissingInput, StageFailed
+from pipeline.explain.clipstats import peak_in_box
 from pipeline.explain.faithfulness import spearman
 from pipeline.explain.upsample import upsample
 from pipeline.store import (
@@ -101,6 +103,7 @@ POINTING_SCHEMA = pa.schema(
         ("split", pa.string()),
         ("clip_id", pa.string()),
         ("frame", pa.int64()),
+        ("step", pa.int64()),
         ("hit", pa.float64()),
         ("chance", pa.float64()),
     ]
@@ -133,19 +136,8 @@ def pointing_rows(part: pd.DataFrame, boxes: pd.DataFrame, tolerance: float) -> 
     """One row per clip time step that has a ground-truth box: hit (0/1) and the chance of a random hit."""
     part = part[part["target_rank"] == 0]
     crop = np.stack(part["crop_box"].to_numpy()) if len(part) else np.zeros((0, 4))
-    steps = part[
-        [
-            "method",
-            "label",
-            "label_name",
-            "split",
-            "clip_id",
-            "video_id",
-            "frame_indices",
-            "frame_peak_x",
-            "frame_peak_y",
-        ]
-    ].assign(
+    keep = ["method", "label", "label_name", "split", "clip_id", "video_id"]
+    steps = part[[*keep, "frame_indices", "frame_peak_x", "frame_peak_y"]].assign(
         label=part["label"].fillna(UNLABELLED).astype("int64"),
         label_name=part["label_name"].fillna(UNLABELLED_NAME).astype(object),
         split=part["split"].fillna("(none)").astype(object),
@@ -155,16 +147,17 @@ def pointing_rows(part: pd.DataFrame, boxes: pd.DataFrame, tolerance: float) -> 
         cy1=crop[:, 3],
     )
     steps = steps.explode(["frame_indices", "frame_peak_x", "frame_peak_y"], ignore_index=True)
+    steps["step"] = steps.groupby(["method", "clip_id"], sort=False).cumcount()  # the clip's time step
     steps = steps.rename(columns={"frame_indices": "frame", "frame_peak_x": "px", "frame_peak_y": "py"})
-    steps = steps.astype({"frame": "int64", "px": "float64", "py": "float64", "video_id": object})
+    steps = steps.astype({"frame": "int64", "step": "int64", "px": "float64", "py": "float64", "video_id": object})
     merged = steps.merge(boxes, on=["video_id", "frame"], how="inner")
     x0, y0 = merged["x0"] - tolerance, merged["y0"] - tolerance
     x1, y1 = merged["x1"] + tolerance, merged["y1"] + tolerance
-    hit = (merged["px"] >= x0) & (merged["px"] < x1) & (merged["py"] >= y0) & (merged["py"] < y1)
+    hit = peak_in_box(merged["px"], merged["py"], merged["x0"], merged["y0"], merged["x1"], merged["y1"], tolerance)
     inter_w = (np.minimum(x1, merged["cx1"]) - np.maximum(x0, merged["cx0"])).clip(lower=0)
     inter_h = (np.minimum(y1, merged["cy1"]) - np.maximum(y0, merged["cy0"])).clip(lower=0)
     chance = inter_w * inter_h / ((merged["cx1"] - merged["cx0"]) * (merged["cy1"] - merged["cy0"]))
-    return merged[["method", "label", "label_name", "split", "clip_id", "frame"]].assign(
+    return merged[["method", "label", "label_name", "split", "clip_id", "frame", "step"]].assign(
         hit=hit.astype("float64"), chance=chance.astype("float64")
     )
 
@@ -207,11 +200,16 @@ def aggregate_all(prepared: dd.DataFrame) -> dict[str, pd.DataFrame]:
     return tables
 
 
+#: the pointing game per clip time step, per class and over all classes (``stats/pointing_steps.parquet``)
+STEP_GROUPINGS = {"per_step": ([*GROUP, "step"], False), "step_totals": ([*GROUP, "step"], True)}
+
+
 def pointing_all(steps: dd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Pointing game and chance for every grouping of :data:`GROUPINGS`, in one Dask computation."""
+    """Pointing game and chance for every grouping of :data:`GROUPINGS` and :data:`STEP_GROUPINGS`, in one Dask
+    computation."""
     lazy = {
         name: _grouped(steps, keys, everyone).agg({"hit": ["count", "mean"], "chance": "mean"})
-        for name, (keys, everyone) in GROUPINGS.items()
+        for name, (keys, everyone) in {**GROUPINGS, **STEP_GROUPINGS}.items()
     }
     tables = {}
     for name, agg in dask.compute(lazy)[0].items():
@@ -371,8 +369,16 @@ def _aggregate(cfg, run_dir: Path, files: list[Path]) -> dict:
     path = boxes_path(cfg, meta)
     if path:
         steps = write_pointing(tubes, read_boxes(path), float(cfg.stats.pointing_tolerance), out / "pointing.parquet")
-        for name, points in pointing_all(steps).items():
-            tables[name] = tables[name].merge(points, on=GROUPINGS[name][0], how="left")
+        points = pointing_all(steps)
+        for name, (keys, _) in GROUPINGS.items():
+            tables[name] = tables[name].merge(points[name], on=keys, how="left")
+        per_step = pd.concat([points["per_step"], points["step_totals"]], ignore_index=True)
+        write_table_atomic(
+            pa.Table.from_pandas(per_step.sort_values([*GROUP, "step"]), preserve_index=False),
+            out / "pointing_steps.parquet",
+        )
+    else:  # a table of an earlier run with boxes must not outlive them
+        (out / "pointing_steps.parquet").unlink(missing_ok=True)
     per_class, overall = tables["per_class"], tables["overall"]
     per_split = pd.concat([tables["per_split"], tables["split_totals"]], ignore_index=True)
 

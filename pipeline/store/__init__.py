@@ -4,7 +4,15 @@ Users read a run with :func:`read_tubes` (tubes, decoded and optionally upsample
 :func:`read_failures` and :func:`read_boxes`; the tables are plain Parquet that any tool reads too.
 """
 
-from pipeline.store.codec import CODECS, decode_volume, dequantise, encode_volume, quantise
+from pipeline.store.codec import (
+    CODECS,
+    decode_layer_volumes,
+    decode_volume,
+    dequantise,
+    encode_layer_volumes,
+    encode_volume,
+    quantise,
+)
 from pipeline.store.files import (
     atomic_write,
     failure_row,
@@ -37,6 +45,7 @@ from pipeline.store.schema import (
     COMPRESSION,
     FAILURE_SCHEMA,
     INDEX_SCHEMA,
+    LAYER_VOLUME,
     SOURCE_COLUMNS,
     TUBE_SCHEMA,
     UNLABELLED,
@@ -50,6 +59,7 @@ __all__ = [
     "COMPRESSION",
     "FAILURE_SCHEMA",
     "INDEX_SCHEMA",
+    "LAYER_VOLUME",
     "REPAIR",
     "SOURCE_COLUMNS",
     "TUBE_SCHEMA",
@@ -58,8 +68,10 @@ __all__ = [
     "atomic_write",
     "boxes_path",
     "decode_column",
+    "decode_layer_volumes",
     "decode_volume",
     "dequantise",
+    "encode_layer_volumes",
     "encode_volume",
     "failure_row",
     "failures_table",

@@ -47,3 +47,29 @@ def decode_volume(data: bytes, shape, codec: str, scale: float) -> np.ndarray:
         raise ConfigError(f"unknown volume codec {codec!r}")
     values = np.frombuffer(data, dtype="<f2" if codec == "float16" else "<f4").astype(np.float32)
     return (values * np.float32(scale)).reshape(tuple(shape))
+
+
+def encode_layer_volumes(names: list[str], layer_tubes, rows: int) -> list[list[dict] | None]:
+    """The ``layer_volumes`` cells of ``rows`` tube rows: per row, one ``{layer, volume, shape, scale}`` per fused
+    layer. ``layer_tubes`` holds ``(stored, scale)`` of :func:`quantise` per layer (``(N, k, t, h, w)``, ``(N, k)``)
+    or is None (a one-layer method: null cells)."""
+    if layer_tubes is None:
+        return [None] * rows
+    flat = []
+    for stored, scale in layer_tubes:
+        stored = stored.reshape(rows, *stored.shape[-3:]).cpu().numpy()
+        flat.append((stored, scale.reshape(rows).cpu().numpy()))
+    return [
+        [
+            dict(layer=name, volume=encode_volume(stored[i]), shape=list(stored.shape[1:]), scale=float(scale[i]))
+            for name, (stored, scale) in zip(names, flat)
+        ]
+        for i in range(rows)
+    ]
+
+
+def decode_layer_volumes(cell, codec: str) -> dict[str, np.ndarray] | None:
+    """One ``layer_volumes`` cell back to ``{layer: float32 (t, h, w) tube}`` (None for a one-layer method)."""
+    if cell is None:
+        return None
+    return {item["layer"]: decode_volume(item["volume"], item["shape"], codec, item["scale"]) for item in list(cell)}

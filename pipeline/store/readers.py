@@ -16,7 +16,7 @@ import torch
 
 from pipeline.errors import MissingInput, OutputError
 from pipeline.explain.upsample import upsample as upsample_tubes
-from pipeline.store.codec import decode_volume
+from pipeline.store.codec import decode_layer_volumes, decode_volume
 from pipeline.store.schema import FAILURE_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -99,9 +99,13 @@ def read_tubes(
 ) -> pd.DataFrame:
     """Read a run's tubes as a DataFrame whose ``volume`` column holds float32 numpy arrays.
 
+    A fused run's ``layer_volumes`` column (each fused layer's own tube) is decoded to ``{layer: array}`` per
+    row (None for one-layer methods), upsampled like ``volume`` when asked.
+
     Args:
         run_dir: ``outputs/<run_name>``.
-        columns: columns to read (``None``: all). ``volume`` is decoded whenever it is among them.
+        columns: columns to read (``None``: all). ``volume`` and ``layer_volumes`` are decoded whenever they are
+            among them.
         upsample: return each volume at its clip's ``input_size`` (T, H, W), trilinearly upsampled exactly as
             the extractor did before computing statistics.
         filters: pyarrow filters, e.g. ``[("label_name", "=", "MoveLeft")]``.
@@ -112,12 +116,16 @@ def read_tubes(
         wanted = list(dict.fromkeys(columns))
         if "volume" in wanted:
             wanted += [c for c in ("volume_shape", "volume_codec", "volume_scale") if c not in wanted]
-            if upsample and "input_size" not in wanted:
-                wanted.append("input_size")
+        if "layer_volumes" in wanted and "volume_codec" not in wanted:
+            wanted.append("volume_codec")
+        if upsample and ({"volume", "layer_volumes"} & set(wanted)) and "input_size" not in wanted:
+            wanted.append("input_size")
     with readable(files, REPAIR["tubes"]):
         frame = pq.ParquetDataset(files, filters=filters).read(columns=wanted).to_pandas()
     if "volume" in frame.columns:
         frame["volume"] = decode_column(frame, upsample=upsample)
+    if "layer_volumes" in frame.columns:
+        frame["layer_volumes"] = decode_layers_column(frame, upsample=upsample)
     if columns is not None:
         frame = frame[list(columns)]
     return frame
@@ -143,6 +151,19 @@ def decode_column(frame: pd.DataFrame, upsample: bool = False) -> list[np.ndarra
             batch = upsample_tubes(torch.from_numpy(np.stack([volumes[i] for i in chunk])), size).numpy()
             for i, vol in zip(chunk, batch):
                 out[i] = vol
+    return out
+
+
+def decode_layers_column(frame: pd.DataFrame, upsample: bool = False) -> list[dict[str, np.ndarray] | None]:
+    """Decode the ``layer_volumes`` column of a tubes frame; with ``upsample``, each tube to the row's
+    ``input_size``."""
+    out = []
+    for i, (cell, codec) in enumerate(zip(frame["layer_volumes"], frame["volume_codec"])):
+        tubes = decode_layer_volumes(cell, codec)
+        if tubes is not None and upsample:
+            size = tuple(int(s) for s in frame["input_size"].iloc[i])
+            tubes = {name: upsample_tubes(torch.from_numpy(vol), size).numpy() for name, vol in tubes.items()}
+        out.append(tubes)
     return out
 
 

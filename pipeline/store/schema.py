@@ -41,6 +41,9 @@ SOURCE_COLUMNS = ("num_frames", "fps", "width", "height", "segment_id", "start_f
 
 _F32, _I32, _LF32, _LI32 = pa.float32(), pa.int32(), pa.list_(pa.float32()), pa.list_(pa.int32())
 
+#: one fused layer's own tube (``layer_volumes``): stored like ``volume`` (same codec), at the layer's resolution
+LAYER_VOLUME = pa.struct([("layer", pa.string()), ("volume", pa.binary()), ("shape", _LI32), ("scale", _F32)])
+
 TUBE_SCHEMA = pa.schema(
     [f for f in INDEX_SCHEMA if f.name not in SOURCE_COLUMNS]
     + [
@@ -78,6 +81,8 @@ TUBE_SCHEMA = pa.schema(
         ("frame_peak_y", _LF32),
         ("border_mass", _F32),
         ("density", _LF32),  # DENSITY_GRID x DENSITY_GRID, row-major
+        # method=fusion: each fused layer's own tube, in the order of `layer` (null for one-layer methods)
+        ("layer_volumes", pa.list_(LAYER_VOLUME)),
     ]
 )
 

@@ -1,9 +1,10 @@
 """A synthetic action dataset with known ground truth, written as real H.264 videos in UCF-101 layout.
 
 Each video shows one red disc (the actor) among distractor shapes of other colours on a textured background.
-The class is the direction the red disc moves; distractors move in random directions too, so the only evidence
-for the class is the red disc, and a faithful saliency tube must follow it. ``boxes.csv`` gives the disc's box
-in every frame, in source pixels.
+The class is the direction the red disc moves; distractors move too (in random directions, or with
+``distractor_motion="actions"`` each along one of the class directions, so that motion alone says nothing and
+only the red disc's tells the class), so the only evidence for the class is the red disc, and a faithful
+saliency tube must follow it. ``boxes.csv`` gives the disc's box in every frame, in source pixels.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from tqdm import tqdm
 
 from pipeline.data.datasets.ucf101 import UCF101
 from pipeline.data.video import write_video
+from pipeline.errors import DatasetError
 
 #: class name -> unit direction (dx, dy) of the actor's motion, in image coordinates
 DIRECTIONS = {
@@ -45,6 +47,13 @@ class SyntheticSpec:
     distractors: int = 3
     actor_radius: tuple[int, int] = (6, 8)
     speed: tuple[float, float] = (1.0, 1.7)
+    distractor_motion: str = "random"  # random | actions (each distractor moves along a class direction)
+
+
+#: spec fields added later: recorded in synthetic.json only when not at their default, so that datasets written
+#: before they existed are still recognised
+_LATER_FIELDS = {"distractor_motion": "random"}
+MOTIONS = ("random", "actions")
 
 
 def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
@@ -84,7 +93,10 @@ def render_video(spec: SyntheticSpec, direction: tuple[float, float], rng: np.ra
     background = _background(rng, spec.height, spec.width)
     distractors = []
     for k in range(spec.distractors):
-        angle = rng.uniform(0, 2 * np.pi)
+        if spec.distractor_motion == "actions":
+            angle = float(np.arctan2(*list(DIRECTIONS.values())[int(rng.integers(0, len(DIRECTIONS)))][::-1]))
+        else:
+            angle = rng.uniform(0, 2 * np.pi)
         distractors.append(
             dict(
                 x=rng.uniform(0, spec.width),
@@ -118,7 +130,9 @@ def generate(root: str | Path, spec: SyntheticSpec = SyntheticSpec(), progress: 
     """Write the dataset under ``root`` (skipped when a dataset with the same spec is already there)."""
     root = Path(root)
     spec_file = root / "synthetic.json"
-    wanted = json.loads(json.dumps(asdict(spec)))
+    if spec.distractor_motion not in MOTIONS:
+        raise DatasetError(f"dataset.distractor_motion must be one of {MOTIONS}, got {spec.distractor_motion!r}")
+    wanted = {k: v for k, v in json.loads(json.dumps(asdict(spec))).items() if _LATER_FIELDS.get(k, object()) != v}
     if spec_file.is_file() and json.loads(spec_file.read_text()) == wanted:
         return root
     root.mkdir(parents=True, exist_ok=True)
