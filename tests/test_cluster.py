@@ -12,15 +12,18 @@ from pathlib import Path
 
 import dask
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from helpers.config import make_cfg
 from pipeline.__main__ import run
+from pipeline.data.clips import ClipDataset, collate_clips, transform_batch
+from pipeline.data.video import ResizeCrop
 from pipeline.errors import ConfigError, StageFailed
 from pipeline.models import DemoNet3D
 from pipeline.runtime import cluster
-from pipeline.runtime.builders import loader_workers, make_trainer
+from pipeline.runtime.builders import loader_workers, make_trainer, prefetch_factor, resize_on_device
 from pipeline.stages import extract
 from pipeline.store import read_failures, read_index, read_tubes
 
@@ -288,3 +291,25 @@ def test_gpu_tasks_decode_with_every_core_their_worker_owns_but_one(tmp_path):
     slurm = ["cluster=slurm", "cluster.cores=32", "cluster.gpus_per_job=4", "trainer.accelerator=gpu"]
     assert workers(*slurm) == 7
     assert workers(*slurm[:2], "cluster.gpus_per_job=16", "trainer.accelerator=gpu") == 2
+
+
+def test_gpu_loaders_pin_uint8_frames_and_prefetch_eight_batches(tmp_path, synthetic_root):
+    gpu = ["trainer.accelerator=gpu", "cluster=slurm", "cluster.cores=32", "cluster.gpus_per_job=4"]
+    cpu_cfg, gpu_cfg = make_cfg(tmp_path, []), make_cfg(tmp_path, gpu)
+    assert not resize_on_device(cpu_cfg) and resize_on_device(gpu_cfg)
+    assert resize_on_device(make_cfg(tmp_path, ["extract.resize=device"]))
+    assert not resize_on_device(make_cfg(tmp_path, [*gpu, "extract.resize=loader"]))
+    # 7 decode processes: 2 batches each ahead (at least 8 in flight); one process: 8; a fixed setting stays
+    assert prefetch_factor(gpu_cfg, 7) == 2 and prefetch_factor(gpu_cfg, 1) == 8 and prefetch_factor(gpu_cfg, 3) == 3
+    assert prefetch_factor(make_cfg(tmp_path, ["extract.prefetch_factor=5"]), 7) == 5
+    assert prefetch_factor(cpu_cfg, 0) is None
+    # a raw batch: uint8 frames as decoded, resized later; the same clip as the loader's own resize
+    video = next(iter(synthetic_root.glob("*/*.mp4")))
+    rows = pd.DataFrame({"source": [str(video)], "frame_indices": [list(range(8))]})
+    transform = ResizeCrop(32, (32, 32))
+    raw = collate_clips([ClipDataset(rows, transform, raw=True)[0]])
+    done = collate_clips([ClipDataset(rows, transform)[0]])
+    assert raw["video"] is None and raw["frames"][0].dtype == torch.uint8 and raw["frames"][0].shape[0] == 8
+    assert torch.equal(transform_batch(raw, transform), done["video"]) and torch.equal(
+        raw["crop_box"], done["crop_box"]
+    )

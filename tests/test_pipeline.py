@@ -227,6 +227,24 @@ def test_two_workers_give_the_same_rows(cam_run):
         assert one.loc[clip_id, "pred"] == two.loc[clip_id, "pred"]
 
 
+def test_clips_resized_by_the_model_device_give_the_same_bytes(cam_run):
+    root, run_dir, overrides = cam_run
+    # uint8 frames out of two DataLoader processes, resized in predict_step (what a GPU run does) instead of
+    # float clips resized in the loader: the same op in the same dtype, so on the CPU the same bits
+    extra = ["run_name=resized", "store.codec=float32", "extract.resize=device", "extract.num_workers=2"]
+    run(make_cfg(root, overrides + extra + ["stage=[index,extract]"]))
+    columns = ["clip_id", "shard", "volume", "crop_box", "target_logit", "entropy", "centroid_y", "density"]
+    one = read_tubes(run_dir, columns=columns).set_index("clip_id")
+    device = read_tubes(root / "outputs" / "resized", columns=columns).set_index("clip_id")
+    complete = one[one.groupby("shard")["volume"].transform("size") == 3].index
+    assert len(complete) >= 3 and set(one.index) < set(device.index)
+    for clip_id in complete:
+        a, b = one.loc[clip_id], device.loc[clip_id]
+        assert a["volume"].tobytes() == b["volume"].tobytes()
+        assert np.array_equal(a["crop_box"], b["crop_box"]) and np.array_equal(a["density"], b["density"])
+        assert (a["target_logit"], a["entropy"], a["centroid_y"]) == (b["target_logit"], b["entropy"], b["centroid_y"])
+
+
 def test_rerun_skips_finished_shards_and_redoes_missing_ones(cam_run):
     root, run_dir, overrides = cam_run
     parts = sorted((run_dir / "tubes").glob("part-*.parquet"))

@@ -18,6 +18,7 @@ Setup: the synthetic dataset in UCF-101 layout (every split), a small 3D CNN giv
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -81,12 +82,34 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _adopt_orphans() -> None:
+    """Make this process the reaper of its descendants (Linux ``PR_SET_CHILD_SUBREAPER``): a process whose
+    parent exits without waiting for it (the forkserver Dask workers fork from, and through it the workers)
+    comes back here, so its CPU time is counted in ``RUSAGE_CHILDREN`` once reaped."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+
+
+def _reap(deadline_s: float = 60.0) -> None:
+    """Wait for every adopted descendant to exit (a forkserver exits when its parent has)."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            time.sleep(0.05)
+
+
 def timed_process(args: list[str], what: str) -> tuple[float, float, str]:
     """Wall seconds of a child process from its start to its exit, the CPU seconds of its process tree (every
-    process it started and waited for: Dask nannies and workers too) and its output."""
+    process it started, Dask workers and the forkserver they fork from too) and its output."""
+    _adopt_orphans()
     cpu, started = _children_cpu(), time.perf_counter()
     done = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
     seconds = time.perf_counter() - started
+    _reap()
     if done.returncode != 0:
         raise RuntimeError(f"{what} failed:\n{(done.stdout + done.stderr)[-3000:]}")
     return seconds, _children_cpu() - cpu, done.stdout + done.stderr

@@ -305,11 +305,16 @@ class ResizeCrop:
         sx, sy = width / new_w, height / new_h
         return [left * sx, top * sy, (left + self.size[1]) * sx, (top + self.size[0]) * sy]
 
-    def __call__(self, frames: np.ndarray) -> torch.Tensor:
-        """uint8 ``(T, H, W, 3)`` -> float ``(3, T, h, w)`` in [0, 1]."""
+    def __call__(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 ``(T, H, W, 3)`` -> float ``(3, T, h, w)`` in [0, 1], on the frames' device.
+
+        The same operations in the same dtype wherever it runs: in a DataLoader worker, or on the model's
+        device on a batch's uint8 frames (``extract.resize=device``), where it gives the same values on the CPU.
+        """
         height, width = frames.shape[1:3]
         new_h, new_w, top, left = self._geometry(height, width)
-        video = torch.from_numpy(frames).permute(0, 3, 1, 2).float().div_(255.0)
+        frames = torch.from_numpy(frames) if isinstance(frames, np.ndarray) else frames
+        video = frames.permute(0, 3, 1, 2).float().div_(255.0)
         if (new_h, new_w) != (height, width):
             video = F.interpolate(video, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
         video = video[:, :, top : top + self.size[0], left : left + self.size[1]].clamp_(0.0, 1.0)

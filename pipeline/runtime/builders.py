@@ -79,19 +79,44 @@ def loader_workers(cfg) -> int:
     return int(setting)
 
 
-def clip_loader(cfg, rows: pd.DataFrame, batch_size: int) -> DataLoader:
+#: batches in flight across a task's DataLoader workers with ``extract.prefetch_factor=auto``
+PREFETCH_BATCHES = 8
+
+
+def prefetch_factor(cfg, workers: int) -> int | None:
+    """Batches each DataLoader worker decodes ahead: ``extract.prefetch_factor``; ``auto`` = at least 2 per
+    worker and :data:`PREFETCH_BATCHES` in all, so a device never waits on a burst of slow clips."""
+    if not workers:
+        return None
+    setting = cfg.extract.prefetch_factor
+    return int(setting) if setting != "auto" else max(2, -(-PREFETCH_BATCHES // workers))
+
+
+def resize_on_device(cfg) -> bool:
+    """Whether clips are resized on the model's device: ``extract.resize``; ``auto`` = on GPUs, where the
+    loader then pins and copies uint8 frames (a quarter of float32's bytes) and the resize leaves its cores."""
+    setting = str(cfg.extract.get("resize", "auto"))
+    return setting == "device" or (setting == "auto" and str(cfg.trainer.accelerator) != "cpu")
+
+
+def clip_transform(cfg) -> ResizeCrop:
+    """The resize / crop to ``cfg.model.input``."""
+    return ResizeCrop(int(cfg.model.input.short_side), tuple(cfg.model.input.size))
+
+
+def clip_loader(cfg, rows: pd.DataFrame, batch_size: int, raw: bool = False) -> DataLoader:
     """The DataLoader that decodes ``rows``' clips at the model's input size, in ``rows`` order.
 
-    Bad clips ride along as failures (:func:`~pipeline.data.clips.collate_clips`). On GPUs the batches are in
-    pinned memory, so Lightning's copy to the device does not block.
+    Bad clips ride along as failures (:func:`~pipeline.data.clips.collate_clips`). With ``raw`` the batches
+    carry the decoded uint8 frames, for the model's device to resize (:func:`resize_on_device`). On GPUs the
+    batches are in pinned memory, so Lightning's copy to the device does not block.
     """
     workers = loader_workers(cfg)
-    transform = ResizeCrop(int(cfg.model.input.short_side), tuple(cfg.model.input.size))
     return DataLoader(
-        ClipDataset(rows, transform),
+        ClipDataset(rows, clip_transform(cfg), raw=raw),
         batch_size=batch_size,
         num_workers=workers,
-        prefetch_factor=int(cfg.extract.prefetch_factor) if workers else None,
+        prefetch_factor=prefetch_factor(cfg, workers),
         collate_fn=collate_clips,
         pin_memory=str(cfg.trainer.accelerator) != "cpu",
     )

@@ -39,6 +39,7 @@ def local(
     memory_limit="auto",
     dashboard_address: str = ":0",
     gpus: int = 0,
+    start_method: str = "forkserver",
 ) -> LocalCluster:
     """A Dask LocalCluster on this machine.
 
@@ -49,17 +50,39 @@ def local(
         memory_limit: per worker, e.g. ``"8GB"``; ``auto`` divides the machine's memory.
         dashboard_address: ``":8787"``, or ``":0"`` for a free port.
         gpus: when > 0, one worker per GPU (``n_workers`` is ignored), each offering ``GPU=1``.
+        start_method: how worker processes start: ``forkserver`` (see :func:`worker_start`) or ``spawn``.
     """
     gpus = int(gpus)
-    return LocalCluster(
-        n_workers=gpus or int(n_workers),
-        threads_per_worker=1 if gpus else int(threads_per_worker),
-        processes=bool(processes),
-        memory_limit=memory_limit,
-        dashboard_address=dashboard_address,
-        resources={GPU: 1} if gpus else None,
-        silence_logs=logging.WARNING,
-    )
+    with worker_start(start_method):
+        return LocalCluster(
+            n_workers=gpus or int(n_workers),
+            threads_per_worker=1 if gpus else int(threads_per_worker),
+            processes=bool(processes),
+            memory_limit=memory_limit,
+            dashboard_address=dashboard_address,
+            resources={GPU: 1} if gpus else None,
+            silence_logs=logging.WARNING,
+        )
+
+
+#: what the forkserver imports once, so that every worker forked from it starts with them imported
+WORKER_PRELOAD = ("torch", "pytorch_lightning", "pipeline.runtime.shard")
+
+
+@contextlib.contextmanager
+def worker_start(method: str):
+    """Worker processes started meanwhile by ``method``. With ``forkserver``, one server process imports
+    :data:`WORKER_PRELOAD` once (torch, Lightning and what it pulls in cost seconds of CPU) and every worker
+    forks from it, instead of each spawned worker importing them again; the server is a fresh process (no
+    threads of this one), so forking it is safe."""
+    if method not in ("forkserver", "spawn"):
+        raise ConfigError(f"cluster.start_method must be forkserver or spawn, got {method!r}")
+    with dask.config.set({"distributed.worker.multiprocessing-method": method}):
+        if method == "forkserver":
+            from distributed.utils import get_mp_context
+
+            get_mp_context().set_forkserver_preload(["distributed", "numpy", "pandas", *WORKER_PRELOAD])
+        yield
 
 
 def slurm(jobs: int = 1, adapt_min: int | None = None, adapt_max: int | None = None, **job):

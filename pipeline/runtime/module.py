@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import pytorch_lightning as pl
 import torch
 
+from pipeline.data.clips import transform_batch
+from pipeline.data.video import ResizeCrop
 from pipeline.errors import ConfigError
 from pipeline.explain.clipstats import clip_statistics
 from pipeline.explain.explainer import TubeExplainer
@@ -54,6 +56,7 @@ class TubeModule(pl.LightningModule):
         k: number of classes for ``target=topk``.
         codec: the store codec; tubes are encoded here and statistics computed on the decoded tube.
         labels: ``(num_clips,)`` true labels of the shard's clips (-1 = unknown), needed for ``target=label``.
+        transform: the resize / crop of batches that carry raw uint8 ``frames`` (resized on the device).
     """
 
     def __init__(
@@ -65,6 +68,7 @@ class TubeModule(pl.LightningModule):
         k: int = 1,
         codec: str = "float16",
         labels: torch.Tensor | None = None,
+        transform: ResizeCrop | None = None,
     ):
         super().__init__()
         if target not in TARGET_MODES:
@@ -73,6 +77,7 @@ class TubeModule(pl.LightningModule):
         self.normalise = Normalise(mean, std)
         self.target, self.k, self.codec = target, (int(k) if target == "topk" else 1), codec
         self.labels = labels
+        self.transform = transform
 
     def _selector(self, positions: torch.Tensor):
         if self.target == "pred":
@@ -83,9 +88,11 @@ class TubeModule(pl.LightningModule):
         return lambda logits: labels
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> Prediction:
-        if batch["video"] is None:
-            return Prediction(positions=batch["positions"], failures=batch["failures"])
-        x = self.normalise(batch["video"])
+        with torch.autocast(self.device.type, enabled=False):  # the input in float32, whatever the precision
+            video = transform_batch(batch, self.transform)
+            if video is None:
+                return Prediction(positions=batch["positions"], failures=batch["failures"])
+            x = self.normalise(video)
         explanation = self.explainer(x, self._selector(batch["positions"]))
         n, k = explanation.targets.shape
         stored, scale = quantise(explanation.tubes, self.codec)

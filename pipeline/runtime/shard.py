@@ -25,7 +25,15 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from pipeline.models.classes import model_labels
-from pipeline.runtime.builders import build_explainer, clip_loader, make_trainer, quiet_lightning, torch_threads
+from pipeline.runtime.builders import (
+    build_explainer,
+    clip_loader,
+    clip_transform,
+    make_trainer,
+    quiet_lightning,
+    resize_on_device,
+    torch_threads,
+)
 from pipeline.runtime.job import ShardJob, ShardResult
 from pipeline.runtime.module import TubeModule
 from pipeline.runtime.writer import ClipFailure, TubeWriter
@@ -157,8 +165,9 @@ def shard_job(cfg, job: ShardJob, *, progress=None, log=None) -> tuple[TubeModul
         k=cfg.target.k,
         codec=cfg.store.codec,
         labels=labels,
+        transform=clip_transform(cfg),
     )
-    loader = clip_loader(cfg, rows, int(cfg.extract.batch_size))
+    loader = clip_loader(cfg, rows, int(cfg.extract.batch_size), raw=resize_on_device(cfg))
     writer = TubeWriter(
         replace(job, classes=model_classes),  # tube rows name targets and predictions with the model's classes
         rows,

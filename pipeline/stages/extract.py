@@ -124,8 +124,13 @@ def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
     if cfg.store.codec not in CODECS:
         raise ConfigError(f"store.codec must be one of {CODECS}, got {cfg.store.codec!r}")
     for key, least in (("batch_size", 1), ("prefetch_factor", 1), ("num_workers", 0), ("retries", 0)):
-        if not (key == "num_workers" and cfg.extract[key] == "auto") and int(cfg.extract[key]) < least:
+        if (
+            not (key in ("num_workers", "prefetch_factor") and cfg.extract[key] == "auto")
+            and int(cfg.extract[key]) < least
+        ):
             raise ConfigError(f"extract.{key} must be >= {least}, got {cfg.extract[key]}")
+    if cfg.extract.get("resize", "auto") not in ("auto", "loader", "device"):
+        raise ConfigError(f"extract.resize must be auto, loader or device, got {cfg.extract.resize!r}")
     if cfg.extract.get("concurrent", "wait") not in POLICIES:
         raise ConfigError(f"extract.concurrent must be one of {POLICIES}, got {cfg.extract.concurrent!r}")
     if cfg.extract.get("in_process", "auto") not in ("auto", True, False):
