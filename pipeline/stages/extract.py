@@ -1,11 +1,10 @@
 """Extract stage: ``index.parquet`` -> ``tubes/part-NNNNN.parquet`` (+ ``failures/part-NNNNN.parquet``).
 
-The driver: each shard of the index is one Dask task (:func:`pipeline.runtime.shard.run_shard`), asking for one GPU
-when the trainer runs on GPUs. A shard's part file appears only when complete, and ``manifest.json`` records
-the finished shards with their row counts and the configuration's fingerprint. Rerunning skips finished
-shards (a killed run resumes where it stopped) and refuses a run directory made with another configuration.
-Dask retries a failing shard ``extract.retries`` times (a killed worker is retried too); a shard that keeps
-failing becomes failure rows and the run goes on. One progress bar counts clips over all workers.
+The driver: each shard is one task (:func:`pipeline.runtime.shard.run_shard`) on Dask (one GPU each on GPUs) or,
+for small CPU runs, in this process. A part file appears only when complete; ``manifest.json`` records finished
+shards and the fingerprint. A rerun skips finished shards and refuses a run directory of another configuration.
+A task retries itself ``extract.retries`` times (Dask reruns a killed worker's); a shard that keeps failing
+becomes failure rows. One progress bar counts clips over all workers.
 """
 
 from __future__ import annotations

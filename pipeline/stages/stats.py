@@ -4,20 +4,17 @@
 ``stats/pointing_steps.parquet`` (the pointing game per class and time step), and with
 ``stats.compare_runs`` ``stats/agreement.parquet`` (per clip) and ``stats/agreement_per_class.parquet``.
 
-Per-clip statistics were computed by the extractor and stored with each tube; this stage only aggregates
-them, with dask.dataframe over all part files, so it never loads a volume and its memory does not grow with
-the dataset. Aggregates use each clip's first target (``target_rank == 0``). List statistics (the temporal
+Per-clip statistics come with each tube; this stage only aggregates them with dask.dataframe over all part
+files, never loading a volume (memory does not grow with the dataset). Aggregates use each clip's first target (``target_rank == 0``). List statistics (the temporal
 profile, the coarse spatial density map) are averaged element-wise; the distributions of concentration, entropy
 and border mass are kept as histograms (``top10_mass_hist`` ...: share of clips in each tenth of [0, 1]).
 
-Agreement between methods: each run directory holds one method. ``stats.compare_runs`` names other runs over
-the same index (e.g. ``[gradcam]``); for each clip and target class present in both, the Spearman rank
-correlation of the two tubes (at the layer's resolution, or at the input's when the layers differ). It reads
-volumes part file by part file, so its memory too stays flat.
+Agreement between methods: ``stats.compare_runs`` names other runs over the same index (e.g. ``[gradcam]``); for
+each clip and target in both, the Spearman correlation of the two tubes (at the layer's resolution, or the
+input's when the layers differ), read part file by part file.
 
-Pointing game: for each clip time step whose source frame has a box, a hit when the tube's peak in that frame
-(mapped to source pixels) lies inside the box grown by ``stats.pointing_tolerance`` pixels. Its chance level
-is the share of the model's view (the crop box) the box covers: a peak placed at random hits that often.
+Pointing game: per clip time step whose frame has a box, a hit when the tube's peak (in source pixels) lies in the
+box grown by ``stats.pointing_tolerance`` pixels; chance: the share of the model's view the box covers.
 """
 
 from __future__ import annotations
