@@ -1,5 +1,3 @@
-from fractions import Fraction
-
 import av
 import numpy as np
 import pytest
@@ -262,22 +260,6 @@ def moving_frames(n, height=72, width=96, seed=0):
     return np.stack([canvas[:, i : i + width] for i in range(n)])
 
 
-def write_vfr_video(path, frames, skipped_pts):
-    """An MKV whose timestamps skip ``skipped_pts`` (a variable frame rate: frame index != pts * fps)."""
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        stream.codec_context.time_base = Fraction(1, 25)
-        pts = [p for p in range(len(frames) + len(skipped_pts)) if p not in skipped_pts]
-        for image, stamp in zip(frames, pts):
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
-            frame.pts, frame.time_base = stamp, Fraction(1, 25)
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-
-
 @pytest.fixture(scope="module")
 def long_videos(tmp_path_factory):
     """Longer videos with real GOPs: H.264 with B-frames at 59.94 fps, mpeg4 AVI at 29.97 and 25 fps, VFR MKV."""
@@ -292,7 +274,7 @@ def long_videos(tmp_path_factory):
     write_video(paths["h264_5994"], frames, fps=60000 / 1001, g="24", bf="3", crf="20", preset="veryfast")
     write_video(paths["mpeg4_2997"], frames, fps=30000 / 1001, codec="mpeg4", g="20", bf="2", qscale="3")
     write_video(paths["mpeg4_25"], frames, fps=25, codec="mpeg4", g="12")
-    write_vfr_video(paths["vfr"], frames[:60], skipped_pts={10, 11, 30})
+    write_video(paths["vfr"], frames[:60], 25, skipped_pts={10, 11, 30})
     return paths
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import tempfile
 import time
-from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -30,21 +29,6 @@ def _panning(n: int, height: int = 72, width: int = 96) -> np.ndarray:
     return np.stack([canvas[:, i : i + width] for i in range(n)])
 
 
-def _write_vfr(path: Path, frames: np.ndarray, skipped: set[int]) -> None:
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        stream.codec_context.time_base = Fraction(1, 25)
-        stamps = [p for p in range(len(frames) + len(skipped)) if p not in skipped]
-        for image, stamp in zip(frames, stamps):
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
-            frame.pts, frame.time_base = stamp, Fraction(1, 25)
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-
-
 def videos(root: Path, quick: bool) -> dict[str, list[Path]]:
     frames = _panning(150)
     kinds = {
@@ -57,7 +41,7 @@ def videos(root: Path, quick: bool) -> dict[str, list[Path]]:
         out[name] = [root / f"kind{i}{suffix}"]
         write_video(out[name][0], frames, **options)
     out["VFR MKV (timestamps skip)"] = [root / "vfr.mkv"]
-    _write_vfr(out["VFR MKV (timestamps skip)"][0], frames[:60], {10, 11, 30})
+    write_video(out["VFR MKV (timestamps skip)"][0], frames[:60], 25, skipped_pts={10, 11, 30})
     data = generate(root / "synthetic", SyntheticSpec(groups=1, clips_per_group=3 if quick else 10), progress=False)
     out["synthetic dataset (H.264 MP4)"] = sorted(data.rglob("*.mp4"))
     return out

@@ -331,18 +331,35 @@ def source_to_input(box: np.ndarray, crop_box: list[float], input_hw: tuple[int,
     return out
 
 
-def write_video(path: str | Path, frames: np.ndarray, fps: float, codec: str = "libx264", **options: str) -> None:
-    """Write uint8 ``(T, H, W, 3)`` RGB frames as a video file (used by the synthetic dataset and tests)."""
+def write_video(
+    path: str | Path,
+    frames: np.ndarray,
+    fps: float,
+    codec: str = "libx264",
+    skipped_pts: set[int] | None = None,
+    **options: str,
+) -> None:
+    """Write uint8 ``(T, H, W, 3)`` RGB frames as a video file (used by the synthetic dataset and tests).
+
+    ``skipped_pts``: frame-grid timestamps left out, so that frame ``i`` is not at ``i / fps`` (a variable frame
+    rate, as some phone and screen recordings have; test material for the decoder).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rate = Fraction(round(fps)) if math.isclose(fps, round(fps)) else Fraction(fps).limit_denominator(1001)
+    stamps = [p for p in range(len(frames) + len(skipped_pts)) if p not in skipped_pts] if skipped_pts else None
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream(codec, rate=rate)
         stream.width, stream.height = int(frames.shape[2]), int(frames.shape[1])
         stream.pix_fmt = "yuv420p"
         stream.options = {k: str(v) for k, v in options.items()}
-        for image in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")):
+        if stamps:
+            stream.codec_context.time_base = 1 / rate
+        for i, image in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+            if stamps:
+                frame.pts, frame.time_base = stamps[i], 1 / rate
+            for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
