@@ -21,6 +21,7 @@ from pipeline.data.probing import probe_all
 from pipeline.data.sampling import CenterSampler, UniformSampler
 from pipeline.data.video import ResizeCrop
 from pipeline.models.inputs import Normalise
+from pipeline.runtime.builders import quiet_lightning
 from pipeline.store import atomic_write
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ def run(cfg, run_dir=None, client=None) -> dict:
     if checkpoint.is_file():
         log.info("model: %s exists, not retraining", checkpoint)
         return dict(checkpoint=str(checkpoint), trained=False)
+    quiet_lightning()
     pl.seed_everything(int(cfg.train.seed), verbose=False)
     inp = cfg.model.input
     train = load_clips(
