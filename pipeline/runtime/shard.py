@@ -11,6 +11,7 @@ console shows one line per failed shard. Per-batch progress goes to the driver a
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import threading
@@ -88,7 +89,10 @@ def run_shard(cfg_dict: dict, job: ShardJob) -> ShardResult:
     result carries the last error (the tracebacks are in the shard's log). With ``extract.fail_fast`` the first
     failed clip ends the task at once with ``stop`` set.
     """
-    cfg = OmegaConf.create(cfg_dict)
+    # a config of its own, as a worker gets by unpickling: in the driver (extract.in_process) every task is handed
+    # the same dict, and configs built on shared values failed at random ("'NoneType' object has no attribute
+    # '_invalidate_flags_cache'" reading model.input.std)
+    cfg = OmegaConf.create(copy.deepcopy(cfg_dict))
     attempts = 1 + (0 if cfg.extract.fail_fast else int(cfg.extract.retries))
     with shard_log(job.run_dir, job.shard) as slog:
         for attempt in range(1, attempts + 1):
