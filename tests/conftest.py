@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers.config import SMALL_SPEC
+from helpers.config import SMALL_SPEC, small_run
 from pipeline.data.datasets.synthetic import generate
 from pipeline.models import DemoNet3D
 
@@ -35,12 +35,4 @@ def random_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture
 def pipeline_overrides(synthetic_root, random_checkpoint) -> list[str]:
     """Overrides that point the pipeline at the small dataset and the random model."""
-    return [
-        f"dataset.root={synthetic_root}",
-        "dataset.generate_if_missing=false",
-        f"model.checkpoint={random_checkpoint}",
-        "index.clips_per_shard=3",
-        "extract.batch_size=2",
-        "cluster.n_workers=1",
-        "report.clips_per_class=1",
-    ]
+    return small_run(synthetic_root, random_checkpoint)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from helpers.config import make_cfg
+from helpers.config import make_cfg, small_run
 from pipeline.__main__ import run
 from pipeline.data.video import ResizeCrop, read_frames
 from pipeline.models import DemoNet3D, load_checkpoint
@@ -22,13 +22,7 @@ STEPS = 4
 def evaluated(synthetic_root, random_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
     overrides = [
-        f"dataset.root={synthetic_root}",
-        "dataset.generate_if_missing=false",
-        f"model.checkpoint={random_checkpoint}",
-        "index.clips_per_shard=3",
-        "extract.batch_size=2",
-        "cluster.n_workers=1",
-        "report.clips_per_class=1",
+        *small_run(synthetic_root, random_checkpoint),
         "store.codec=float32",
         "target.mode=topk",
         "target.k=2",

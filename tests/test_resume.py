@@ -61,6 +61,23 @@ def _kill_when(proc: subprocess.Popen, condition, what: str, timeout: float = 12
     proc.wait()
 
 
+def _resume(overrides: list[str], run_dir: Path, finished: dict[str, tuple]) -> dict[str, tuple]:
+    """Rerun the extract command to its end: it succeeds, leaves the ``finished`` parts as they were (not
+    recomputed), publishes all 12 and leaves no temporary file. Returns the published parts."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "stage=extract", *overrides],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    final = _published(run_dir)
+    assert {k: final[k] for k in finished} == finished  # finished shards were not recomputed
+    assert len(final) == 12 and not list((run_dir / "tubes").glob(".*tmp*"))
+    return final
+
+
 @pytest.mark.slow  # four runs of the extract command (about 45 s)
 def test_sigkill_at_any_point_then_resume(synthetic_root, random_checkpoint, tmp_path):
     overrides = [
@@ -114,17 +131,7 @@ def test_sigkill_at_any_point_then_resume(synthetic_root, random_checkpoint, tmp
         finished = now
 
     assert len(finished) < 12, "the kills left no work for the final run"
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline", "stage=extract", *overrides],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    final = _published(run_dir)
-    assert {k: final[k] for k in finished} == finished  # finished shards were not recomputed
-    assert len(final) == 12 and not list((run_dir / "tubes").glob(".*tmp*"))
+    final = _resume(overrides, run_dir, finished)
 
     tubes = read_tubes(run_dir, columns=["clip_id", "shard"])
     assert tubes["clip_id"].is_unique and set(tubes["clip_id"]) == set(index["clip_id"])
@@ -175,17 +182,7 @@ def test_ctrl_c_mid_extract_is_one_line_then_resume(synthetic_root, random_check
         pq.read_table(run_dir / "tubes" / name)
     assert 2 <= len(published) < 12
 
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline", "stage=extract", *overrides],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout[-3000:]
-    final = _published(run_dir)
-    assert {k: final[k] for k in published} == published  # finished shards were not recomputed
-    assert len(final) == 12 and not list((run_dir / "tubes").glob(".*tmp*"))
+    _resume(overrides, run_dir, published)
     tubes = read_tubes(run_dir, columns=["clip_id"])
     index, _ = read_index(run_dir)
     assert len(tubes) == 24 and tubes["clip_id"].is_unique and set(tubes["clip_id"]) == set(index["clip_id"])

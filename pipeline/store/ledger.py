@@ -108,3 +108,15 @@ class Ledger:
         )
         with atomic_write(self.path) as tmp:
             tmp.write_text(json.dumps(data, indent=1))
+
+
+def recorded_failures(run_dir: str | Path) -> dict:
+    """The shards the ledger of ``run_dir`` records as failed, read without touching the file (nothing when
+    there is no ledger or it cannot be read: the extract stage sets a bad one aside and rebuilds it)."""
+    path = Path(run_dir) / "manifest.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}
+    failed = data.get("failed") if isinstance(data, dict) else None
+    return failed if isinstance(failed, dict) else {}

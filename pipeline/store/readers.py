@@ -17,6 +17,7 @@ import torch
 from pipeline.errors import MissingInput, OutputError
 from pipeline.explain.upsample import upsample as upsample_tubes
 from pipeline.store.codec import decode_layer_volumes, decode_volume
+from pipeline.store.ledger import recorded_failures
 from pipeline.store.schema import FAILURE_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -42,13 +43,7 @@ def require_tubes(run_dir: str | Path) -> list[Path]:
     files = tube_files(run_dir)
     if files:
         return files
-    ledger = Path(run_dir) / "manifest.json"
-    failed = {}
-    if ledger.is_file():
-        try:
-            failed = json.loads(ledger.read_text()).get("failed", {})
-        except ValueError:
-            failed = {}
+    failed = recorded_failures(run_dir)
     if failed:
         raise MissingInput(
             f"{Path(run_dir)}: extract failed: {len(failed)} shard(s) failed and none is done (see "

@@ -17,3 +17,17 @@ def make_cfg(root: Path, overrides: list[str] = ()):
     """The project's config with outputs under ``root`` (no Hydra run context needed)."""
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose("config", overrides=[f"paths.root={root}", *overrides])
+
+
+def small_run(synthetic_root: Path, checkpoint: Path) -> list[str]:
+    """Overrides that point the pipeline at the small dataset and a checkpoint: small shards and batches, one
+    worker, one gallery clip per class (the ``pipeline_overrides`` fixture, for fixtures of any scope)."""
+    return [
+        f"dataset.root={synthetic_root}",
+        "dataset.generate_if_missing=false",
+        f"model.checkpoint={checkpoint}",
+        "index.clips_per_shard=3",
+        "extract.batch_size=2",
+        "cluster.n_workers=1",
+        "report.clips_per_class=1",
+    ]
