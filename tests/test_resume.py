@@ -160,6 +160,7 @@ def test_ctrl_c_mid_extract_is_one_line_then_resume(synthetic_root, random_check
         "index.clips_per_shard=2",
         "extract.batch_size=1",
         "cluster.n_workers=1",
+        "extract.in_process=false",  # shards on worker processes, as the test says (24 clips would run in the driver)
         "run_name=interrupted",
     ]
     run(make_cfg(tmp_path, [*overrides[1:], "cluster.processes=false", "stage=index"]))
