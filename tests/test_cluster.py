@@ -313,3 +313,52 @@ def test_gpu_loaders_pin_uint8_frames_and_prefetch_eight_batches(tmp_path, synth
     assert torch.equal(transform_batch(raw, transform), done["video"]) and torch.equal(
         raw["crop_box"], done["crop_box"]
     )
+
+
+def test_local_workers_keep_glibc_memory_thresholds():
+    """Dask's nanny would start every worker with MALLOC_TRIM_THRESHOLD_ set (1.5x the CPU per clip); the
+    project's local workers start without it, as the driver does."""
+    from omegaconf import OmegaConf
+
+    settings = OmegaConf.create(
+        {
+            "_target_": "pipeline.runtime.cluster.local",
+            "n_workers": 1,
+            "dashboard_address": None,
+            "start_method": "spawn",
+        }
+    )
+    with cluster.open_client(settings) as client:
+        environ = next(iter(client.run(lambda: dict(os.environ)).values()))
+    assert "MALLOC_TRIM_THRESHOLD_" not in environ
+    assert environ.get("OMP_NUM_THREADS") == "1"  # the nanny's other settings still reach the worker
+
+
+def test_a_worker_started_with_a_malloc_trim_threshold_gets_glibc_thresholds_back():
+    """In a process started with Dask's MALLOC_TRIM_THRESHOLD_ (a SLURM job's worker), every clip-sized array is
+    mapped and faulted in afresh; after undo_malloc_trim the heap reuses its memory."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc only")
+    script = """
+import os, resource, numpy as np
+from pipeline.runtime.cluster import undo_malloc_trim
+
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(200):
+        block = np.ones(3 * 16 * 64 * 64, dtype=np.float32)  # one 16x64x64 clip
+        del block
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+faults()
+with_trim = faults()
+undo_malloc_trim()
+faults()
+print(with_trim, faults(), "MALLOC_TRIM_THRESHOLD_" in os.environ)
+"""
+    env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    with_trim, after, still_set = done.stdout.split()
+    assert int(with_trim) >= 200 * 100  # each array faulted in afresh (192 pages of 4 KiB)
+    assert int(after) < 200 and still_set == "False"

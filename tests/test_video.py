@@ -345,6 +345,23 @@ def test_variable_frame_rate_falls_back_to_counting(long_videos):
         assert all(np.array_equal(row, reference[i]) for row, i in zip(got, indices))
 
 
+@pytest.mark.parametrize("kind", ["h264_5994", "vfr"])  # by seeking, and by counting from the start
+def test_decoding_never_waits_on_other_threads(long_videos, kind):
+    """A clip decodes on the calling thread: converting each frame to RGB must not start and join a pool of
+    scaler threads (PyAV >= 17 does by default), which cost 1.75x the CPU and stalled two decoders running at once.
+    The calling thread then blocks almost never; a thread pool makes it wait several times per frame."""
+    resource = pytest.importorskip("resource")
+    if not hasattr(resource, "RUSAGE_THREAD"):
+        pytest.skip("per-thread rusage is Linux only")
+    indices = list(range(20, 52, 2))
+    read_frames(long_videos[kind], indices)  # files in the page cache, codecs loaded
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
+    for _ in range(3):
+        read_frames(long_videos[kind], indices)
+    waits = resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw - before
+    assert waits < len(indices), f"{waits} waits for {3 * len(indices)} frames"
+
+
 def test_seeking_past_the_end_names_the_frame(long_videos):
     with pytest.raises(VideoError) as err:
         read_frames(long_videos["mpeg4_2997"], [140, 150])

@@ -35,6 +35,7 @@ from pipeline.runtime.builders import (
     resize_on_device,
     torch_threads,
 )
+from pipeline.runtime.cluster import undo_malloc_trim
 from pipeline.runtime.job import ShardJob, ShardResult
 from pipeline.runtime.module import TubeModule
 from pipeline.runtime.writer import ClipFailure, TubeWriter
@@ -123,6 +124,7 @@ def run_shard(cfg_dict: dict, job: ShardJob) -> ShardResult:
 
 
 def _explain_shard(cfg, job: ShardJob, slog) -> ShardResult:
+    undo_malloc_trim()
     torch.set_num_threads(torch_threads(cfg))
     quiet_lightning()
     module, loader, writer = shard_job(cfg, job, progress=_progress_reporter(job.progress_topic, job.shard), log=slog)
