@@ -8,6 +8,8 @@ checked first; then the resolved configuration of the latest invocation is saved
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
 import signal
 import sys
@@ -23,13 +25,15 @@ from omegaconf.errors import MissingMandatoryValue
 from pipeline.errors import ConfigError, Interrupted, StageFailed, UserError
 from pipeline.run_folder import check_run_name, open_run_folder
 from pipeline.runtime import cluster
-from pipeline.runtime.cluster import open_client
-from pipeline.stages import evaluate, extract, index, report, stats, summary, train
+from pipeline.runtime.cluster import open_client, uses_ddp
+from pipeline.runtime.inprocess import cluster_pays_off
 
 log = logging.getLogger("pipeline")
 warnings.filterwarnings("ignore", message=r".*LeafSpec.*")  # Lightning's own use of a deprecated torch API
 
-STAGES = {"train": train, "index": index, "extract": extract, "stats": stats, "evaluate": evaluate, "report": report}
+#: the stages, each a module of pipeline.stages, imported when a command runs it: what a stage imports (torch,
+#: Lightning: seconds) then overlaps with the start of the cluster
+STAGES = ("train", "index", "extract", "stats", "evaluate", "report")
 SEQUENCES = {
     "all": ["index", "extract", "stats", "report"],
     "demo": ["train", "index", "extract", "stats", "evaluate", "report"],
@@ -39,32 +43,46 @@ NEEDS_CLUSTER = {"index", "extract", "evaluate"}
 USER_ERRORS = (UserError, InstantiationException, MissingMandatoryValue)
 
 
-def stages_of(stage) -> list[str]:
-    names = SEQUENCES.get(stage, [stage]) if isinstance(stage, str) else list(stage)
+def stages_of(setting) -> list[str]:
+    names = SEQUENCES.get(setting, [setting]) if isinstance(setting, str) else list(setting)
     unknown = [s for s in names if s not in STAGES]
     if unknown:
         raise ConfigError(
-            f"stage={stage!r}: unknown stage {unknown[0]!r}; choose from {sorted(STAGES) + sorted(SEQUENCES)}"
+            f"stage={setting!r}: unknown stage {unknown[0]!r}; choose from {sorted(STAGES) + sorted(SEQUENCES)}"
         )
     return names
 
 
+def stage(name: str):
+    """The module of stage ``name``."""
+    return importlib.import_module(f"pipeline.stages.{name}")
+
+
 def run(cfg: DictConfig) -> dict:
     """Run the configured stage(s); returns what each stage reported. Every setting is checked before the run
-    folder is created or its ``config.yaml`` touched."""
+    folder is created or its ``config.yaml`` touched.
+
+    The stages share one Dask cluster, started when one first uses it; when the first of them is an extract
+    that will run on the cluster, it starts at once, in the background, while the stages import and check
+    their settings (the model's among them).
+    """
     names = stages_of(cfg.stage)
     check_run_name(cfg.run_name)
     if NEEDS_CLUSTER & set(names):
         cluster.validate(cfg.cluster)
-    for i, name in enumerate(names):  # check every stage's settings before any work starts
-        if hasattr(STAGES[name], "validate"):
-            STAGES[name].validate(cfg, upstream=tuple(names[:i]))
-    with open_run_folder(cfg, names) as run_dir:
-        return run_stages(cfg, names, run_dir)
+    on_dask = bool(NEEDS_CLUSTER & set(names)) and not (names == ["extract"] and uses_ddp(cfg))
+    with open_client(cfg.cluster, lazy=True) if on_dask else contextlib.nullcontext() as client:
+        if on_dask and names[0] == "extract" and cluster_pays_off(cfg, cfg.paths.run_dir):
+            client.start_soon()
+        for i, name in enumerate(names):  # check every stage's settings before any work starts
+            if hasattr(stage(name), "validate"):
+                stage(name).validate(cfg, upstream=tuple(names[:i]))
+        with open_run_folder(cfg, names) as run_dir:
+            return run_stages(cfg, names, run_dir, client)
 
 
-def run_stages(cfg: DictConfig, names: list[str], run_dir: Path) -> dict:
-    """Run the stages in order, on one Dask cluster when one of them needs it."""
+def run_stages(cfg: DictConfig, names: list[str], run_dir: Path, client=None) -> dict:
+    """Run the stages in order, on ``client``'s cluster for those that use one."""
     started = time.perf_counter()
     results: dict = {}
 
@@ -72,7 +90,7 @@ def run_stages(cfg: DictConfig, names: list[str], run_dir: Path) -> dict:
         for i, name in enumerate(names):
             t0 = time.perf_counter()
             try:
-                results[name] = STAGES[name].run(cfg, run_dir, client=client)
+                results[name] = stage(name).run(cfg, run_dir, client=client)
             except Interrupted:
                 raise
             except KeyboardInterrupt:
@@ -85,14 +103,10 @@ def run_stages(cfg: DictConfig, names: list[str], run_dir: Path) -> dict:
                 raise failed
             log.info("stage %s done in %.1f s", name, time.perf_counter() - t0)
 
-    if NEEDS_CLUSTER & set(names) and not (names == ["extract"] and extract.uses_ddp(cfg)):
-        with open_client(cfg.cluster, lazy=True) as client:  # started when a stage first uses it
-            each_stage(client)
-    else:
-        each_stage()
+    each_stage(client)
     results["seconds"] = time.perf_counter() - started
     if cfg.stage in SEQUENCES or "stats" in names:
-        summary.show(run_dir, results)
+        stage("summary").show(run_dir, results)
     return results
 
 

@@ -10,11 +10,9 @@ import threading
 import warnings
 
 import pandas as pd
-import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from pytorch_lightning.plugins.environments import LightningEnvironment
 from torch.utils.data import DataLoader
 
 from pipeline.data.clips import ClipDataset, collate_clips
@@ -122,12 +120,16 @@ def clip_loader(cfg, rows: pd.DataFrame, batch_size: int, raw: bool = False) -> 
     )
 
 
-def make_trainer(cfg, callbacks: list, inference_mode: bool) -> pl.Trainer:
+def make_trainer(cfg, callbacks: list, inference_mode: bool):
     """The Lightning Trainer of one task: one device (the worker's GPU, or the CPU), one process.
 
     The cluster environment is fixed to a single process, so that inside a SLURM allocation Lightning never
-    reads SLURM's task variables as a multi-process world to join.
+    reads SLURM's task variables as a multi-process world to join. Lightning is imported here, by the tasks:
+    a driver that only checks the model and hands shards to Dask workers never pays for it.
     """
+    import pytorch_lightning as pl
+    from pytorch_lightning.plugins.environments import LightningEnvironment
+
     accelerator = str(cfg.trainer.accelerator)
     devices = 1 if accelerator == "cpu" else [worker_gpu(torch.cuda.device_count())]
     return pl.Trainer(

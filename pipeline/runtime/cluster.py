@@ -228,22 +228,62 @@ class LazyClient:
     """
 
     def __init__(self, cfg):
-        self._cfg, self._stack = cfg, None
+        self._cfg, self._stack, self._starting, self._error = cfg, None, None, None
 
     @property
     def started(self) -> bool:
-        return self._stack is not None
+        return self._stack is not None or self._starting is not None
+
+    def start_soon(self) -> None:
+        """Start the cluster now on a thread of its own, while this one goes on (imports, model checks).
+
+        Local worker processes must ignore Ctrl-C, which only this (main) thread can arrange: the forkserver they
+        fork from is started here, ignoring SIGINT, and they inherit that. Local workers started by ``spawn``
+        would not: that cluster starts on first use, as without this call.
+        """
+        if self.started:
+            return
+        fn, settings = _settings(self._cfg)
+        if fn is local and settings.get("processes", True):
+            if settings.get("start_method", "forkserver") != "forkserver":
+                return
+            from multiprocessing import forkserver
+
+            with children_ignore_sigint(), worker_start("forkserver"):
+                forkserver.ensure_running()  # returns at once; the server imports WORKER_PRELOAD meanwhile
+
+        def start():
+            try:
+                self._open()
+            except BaseException as err:  # raised where the client is first used
+                self._error = err
+
+        self._starting = threading.Thread(target=start, name="cluster-start", daemon=True)
+        self._starting.start()
+
+    def _open(self):
+        stack = contextlib.ExitStack()
+        self._real = stack.enter_context(open_client(self._cfg))
+        self._stack = stack
 
     def _client(self):
+        if self._starting is not None:
+            self._starting.join()
+            self._starting = None
+            if self._error is not None:
+                error, self._error = self._error, None
+                raise error
         if self._stack is None:
-            self._stack = contextlib.ExitStack()
-            self._real = self._stack.enter_context(open_client(self._cfg))
+            self._open()
         return self._real
 
     def __getattr__(self, name):
         return getattr(self._client(), name)
 
     def close(self) -> None:
+        if self._starting is not None:
+            self._starting.join()
+            self._starting = None
         if self._stack is not None:
             self._stack.close()
             self._stack = None
@@ -340,6 +380,11 @@ def _close_workers(cluster) -> None:
         await asyncio.gather(*(worker.close(timeout=WORKER_EXIT_SECONDS) for worker in list(cluster.workers.values())))
 
     cluster.sync(close_all)
+
+
+def uses_ddp(cfg) -> bool:
+    """Whether the extract stage runs as one Lightning DDP job over this node's devices instead of on Dask."""
+    return str(cfg.trainer.get("strategy", "auto")).startswith("ddp")
 
 
 def worker_gpu(device_count: int) -> int:

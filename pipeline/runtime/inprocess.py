@@ -11,8 +11,12 @@ of becoming failure rows; rerunning resumes it as it resumes any killed run.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
-import torch
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.store.ledger import recorded
 
 #: ``extract.in_process=auto``: at most this many clips left on the CPU run in the driver. On 2 cores the two
 #: worker processes of the default cluster cost about as much CPU as this many clips (``make bench BENCH=e2e``).
@@ -27,10 +31,29 @@ def wants_in_process(cfg, clips_left: int) -> bool:
     return bool(setting)
 
 
+def cluster_pays_off(cfg, run_dir: Path) -> bool:
+    """Whether an extract stage about to start will run its shards on Dask workers, judged before anything
+    heavy is imported: its index's clips less those the ledger records done (clips of adopted parts count as
+    left). The command line then starts the cluster at once, in the background; the stage decides again on the
+    exact count."""
+    index = Path(run_dir) / "index.parquet"
+    if not index.is_file():
+        return False
+    try:
+        clips = pq.read_metadata(index).num_rows
+    except (OSError, pa.ArrowException):  # the stage says what is wrong with it
+        return False
+    done = recorded(run_dir, "done").values()
+    left = clips - sum(int(e.get("clips") or 0) for e in done if isinstance(e, dict))
+    return left > 0 and not wants_in_process(cfg, left)
+
+
 @contextlib.contextmanager
 def in_this_process():
     """Around shards run in the driver: a task sets ``extract.torch_threads``; the next stages get the driver's
     own count back."""
+    import torch
+
     threads = torch.get_num_threads()
     try:
         yield

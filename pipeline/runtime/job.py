@@ -1,4 +1,5 @@
-"""The records that cross the runtime: a shard's job (what the driver sends a task) and its result."""
+"""The records that cross the runtime: a shard's job (what the driver sends a task) and its result, and the
+task itself as the driver names it (it imports torch and Lightning only where it runs)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+
+#: ``target.mode``: which class each clip's tube explains (predicted, labelled, or the k best)
+TARGET_MODES = ("pred", "label", "topk")
 
 
 @dataclass
@@ -31,6 +35,19 @@ class ShardJob:
     rank: int | None = None
     ranks: int = 1
     progress_topic: str | None = None
+
+
+def log_path(run_dir: Path, shard: int) -> Path:
+    """Where a shard's task logs every attempt."""
+    return Path(run_dir) / "logs" / f"shard-{shard:05d}.log"
+
+
+def run_shard(cfg_dict: dict, job: ShardJob) -> ShardResult:
+    """The extract task of one shard (:func:`pipeline.runtime.shard.run_shard`), imported where it runs: the
+    driver of a Dask run never imports Lightning (seconds of CPU, taken from the workers on a small machine)."""
+    from pipeline.runtime.shard import run_shard
+
+    return run_shard(cfg_dict, job)
 
 
 @dataclass

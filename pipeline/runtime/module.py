@@ -14,9 +14,8 @@ from pipeline.explain.clipstats import clip_statistics
 from pipeline.explain.explainer import TubeExplainer
 from pipeline.explain.upsample import upsample
 from pipeline.models.inputs import Normalise
+from pipeline.runtime.job import TARGET_MODES
 from pipeline.store import dequantise, quantise
-
-TARGET_MODES = ("pred", "label", "topk")
 
 
 @dataclass

@@ -36,7 +36,7 @@ from pipeline.runtime.builders import (
     torch_threads,
 )
 from pipeline.runtime.cluster import undo_malloc_trim
-from pipeline.runtime.job import ShardJob, ShardResult
+from pipeline.runtime.job import ShardJob, ShardResult, log_path
 from pipeline.runtime.module import TubeModule
 from pipeline.runtime.writer import ClipFailure, TubeWriter
 from pipeline.store import failure_row
@@ -45,7 +45,7 @@ from pipeline.store import failure_row
 @contextlib.contextmanager
 def shard_log(run_dir: Path, shard: int):
     """A logger writing to ``logs/shard-NNNNN.log`` (appended: every attempt of the shard is kept)."""
-    path = Path(run_dir) / "logs" / f"shard-{shard:05d}.log"
+    path = log_path(run_dir, shard)
     path.parent.mkdir(parents=True, exist_ok=True)
     # one logger per thread, reused: loggers are never freed
     logger = logging.getLogger(f"pipeline.runtime.shard.thread-{threading.get_ident()}")
@@ -59,10 +59,6 @@ def shard_log(run_dir: Path, shard: int):
     finally:
         logger.removeHandler(handler)
         handler.close()
-
-
-def log_path(run_dir: Path, shard: int) -> Path:
-    return Path(run_dir) / "logs" / f"shard-{shard:05d}.log"
 
 
 def _progress_reporter(topic: str | None, shard: int):

@@ -26,14 +26,11 @@ from tqdm import tqdm
 
 from pipeline.errors import ConfigError, Interrupted, StageFailed
 from pipeline.models.classes import check_targets
-from pipeline.runtime import ddp
 from pipeline.runtime.builders import build_explainer
-from pipeline.runtime.cluster import GPU, offers_gpus, open_client
+from pipeline.runtime.cluster import GPU, offers_gpus, open_client, uses_ddp
 from pipeline.runtime.inprocess import in_this_process, wants_in_process
-from pipeline.runtime.job import ShardJob, ShardResult
+from pipeline.runtime.job import TARGET_MODES, ShardJob, ShardResult, log_path, run_shard
 from pipeline.runtime.lock import POLICIES, run_lock
-from pipeline.runtime.module import TARGET_MODES
-from pipeline.runtime.shard import log_path, run_shard
 from pipeline.runtime.tasks import follow
 from pipeline.store import (
     CODECS,
@@ -205,11 +202,6 @@ class ShardProgress:
         self.set(msg["shard"], msg["done"])
 
 
-def uses_ddp(cfg) -> bool:
-    """Whether the stage runs as one Lightning DDP job over this node's devices instead of on a Dask cluster."""
-    return str(cfg.trainer.get("strategy", "auto")).startswith("ddp")
-
-
 def run(cfg, run_dir: Path, client=None) -> dict:
     """Explain every shard of the index not finished yet; returns a summary (shards, rows, failures by reason)."""
     if client is None and not uses_ddp(cfg):
@@ -261,6 +253,7 @@ def _few(numbers: list[int], most: int = 10) -> str:
 def compute(client, cfg, run_dir: Path, todo, classes, config_hash: str, ledger: Ledger, total: int) -> dict | None:
     """Run the shards of ``todo`` (on Dask, or as one DDP job); the failed shards' errors, None on DDP ranks > 0."""
     if uses_ddp(cfg):
+        from pipeline.runtime import ddp
 
         def done(shard, rows):
             ledger.finish(

@@ -110,13 +110,14 @@ class Ledger:
             tmp.write_text(json.dumps(data, indent=1))
 
 
-def recorded_failures(run_dir: str | Path) -> dict:
-    """The shards the ledger of ``run_dir`` records as failed, read without touching the file (nothing when
-    there is no ledger or it cannot be read: the extract stage sets a bad one aside and rebuilds it)."""
+def recorded(run_dir: str | Path, kind: str = "failed") -> dict:
+    """The shards the ledger of ``run_dir`` records as ``kind`` (``done`` or ``failed``), read without touching
+    the file (nothing when there is no ledger or it cannot be read: the extract stage sets a bad one aside and
+    rebuilds it)."""
     path = Path(run_dir) / "manifest.json"
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError, UnicodeDecodeError):
         return {}
-    failed = data.get("failed") if isinstance(data, dict) else None
-    return failed if isinstance(failed, dict) else {}
+    entries = data.get(kind) if isinstance(data, dict) else None
+    return entries if isinstance(entries, dict) else {}

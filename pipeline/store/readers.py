@@ -17,7 +17,7 @@ import torch
 from pipeline.errors import MissingInput, OutputError
 from pipeline.explain.upsample import upsample as upsample_tubes
 from pipeline.store.codec import decode_layer_volumes, decode_volume
-from pipeline.store.ledger import recorded_failures
+from pipeline.store.ledger import recorded
 from pipeline.store.schema import FAILURE_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def require_tubes(run_dir: str | Path) -> list[Path]:
     files = tube_files(run_dir)
     if files:
         return files
-    failed = recorded_failures(run_dir)
+    failed = recorded(run_dir, "failed")
     if failed:
         raise MissingInput(
             f"{Path(run_dir)}: extract failed: {len(failed)} shard(s) failed and none is done (see "
