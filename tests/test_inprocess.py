@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
+import dask
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import pipeline.runtime.shard as shard_task
 from helpers.config import make_cfg
@@ -75,3 +77,51 @@ def test_nothing_to_run_starts_no_cluster(pipeline_overrides, tmp_path, monkeypa
     monkeypatch.setattr(LazyClient, "_client", lambda self: pytest.fail("a Dask cluster was started"))
     lazy = LazyClient(make_cfg(tmp_path, pipeline_overrides).cluster)
     assert list(follow(lazy, print, {})) == [] and not lazy.started
+
+
+def test_an_extract_on_workers_starts_its_cluster_before_its_checks(indexed, tmp_path, monkeypatch):
+    """When the first stage is an extract whose clips left will run on Dask workers, the cluster starts before
+    the stage's checks (model build and probe), to start while they run; with nothing left, or few enough clips
+    for the driver, no cluster starts early."""
+    from pipeline.runtime.inprocess import cluster_pays_off
+    from pipeline.stages import extract as extract_stage
+
+    overrides, run_dir, index = indexed
+    events = []
+    real_start, real_validate = LazyClient.start_soon, extract_stage.validate
+
+    def start_soon(self):
+        events.append("cluster")
+        real_start(self)
+
+    def validate(*args, **kwargs):
+        events.append("checks")
+        real_validate(*args, **kwargs)
+
+    monkeypatch.setattr(LazyClient, "start_soon", start_soon)
+    monkeypatch.setattr(extract_stage, "validate", validate)
+    small = make_cfg(tmp_path, [*overrides, "stage=extract"])
+    on_workers = make_cfg(tmp_path, [*overrides, "stage=extract", "extract.in_process=false"])
+    assert not cluster_pays_off(small, run_dir) and cluster_pays_off(on_workers, run_dir)
+    run(on_workers)
+    assert events == ["cluster", "checks"]
+    tubes = read_tubes(run_dir, columns=["clip_id"])
+    assert tubes["clip_id"].is_unique and set(tubes["clip_id"]) == set(index["clip_id"])
+    events.clear()
+    run(on_workers)  # every shard done: nothing to start a cluster for
+    assert events == ["checks"] and not cluster_pays_off(on_workers, run_dir)
+
+
+def test_a_cluster_that_fails_to_start_in_the_background_fails_where_it_is_used(tmp_path):
+    """An early start's error (an address nobody listens at) is raised by the client's first use, as a cluster
+    started on first use would raise it."""
+    settings = OmegaConf.create(
+        {"_target_": "pipeline.runtime.cluster.address", "address": "tcp://127.0.0.1:9"}  # discard port: closed
+    )
+    lazy = LazyClient(settings)
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        lazy.start_soon()
+        assert lazy.started
+        with pytest.raises(OSError):
+            lazy.scheduler_info()
+    lazy.close()
