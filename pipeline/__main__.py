@@ -62,9 +62,9 @@ def run(cfg: DictConfig) -> dict:
     """Run the configured stage(s); returns what each stage reported. Every setting is checked before the run
     folder is created or its ``config.yaml`` touched.
 
-    The stages share one Dask cluster, started when one first uses it; when the first of them is an extract
-    that will run on the cluster, it starts at once, in the background, while the stages import and check
-    their settings (the model's among them).
+    The stages share one Dask cluster, started when one first uses it. When the first of them is an extract
+    that will run on the cluster, it starts in the background once every stage's settings passed
+    (``check_settings``), while the stages build and check the model and their inputs (``validate``).
     """
     names = stages_of(cfg.stage)
     check_run_name(cfg.run_name)
@@ -72,11 +72,12 @@ def run(cfg: DictConfig) -> dict:
         cluster.validate(cfg.cluster)
     on_dask = bool(NEEDS_CLUSTER & set(names)) and not (names == ["extract"] and uses_ddp(cfg))
     with open_client(cfg.cluster, lazy=True) if on_dask else contextlib.nullcontext() as client:
-        if on_dask and names[0] == "extract" and cluster_pays_off(cfg, cfg.paths.run_dir):
-            client.start_soon()
-        for i, name in enumerate(names):  # check every stage's settings before any work starts
-            if hasattr(stage(name), "validate"):
-                stage(name).validate(cfg, upstream=tuple(names[:i]))
+        for check in ("check_settings", "validate"):  # every stage's settings, then its model and inputs
+            if check == "validate" and on_dask and names[0] == "extract" and cluster_pays_off(cfg, cfg.paths.run_dir):
+                client.start_soon()
+            for i, name in enumerate(names):
+                if hasattr(stage(name), check):
+                    getattr(stage(name), check)(cfg, upstream=tuple(names[:i]))
         with open_run_folder(cfg, names) as run_dir:
             return run_stages(cfg, names, run_dir, client)
 

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 import pipeline.runtime.shard as shard_task
 from helpers.config import make_cfg
 from pipeline.__main__ import run
-from pipeline.errors import StageFailed
+from pipeline.errors import ConfigError, StageFailed
 from pipeline.runtime.cluster import LazyClient
 from pipeline.runtime.tasks import follow
 from pipeline.store import read_failures, read_index, read_tubes
@@ -80,9 +80,9 @@ def test_nothing_to_run_starts_no_cluster(pipeline_overrides, tmp_path, monkeypa
 
 
 def test_an_extract_on_workers_starts_its_cluster_before_its_checks(indexed, tmp_path, monkeypatch):
-    """When the first stage is an extract whose clips left will run on Dask workers, the cluster starts before
-    the stage's checks (model build and probe), to start while they run; with nothing left, or few enough clips
-    for the driver, no cluster starts early."""
+    """When the first stage is an extract whose clips left will run on Dask workers, the cluster starts once its
+    settings passed and before the model checks (build and probe), to start while they run; with a bad setting,
+    nothing left, or few enough clips for the driver, no cluster starts early."""
     from pipeline.runtime.inprocess import cluster_pays_off
     from pipeline.stages import extract as extract_stage
 
@@ -103,6 +103,9 @@ def test_an_extract_on_workers_starts_its_cluster_before_its_checks(indexed, tmp
     small = make_cfg(tmp_path, [*overrides, "stage=extract"])
     on_workers = make_cfg(tmp_path, [*overrides, "stage=extract", "extract.in_process=false"])
     assert not cluster_pays_off(small, run_dir) and cluster_pays_off(on_workers, run_dir)
+    with pytest.raises(ConfigError, match="extract.batch_size must be >= 1"):  # a bad setting: nothing started
+        run(make_cfg(tmp_path, [*overrides, "stage=extract", "extract.in_process=false", "extract.batch_size=0"]))
+    assert events == []
     run(on_workers)
     assert events == ["cluster", "checks"]
     tubes = read_tubes(run_dir, columns=["clip_id"])

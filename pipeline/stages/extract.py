@@ -25,27 +25,25 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from pipeline.errors import ConfigError, Interrupted, StageFailed
-from pipeline.models.classes import check_targets
-from pipeline.runtime.builders import build_explainer
 from pipeline.runtime.cluster import GPU, offers_gpus, open_client, uses_ddp
 from pipeline.runtime.inprocess import in_this_process, wants_in_process
 from pipeline.runtime.job import TARGET_MODES, ShardJob, ShardResult, log_path, run_shard
 from pipeline.runtime.lock import POLICIES, run_lock
 from pipeline.runtime.tasks import follow
-from pipeline.store import (
-    CODECS,
+from pipeline.store.files import (
     failures_table,
     file_metadata,
     part_name,
-    read_failures,
-    read_index,
     shard_failure_rows,
     shard_parts,
-    tube_files,
     write_table_atomic,
 )
 from pipeline.store.ledger import Ledger
 from pipeline.store.provenance import fingerprint, save_tubes_config, shard_digest
+from pipeline.store.schema import CODECS
+
+# What checks the model, and the readers, import torch: they are imported where used, so that the command line
+# checks this stage's settings and starts its cluster before paying for torch.
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +108,8 @@ def set_aside_stale_parts(run_dir: Path, shards: set[int]) -> None:
         set_aside(run_dir, shard, "belongs to no shard of the current index")
 
 
-def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
-    """Settings of this stage that would otherwise fail inside every task. ``upstream``: the stages that run
-    before this one in the same invocation (a checkpoint that ``train`` will write is not required yet)."""
+def check_settings(cfg, upstream: tuple[str, ...] = ()) -> None:
+    """This stage's settings, checked without building anything (see :func:`validate` for the model)."""
     if cfg.target.mode not in TARGET_MODES:
         raise ConfigError(f"target.mode must be one of {TARGET_MODES}, got {cfg.target.mode!r}")
     if cfg.target.mode == "topk" and int(cfg.target.k) < 1:
@@ -156,6 +153,16 @@ def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
             f"trainer.devices must be 1 with Dask (each task uses one device; more devices = more workers), "
             f"or use trainer.strategy=ddp on one node; got {cfg.trainer.devices}"
         )
+
+
+def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
+    """What would otherwise fail inside every task: the model, layer and classifier against the method and the
+    targets, on a probe clip. ``upstream``: the stages that run before this one in the same invocation (a
+    checkpoint that ``train`` will write is not required yet)."""
+    from pipeline.models.classes import check_targets
+    from pipeline.runtime.builders import build_explainer
+
+    check_settings(cfg, upstream)
     model = cfg.model
     if "train" in upstream and not Path(str(model.checkpoint)).is_file():
         model = OmegaConf.merge(model, {"checkpoint": None})  # check layer and classifier on random weights
@@ -214,6 +221,8 @@ def run(cfg, run_dir: Path, client=None) -> dict:
 
 
 def _run_locked(cfg, run_dir: Path, client) -> dict:
+    from pipeline.store.readers import read_index
+
     index, meta = read_index(run_dir)
     config_hash = fingerprint(cfg)
     ledger = Ledger(run_dir, config_hash)
@@ -370,6 +379,8 @@ def record_failed_shard(run_dir: Path, shard: int, rows: pd.DataFrame, result: S
 
 def summarise(run_dir: Path, shards: dict, ledger: Ledger, skipped: int, failed: dict) -> dict:
     """The stage's summary: shards done, skipped and failed, rows, and extract failures counted by reason."""
+    from pipeline.store.readers import read_failures, tube_files
+
     failures = read_failures(run_dir)
     reasons = failures[failures["stage"] == "extract"]["error_type"].value_counts().to_dict()
     summary = dict(

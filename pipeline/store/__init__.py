@@ -11,7 +11,6 @@ import importlib
 _WHERE = {
     **dict.fromkeys(
         (
-            "CODECS",
             "decode_layer_volumes",
             "decode_volume",
             "dequantise",
@@ -57,6 +56,7 @@ _WHERE = {
         (
             "ALL_LABEL",
             "ALL_NAME",
+            "CODECS",
             "COMPRESSION",
             "FAILURE_SCHEMA",
             "INDEX_SCHEMA",

@@ -16,8 +16,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import ConfigError
-
-CODECS = ("float16", "float32")
+from pipeline.store.schema import CODECS
 
 
 def quantise(tubes: torch.Tensor, codec: str) -> tuple[torch.Tensor, torch.Tensor]:

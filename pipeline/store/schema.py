@@ -6,6 +6,8 @@ from __future__ import annotations
 import pyarrow as pa
 
 COMPRESSION = "zstd"
+#: ``store.codec``: how tube values are stored (see :mod:`pipeline.store.codec`)
+CODECS = ("float16", "float32")
 
 #: ``label`` / ``label_name`` of the totals rows of aggregate tables (every class together)
 ALL_LABEL, ALL_NAME = -1, "(all)"
