@@ -8,14 +8,17 @@ checked first; then the resolved configuration of the latest invocation is saved
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib
 import logging
+import os
 import signal
 import sys
 import time
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
 from hydra.errors import InstantiationException
@@ -120,10 +123,22 @@ def main(cfg: DictConfig) -> None:
         run(cfg)
     except USER_ERRORS as err:  # a bad setting or input, or unfinished work: one clear line, no traceback
         log.error("%s", err)
-        sys.exit(2)
+        leave(2)
     except KeyboardInterrupt as err:  # the stage has closed its cluster and published nothing half-written
         log.error("%s", err if isinstance(err, Interrupted) else "interrupted; rerun the same command to resume")
-        sys.exit(128 + (_SIGNALLED or signal.SIGINT))
+        leave(128 + (_SIGNALLED or signal.SIGINT))
+    leave(0)
+
+
+def leave(status: int) -> NoReturn:
+    """End the command once its work is published: the exit handlers run (Dask's, multiprocessing's), logs and
+    streams are flushed, and the process exits without unloading its modules one by one, which costs torch
+    and what comes with it 1-1.5 s of a core (a quarter of a small run's wall time)."""
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(status)
 
 
 _SIGNALLED: int | None = None

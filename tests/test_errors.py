@@ -66,3 +66,28 @@ def test_a_genuine_bug_keeps_its_traceback(tmp_path):
     done = _run(["stage=index", "dataset._target_=helpers.traps.BrokenReader", "run_name=bug"], tmp_path)
     assert done.returncode == 1
     assert "Traceback (most recent call last)" in done.stderr and "ZeroDivisionError" in done.stderr
+
+
+def test_leaving_runs_the_exit_handlers_and_flushes_then_exits_with_the_status():
+    """The command ends with leave(): exit handlers (Dask's, multiprocessing's) and every buffered line still
+    happen, only the module-by-module unloading is skipped."""
+    script = (
+        "import atexit, logging\n"
+        "from pipeline.__main__ import leave\n"
+        "atexit.register(print, 'handler ran')\n"
+        "logging.basicConfig(level=logging.INFO)\n"
+        "logging.getLogger('x').info('logged')\n"
+        "print('buffered', end='')\n"
+        "leave(3)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == "bufferedhandler ran\n" and "INFO:x:logged" in done.stderr
+
+
+def test_the_forkserver_leaves_without_unloading_its_modules():
+    """A process that imported pipeline.runtime.forkserver (only the workers' forkserver does) ends at its exit
+    handlers: those registered before it, and the interpreter's teardown, are skipped."""
+    script = "import atexit\natexit.register(print, 'torn down')\nimport pipeline.runtime.forkserver\nprint('bye')\n"
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout == "bye\n", (done.stdout, done.stderr)

@@ -69,7 +69,7 @@ def local(
 
 
 #: what the forkserver imports once, so that every worker forked from it starts with them imported
-WORKER_PRELOAD = ("torch", "pytorch_lightning", "pipeline.runtime.shard")
+WORKER_PRELOAD = ("torch", "pytorch_lightning", "pipeline.runtime.shard", "pipeline.runtime.forkserver")
 
 
 @contextlib.contextmanager
