@@ -184,3 +184,16 @@ def test_density_sums_mass_over_time_per_cell():
     assert density.sum().item() == pytest.approx(1.0)
     empty = stats_of(torch.zeros(2, 8, 8))
     assert scalar(empty, "border_mass") == pytest.approx(1 - 36 / 64)  # no mass: taken as uniform
+
+
+def test_top10_share_by_selection_equals_the_sorted_sum():
+    """On the CPU the top tenth is found by selection; it sums the same voxels as sorting does (ties included)."""
+    from pipeline.explain.clipstats import _top_share
+
+    torch.manual_seed(0)
+    tubes = torch.rand(4, 6, 10, 10)
+    tubes[1] = tubes[1].round(decimals=1)  # many ties at the threshold
+    p = tubes.reshape(4, -1) / tubes.reshape(4, -1).sum(1, keepdim=True)
+    top = -(-p.shape[1] // 10)
+    by_sort = p.sort(dim=1, descending=True).values[:, :top].sum(1)
+    assert torch.allclose(_top_share(p, top), by_sort, rtol=1e-6, atol=0)
