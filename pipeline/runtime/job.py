@@ -45,9 +45,9 @@ def log_path(run_dir: Path, shard: int) -> Path:
 def run_shard(cfg_dict: dict, job: ShardJob) -> ShardResult:
     """The extract task of one shard (:func:`pipeline.runtime.shard.run_shard`), imported where it runs: the
     driver of a Dask run never imports Lightning (seconds of CPU, taken from the workers on a small machine)."""
-    from pipeline.runtime.shard import run_shard
+    from pipeline.runtime import shard
 
-    return run_shard(cfg_dict, job)
+    return shard.run_shard(cfg_dict, job)
 
 
 @dataclass
