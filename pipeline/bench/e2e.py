@@ -201,25 +201,45 @@ def measure(out_dir: Path, quick: bool) -> dict:
         print(f"  loop {size}: {seconds:.1f} s, {cpu:.1f} CPU s; bound {figures['bounds'][size]}", flush=True)
         for method in ("cam", "gradcam"):
             for workers in (1, 2):
-                name = f"e2e-{size}-{method}-{workers}w"
-                write_index(frame, meta, root / "outputs" / name)
-                args = [*overrides(root, data, checkpoint, name), f"method={method}", f"cluster.n_workers={workers}"]
-                seconds, cpu, output = timed_process([sys.executable, "-m", "pipeline", "stage=extract", *args], name)
-                stage = re.search(r"stage extract done in ([\d.]+) s", output)
-                figures["runs"].append(
-                    dict(
-                        clips=size,
-                        method=method,
-                        workers=workers,
-                        seconds=seconds,
-                        stage_s=float(stage.group(1)) if stage else None,
-                        clips_per_s=size / seconds,
-                        cpu_ms_per_clip=1000 * cpu / size,
-                    )
-                )
-                print(f"  {name}: {seconds:.1f} s, {cpu:.1f} CPU s", flush=True)
-                (root / "e2e.json").write_text(json.dumps(figures, indent=1))  # so far: a long run can be read early
+                project_run(figures, root, data, checkpoint, meta, frame, method, workers)
+    # the largest set REPEAT times under new clip ids: where the start-up weighs less. Its loop and bound are the
+    # largest set's (the loop, minutes more, runs at a constant rate once started; the bound is per clip)
+    size = REPEAT * len(frame)
+    big = pd.concat(
+        [frame.assign(clip_id=frame["clip_id"].astype(str) + f"#{r}") for r in range(REPEAT)], ignore_index=True
+    )
+    figures["bounds"][size] = figures["bounds"][len(frame)]
+    figures["loops"][size] = dict(figures["loops"][len(frame)], reused=True)
+    for workers in (1, 2):
+        project_run(figures, root, data, checkpoint, meta, big, "cam", workers)
     return figures
+
+
+#: the largest set is also run this many times over (``cam`` only)
+REPEAT = 4
+
+
+def project_run(figures, root, data, checkpoint, meta, frame, method: str, workers: int) -> None:
+    """One run of the extract stage as a whole process over ``frame``; its row goes into ``figures``."""
+    size = len(frame)
+    name = f"e2e-{size}-{method}-{workers}w"
+    write_index(frame, meta, root / "outputs" / name)
+    args = [*overrides(root, data, checkpoint, name), f"method={method}", f"cluster.n_workers={workers}"]
+    seconds, cpu, output = timed_process([sys.executable, "-m", "pipeline", "stage=extract", *args], name)
+    stage = re.search(r"stage extract done in ([\d.]+) s", output)
+    figures["runs"].append(
+        dict(
+            clips=size,
+            method=method,
+            workers=workers,
+            seconds=seconds,
+            stage_s=float(stage.group(1)) if stage else None,
+            clips_per_s=size / seconds,
+            cpu_ms_per_clip=1000 * cpu / size,
+        )
+    )
+    print(f"  {name}: {seconds:.1f} s, {cpu:.1f} CPU s", flush=True)
+    (root / "e2e.json").write_text(json.dumps(figures, indent=1))  # so far: a long run can be read early
 
 
 def table(figures: dict) -> list[str]:
@@ -231,8 +251,9 @@ def table(figures: dict) -> list[str]:
     ]
     for r in figures["runs"]:
         loop, limit = figures["loops"][r["clips"]], figures["bounds"][r["clips"]]
+        clips = f"{r['clips']}{' *' if loop.get('reused') else ''}"
         lines.append(
-            f"| {r['clips']} | {r['method']} | {r['workers']} | {r['seconds']:.1f} | {r['clips_per_s']:.1f} "
+            f"| {clips} | {r['method']} | {r['workers']} | {r['seconds']:.1f} | {r['clips_per_s']:.1f} "
             f"| {r['clips_per_s'] / loop['clips_per_s']:.2f} | {r['clips_per_s'] / limit['clips_per_s']:.2f} "
             f"| {loop['clips_per_s']:.1f} | {limit['clips_per_s']:.1f} "
             f"| {r['cpu_ms_per_clip']:.0f} / {loop['cpu_ms_per_clip']:.0f} / {limit['cpu_ms_per_clip']:.0f} |"
@@ -243,8 +264,8 @@ def table(figures: dict) -> list[str]:
 def run(out_dir: Path, quick: bool) -> str:
     figures = measure(out_dir, quick)
     runs = {(r["clips"], r["method"], r["workers"]): r["clips_per_s"] for r in figures["runs"]}
-    large = max(r["clips"] for r in figures["runs"])
-    scaling = ", ".join(f"{m} {runs[(large, m, 2)] / runs[(large, m, 1)]:.2f}x" for m in ("cam", "gradcam"))
+    both = sorted({(r["clips"], r["method"]) for r in figures["runs"] if r["workers"] == 2})
+    scaling = ", ".join(f"{c} clips {m} {runs[(c, m, 2)] / runs[(c, m, 1)]:.2f}x" for c, m in both)
     shares = {size: b["forward_s"] / (b["decode_s"] + b["forward_s"]) for size, b in figures["bounds"].items()}
     return "\n".join(
         [
@@ -259,7 +280,9 @@ def run(out_dir: Path, quick: bool) -> str:
             "",
             *table(figures),
             "",
-            f"{large} clips, 2 workers / 1 worker: {scaling}.",
+            f"\\* the largest set {REPEAT} times under new clip ids; its loop and bound figures are the largest set's.",
+            "",
+            f"2 workers / 1 worker: {scaling}.",
             "",
         ]
     )
