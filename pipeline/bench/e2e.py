@@ -4,7 +4,8 @@ today (also a whole process) and against the decode + forward bound of this mach
 Setup: the synthetic dataset in UCF-101 layout (every split), a small 3D CNN given through
 ``model=custom model.net._target_=pipeline.models.DemoNet3D`` with random weights, 16 x 64 x 64 clips
 (``sampler=uniform``), the default cluster (``cluster=local``) with one or two workers. For each size
-(100 and 1,680 clips; ``--quick``: 20 and 80):
+(100 and 1,680 clips; ``--quick``: 20 and 80), and for the largest set four times over under new clip ids
+(``cam`` only; its loop and bound are the largest set's):
 
 - **project**: ``python -m pipeline stage=extract ...`` over an index of exactly those clips, timed from the
   process start to its exit (interpreter, imports, cluster, model, every shard, Parquet);
