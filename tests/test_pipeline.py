@@ -12,7 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from helpers.config import make_cfg
+from helpers.config import make_cfg, small_run
 from pipeline.__main__ import run
 from pipeline.data.video import ResizeCrop, read_frames
 from pipeline.errors import ConfigError
@@ -39,7 +39,7 @@ def dataset(synthetic_root, tmp_path_factory):
 def cam_run(dataset, random_checkpoint, tmp_path_factory):
     """index -> (a video vanishes) -> extract -> stats -> report; extract runs in the driver (few clips)."""
     root = tmp_path_factory.mktemp("run")
-    overrides = _overrides(dataset, random_checkpoint) + ["run_name=cam", "store.codec=float32"]
+    overrides = small_run(dataset, random_checkpoint) + ["run_name=cam", "store.codec=float32"]
     run(make_cfg(root, overrides + ["stage=index"]))
     vanished = dataset / "MoveLeft" / "v_MoveLeft_g01_c02.mp4"
     kept = vanished.with_suffix(".keep")
@@ -49,18 +49,6 @@ def cam_run(dataset, random_checkpoint, tmp_path_factory):
     finally:
         kept.rename(vanished)
     return root, root / "outputs" / "cam", overrides
-
-
-def _overrides(dataset, checkpoint) -> list[str]:
-    return [
-        f"dataset.root={dataset}",
-        "dataset.generate_if_missing=false",
-        f"model.checkpoint={checkpoint}",
-        "index.clips_per_shard=3",
-        "extract.batch_size=2",
-        "cluster.n_workers=1",
-        "report.clips_per_class=1",
-    ]
 
 
 def _net(checkpoint) -> DemoNet3D:

@@ -61,6 +61,23 @@ def _kill_when(proc: subprocess.Popen, condition, what: str, timeout: float = 12
     proc.wait()
 
 
+def _interrupted_run(root: Path, synthetic_root: Path, checkpoint: Path, *extra: str) -> list[str]:
+    """The extract command the kill tests interrupt: 12 shards of 2 clips, one clip per batch, one worker; the
+    first override is ``paths.root`` (the tests build the index in-process from the rest)."""
+    return [
+        f"paths.root={root}",
+        f"dataset.root={synthetic_root}",
+        "dataset.generate_if_missing=false",
+        f"model.checkpoint={checkpoint}",
+        "sampler=uniform",
+        "sampler.num_clips=3",
+        "index.clips_per_shard=2",
+        "extract.batch_size=1",
+        "cluster.n_workers=1",
+        *extra,
+    ]
+
+
 def _resume(overrides: list[str], run_dir: Path, finished: dict[str, tuple]) -> dict[str, tuple]:
     """Rerun the extract command to its end: it succeeds, leaves the ``finished`` parts as they were (not
     recomputed), publishes all 12 and leaves no temporary file. Returns the published parts."""
@@ -80,19 +97,9 @@ def _resume(overrides: list[str], run_dir: Path, finished: dict[str, tuple]) -> 
 
 @pytest.mark.slow  # four runs of the extract command (about 45 s)
 def test_sigkill_at_any_point_then_resume(synthetic_root, random_checkpoint, tmp_path):
-    overrides = [
-        f"paths.root={tmp_path}",
-        f"dataset.root={synthetic_root}",
-        "dataset.generate_if_missing=false",
-        f"model.checkpoint={random_checkpoint}",
-        "sampler=uniform",
-        "sampler.num_clips=3",
-        "index.clips_per_shard=2",
-        "extract.batch_size=1",
-        "cluster.n_workers=1",
-        "cluster.processes=false",
-        "run_name=killed",
-    ]
+    overrides = _interrupted_run(
+        tmp_path, synthetic_root, random_checkpoint, "cluster.processes=false", "run_name=killed"
+    )
     run(make_cfg(tmp_path, [*overrides[1:], "stage=index"]))
     run_dir = tmp_path / "outputs" / "killed"
     index, _ = read_index(run_dir)
@@ -150,19 +157,13 @@ def test_ctrl_c_mid_extract_is_one_line_then_resume(synthetic_root, random_check
     """SIGINT to the command's whole process group, as Ctrl-C in a terminal sends it, while shards are running on
     worker processes: one line saying how far it got, exit 130, no traceback from the driver or the workers, no
     half-written part published; the same command then finishes the rest, every clip once."""
-    overrides = [
-        f"paths.root={tmp_path}",
-        f"dataset.root={synthetic_root}",
-        "dataset.generate_if_missing=false",
-        f"model.checkpoint={random_checkpoint}",
-        "sampler=uniform",
-        "sampler.num_clips=3",
-        "index.clips_per_shard=2",
-        "extract.batch_size=1",
-        "cluster.n_workers=1",
+    overrides = _interrupted_run(
+        tmp_path,
+        synthetic_root,
+        random_checkpoint,
         "extract.in_process=false",  # shards on worker processes, as the test says (24 clips would run in the driver)
         "run_name=interrupted",
-    ]
+    )
     run(make_cfg(tmp_path, [*overrides[1:], "cluster.processes=false", "stage=index"]))
     run_dir = tmp_path / "outputs" / "interrupted"
     console = tmp_path / "extract.log"
