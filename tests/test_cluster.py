@@ -24,6 +24,7 @@ from pipeline.errors import ConfigError, StageFailed
 from pipeline.models import DemoNet3D
 from pipeline.runtime import cluster
 from pipeline.runtime.builders import loader_workers, make_trainer, prefetch_factor, resize_on_device
+from pipeline.runtime.progress import ShardProgress
 from pipeline.stages import extract
 from pipeline.store import read_failures, read_index, read_tubes
 
@@ -104,9 +105,9 @@ def test_inside_a_slurm_allocation_a_task_uses_one_device(pipeline_overrides, tm
         monkeypatch.setenv(key, value)
     seen = []
     monkeypatch.setattr(
-        extract.ShardProgress,
+        ShardProgress,
         "on_event",
-        lambda self, event, _on=extract.ShardProgress.on_event: (seen.append(event[1]["done"]), _on(self, event)),
+        lambda self, event, _on=ShardProgress.on_event: (seen.append(event[1]["done"]), _on(self, event)),
     )
     run(
         make_cfg(
@@ -341,7 +342,7 @@ def test_a_worker_started_with_a_malloc_trim_threshold_gets_glibc_thresholds_bac
         pytest.skip("glibc only")
     script = """
 import os, resource, numpy as np
-from pipeline.runtime.cluster import undo_malloc_trim
+from pipeline.runtime.memory import undo_malloc_trim
 
 def faults():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import inspect
 import logging
-import os
 import signal
-import sys
 import threading
 
 import dask
@@ -28,6 +25,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from pipeline.errors import ConfigError
+from pipeline.runtime.memory import MALLOC_TRIM_SETTING
 
 log = logging.getLogger(__name__)
 
@@ -340,30 +338,6 @@ def open_client(cfg, lazy: bool = False):
             if cluster is not None:
                 _close_workers(cluster)
                 cluster.close()
-
-
-#: what a Dask nanny sets in the environment of the worker process it starts (Dask's default: 65536)
-MALLOC_TRIM_SETTING = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
-
-
-def undo_malloc_trim() -> None:
-    """Give this process glibc's own memory thresholds back when a Dask nanny started it with
-    ``MALLOC_TRIM_THRESHOLD_`` set (a SLURM job's or an address cluster's workers; local workers start without).
-
-    Any explicit threshold turns off glibc's adaptive one, so every clip-sized tensor (0.8 MB at 16x64x64) is
-    mapped, faulted in page by page and unmapped again: a clip cost 1.5x the CPU of the same loop in a process
-    without it. This sets what the adaptive scheme settles at (blocks up to 32 MiB from the heap, which keeps up
-    to 64 MiB free) and drops the variable, so that processes this one starts (DataLoader workers) start clean.
-    """
-    if os.environ.pop("MALLOC_TRIM_THRESHOLD_", None) is None or not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None)
-        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
-        libc.mallopt(M_TRIM_THRESHOLD, 64 << 20)
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
 
 #: seconds a local worker process may take to exit before its nanny kills it (Dask's own default: 4 s, which a

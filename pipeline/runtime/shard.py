@@ -35,9 +35,10 @@ from pipeline.runtime.builders import (
     resize_on_device,
     torch_threads,
 )
-from pipeline.runtime.cluster import undo_malloc_trim
 from pipeline.runtime.job import ShardJob, ShardResult, log_path
+from pipeline.runtime.memory import undo_malloc_trim
 from pipeline.runtime.module import TubeModule
+from pipeline.runtime.progress import reporter
 from pipeline.runtime.writer import ClipFailure, TubeWriter
 from pipeline.store import failure_row
 
@@ -59,17 +60,6 @@ def shard_log(run_dir: Path, shard: int):
     finally:
         logger.removeHandler(handler)
         handler.close()
-
-
-def _progress_reporter(topic: str | None, shard: int):
-    """Per-batch progress of a shard, sent to the driver as a Dask event (nothing outside a Dask worker)."""
-    if topic is None:
-        return None
-    try:
-        worker = get_worker()
-    except ValueError:
-        return None
-    return lambda done: worker.log_event(topic, dict(shard=int(shard), done=int(done)))
 
 
 def _worker_name() -> str:
@@ -123,7 +113,7 @@ def _explain_shard(cfg, job: ShardJob, slog) -> ShardResult:
     undo_malloc_trim()
     torch.set_num_threads(torch_threads(cfg))
     quiet_lightning()
-    module, loader, writer = shard_job(cfg, job, progress=_progress_reporter(job.progress_topic, job.shard), log=slog)
+    module, loader, writer = shard_job(cfg, job, progress=reporter(job.progress_topic, job.shard), log=slog)
     if loader is not None:
         trainer = make_trainer(cfg, [writer], inference_mode=not module.explainer.method.needs_grad)
         try:

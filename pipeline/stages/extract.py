@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -29,6 +28,7 @@ from pipeline.runtime.cluster import GPU, offers_gpus, open_client, uses_ddp
 from pipeline.runtime.inprocess import in_this_process, wants_in_process
 from pipeline.runtime.job import TARGET_MODES, ShardJob, ShardResult, log_path, run_shard
 from pipeline.runtime.lock import POLICIES, run_lock
+from pipeline.runtime.progress import ShardProgress
 from pipeline.runtime.tasks import follow
 from pipeline.store.files import (
     failures_table,
@@ -176,37 +176,6 @@ def dataset_classes(cfg, upstream: tuple[str, ...] = ()) -> list[str] | None:
         return list(instantiate(cfg.dataset).classes)
     path = Path(cfg.paths.run_dir) / "index.parquet"
     return json.loads(file_metadata(path)["saliency_tubes"])["classes"] if path.is_file() else None
-
-
-class ShardProgress:
-    """The one progress bar of the stage: clips handled over all workers, fed by the shards' batch events; the
-    clips that failed (failure rows, or a failed shard's clips) show apart as ``failed=N``."""
-
-    def __init__(self, bar: tqdm):
-        self.bar, self.done, self.ended, self.lock = bar, {}, set(), threading.Lock()
-        self.failed = 0
-
-    def add_failed(self, clips: int) -> None:
-        """Count ``clips`` more failed clips of an ended shard."""
-        if clips:
-            with self.lock:
-                self.failed += clips
-                self.bar.set_postfix(failed=self.failed)
-
-    def set(self, shard: int, done: int, end: bool = False) -> None:
-        """``done`` clips of ``shard`` handled so far (a retried shard starts again from 0); after ``end``, a
-        late event of the shard changes nothing."""
-        with self.lock:
-            if shard in self.ended:
-                return
-            self.bar.update(done - self.done.get(shard, 0))
-            self.done[shard] = done
-            if end:
-                self.ended.add(shard)
-
-    def on_event(self, event) -> None:
-        _, msg = event
-        self.set(msg["shard"], msg["done"])
 
 
 def run(cfg, run_dir: Path, client=None) -> dict:
