@@ -194,6 +194,36 @@ def test_resize_crop_keeps_a_flat_grey():
     assert torch.allclose(out, torch.full_like(out, 137 / 255.0), atol=1e-5)
 
 
+def _triangle_weights(n_in: int, n_out: int) -> np.ndarray:
+    """Antialiased bilinear resampling written out: output pixel i averages the source pixels under a triangle
+    centred on its own centre, widened by the scale when shrinking; each row sums to one."""
+    scale = n_in / n_out
+    width = max(scale, 1.0)
+    centres = (np.arange(n_out)[:, None] + 0.5) * scale
+    weights = np.clip(1 - np.abs(np.arange(n_in)[None, :] + 0.5 - centres) / width, 0, None)
+    return weights / weights.sum(1, keepdims=True)
+
+
+@pytest.mark.parametrize("height,width,short_side", [(96, 128, 64), (120, 160, 112), (48, 64, 64)])
+def test_resize_matches_triangle_filter_by_hand(height, width, short_side):
+    """Frames are resized as uint8: within one level of the exact antialiased resize rounded, on the CPU's
+    integer kernel and on the float kernel other devices use."""
+    from pipeline.data.video import _resize_float, _resize_integer
+
+    frames = np.random.default_rng(3).integers(0, 256, size=(2, height, width, 3), dtype=np.uint8)
+    transform = ResizeCrop(short_side, (short_side, short_side))
+    new_h, new_w, top, left = transform._geometry(height, width)
+    wy, wx = _triangle_weights(height, new_h), _triangle_weights(width, new_w)
+    exact = np.einsum("yh,thwc,xw->tcyx", wy, frames.astype(np.float64), wx)
+    chw = torch.from_numpy(frames).permute(0, 3, 1, 2)
+    for resize in (_resize_integer, _resize_float):
+        out = resize(chw, (new_h, new_w))
+        assert out.dtype == torch.uint8
+        assert np.abs(out.numpy().astype(np.float64) - exact).max() <= 1 + 1e-6
+    crop = exact[:, :, top : top + short_side, left : left + short_side].round() / 255
+    assert np.abs(transform(frames).numpy() - crop.transpose(1, 0, 2, 3)).max() <= 1 / 255 + 1e-6
+
+
 @pytest.mark.parametrize(
     "short_side,size,height,width,block",
     [

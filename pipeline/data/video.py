@@ -312,17 +312,33 @@ class ResizeCrop:
     def __call__(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 ``(T, H, W, 3)`` -> float ``(3, T, h, w)`` in [0, 1], on the frames' device.
 
-        The same operations in the same dtype wherever it runs: in a DataLoader worker, or on the model's
-        device on a batch's uint8 frames (``extract.resize=device``), where it gives the same values on the CPU.
+        The frames are resized as uint8 (bilinear, antialiased), as decoded: on the CPU torch's integer kernel
+        takes a tenth of the float one's time. Devices without that kernel resize in float32 and round to the
+        same 256 levels, within one level of the CPU's values. The same call runs in a DataLoader worker and
+        on the model's device on a batch's uint8 frames (``extract.resize=device``).
         """
         height, width = frames.shape[1:3]
         new_h, new_w, top, left = self._geometry(height, width)
         frames = torch.from_numpy(frames) if isinstance(frames, np.ndarray) else frames
-        video = frames.permute(0, 3, 1, 2).float().div_(255.0)
+        video = frames.permute(0, 3, 1, 2)  # (T, 3, H, W), channels last in memory: the integer kernel's layout
         if (new_h, new_w) != (height, width):
-            video = F.interpolate(video, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
-        video = video[:, :, top : top + self.size[0], left : left + self.size[1]].clamp_(0.0, 1.0)
-        return video.permute(1, 0, 2, 3).contiguous()
+            video = _resize_uint8(video, (new_h, new_w))
+        video = video[:, :, top : top + self.size[0], left : left + self.size[1]]
+        return video.permute(1, 0, 2, 3).float().div_(255.0).contiguous()
+
+
+def _resize_uint8(video: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear, antialiased resize of uint8 ``(T, 3, H, W)`` frames to ``size``, still uint8."""
+    return _resize_integer(video, size) if video.device.type == "cpu" else _resize_float(video, size)
+
+
+def _resize_integer(video: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(video, size=size, mode="bilinear", antialias=True, align_corners=False)
+
+
+def _resize_float(video: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    scaled = F.interpolate(video.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+    return scaled.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def source_to_input(box: np.ndarray, crop_box: list[float], input_hw: tuple[int, int]) -> np.ndarray:
