@@ -128,3 +128,22 @@ def test_a_cluster_that_fails_to_start_in_the_background_fails_where_it_is_used(
         with pytest.raises(OSError):
             lazy.scheduler_info()
     lazy.close()
+
+
+def test_a_small_dataset_is_probed_in_the_driver(pipeline_overrides, tmp_path, monkeypatch):
+    """``index.in_process=auto`` probes a few videos in the driver, no cluster started; ``false`` probes them on
+    the cluster; the two indexes are the same. A value other than auto, true or false is one line."""
+    overrides = [*pipeline_overrides, "cluster.processes=false", "stage=index"]
+    with monkeypatch.context() as patch:
+        patch.setattr(LazyClient, "_client", lambda self: pytest.fail("a Dask cluster was started"))
+        run(make_cfg(tmp_path, [*overrides, "run_name=driver"]))
+    submitted = []
+    real_client = LazyClient._client
+    monkeypatch.setattr(LazyClient, "_client", lambda self: submitted.append(1) or real_client(self))
+    run(make_cfg(tmp_path, [*overrides, "run_name=cluster", "index.in_process=false"]))
+    assert submitted  # the probes went to the cluster
+    here, _ = read_index(tmp_path / "outputs" / "driver")
+    there, _ = read_index(tmp_path / "outputs" / "cluster")
+    assert len(here) > 0 and here.equals(there)
+    with pytest.raises(ConfigError, match="index.in_process must be auto, true or false, got 'sometimes'"):
+        run(make_cfg(tmp_path, [*overrides, "run_name=bad", "index.in_process=sometimes"]))

@@ -1,7 +1,8 @@
 """Index stage: dataset on disk -> ``index.parquet`` (one row per clip) and ``failures/index.parquet``.
 
-Videos are probed in parallel on the Dask cluster (:mod:`pipeline.data.probing`; nothing is decoded) and the results
-are cached in ``index.probe_cache``, so indexing again probes only what changed. Each video's (or segment's) frame range is cut
+Videos are probed in parallel on the Dask cluster (:mod:`pipeline.data.probing`; nothing is decoded), or in the
+driver when so few are left that starting a cluster would cost more (``index.in_process``). The results are cached in
+``index.probe_cache``, so indexing again probes only what changed. Each video's (or segment's) frame range is cut
 into clips by the configured sampler, and clips are dealt into shards of contiguous rows of equal clip count
 (clips of one video stay next to each other, which keeps decoding local). Entries that give no clip (a bad
 file, a segment beyond its video, a malformed row) become failure rows; the rest of the index is written.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -19,7 +21,7 @@ from hydra.utils import instantiate
 
 from pipeline.data.clip_index import assign_shards, build_clips
 from pipeline.data.datasets.base import DatasetReader
-from pipeline.data.probing import probe_all
+from pipeline.data.probing import DRIVER_MAX_VIDEOS, probe_all
 from pipeline.data.sampling import ClipSampler
 from pipeline.errors import ConfigError
 from pipeline.store import INDEX_SCHEMA, failures_table, write_table_atomic
@@ -34,6 +36,15 @@ def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
         raise ConfigError(f"index.clips_per_shard must be >= 1, got {cfg.index.clips_per_shard}")
     if int(cfg.index.get("probe_batch", 32)) < 1:
         raise ConfigError(f"index.probe_batch must be >= 1, got {cfg.index.probe_batch}")
+    driver_max(cfg)
+
+
+def driver_max(cfg) -> float:
+    """How many videos left to probe the driver probes itself (``index.in_process``: auto, true or false)."""
+    setting = cfg.index.get("in_process", "auto")
+    if setting not in ("auto", True, False):
+        raise ConfigError(f"index.in_process must be auto, true or false, got {setting!r}")
+    return {"auto": DRIVER_MAX_VIDEOS, True: math.inf, False: 0}[setting]
 
 
 def run(cfg, run_dir: Path, client=None) -> pd.DataFrame:
@@ -43,7 +54,11 @@ def run(cfg, run_dir: Path, client=None) -> pd.DataFrame:
     log.info("dataset: %d videos or segments, %d unusable entries", len(records), len(errors))
     cache = Path(cfg.index.probe_cache) if cfg.index.get("probe_cache") else None
     probes = probe_all(
-        [r.source for r in records], client, cache=cache, batch_size=int(cfg.index.get("probe_batch", 32))
+        [r.source for r in records],
+        client,
+        cache=cache,
+        batch_size=int(cfg.index.get("probe_batch", 32)),
+        driver_max=driver_max(cfg),
     )
     frame, failures = build_clips(records, probes, sampler)
     failures = [
