@@ -313,9 +313,9 @@ class ResizeCrop:
         """uint8 ``(T, H, W, 3)`` -> float ``(3, T, h, w)`` in [0, 1], on the frames' device.
 
         The frames are resized as uint8 (bilinear, antialiased), as decoded: on the CPU torch's integer kernel
-        takes a tenth of the float one's time. Devices without that kernel resize in float32 and round to the
-        same 256 levels, within one level of the CPU's values. The same call runs in a DataLoader worker and
-        on the model's device on a batch's uint8 frames (``extract.resize=device``).
+        takes a tenth of the float one's time. Other devices (GPUs) resize in float32 and round to the same 256
+        levels, within one level of the CPU's values. The same call runs in a DataLoader worker and on the
+        model's device on a batch's uint8 frames (``extract.resize=device``): on the CPU, the same bytes.
         """
         height, width = frames.shape[1:3]
         new_h, new_w, top, left = self._geometry(height, width)
