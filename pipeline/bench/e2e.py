@@ -19,6 +19,7 @@ Setup: the synthetic dataset in UCF-101 layout (every split), a small 3D CNN giv
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -91,26 +93,34 @@ def _adopt_orphans() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
 
 
-def _reap(deadline_s: float = 60.0) -> None:
-    """Wait for every adopted descendant to exit (a forkserver exits when its parent has)."""
+def _children() -> set[int]:
+    return {child.pid for child in psutil.Process().children()}
+
+
+def _reap(earlier: set[int], deadline_s: float = 60.0) -> None:
+    """Wait for every adopted descendant to exit (a forkserver exits when its parent has); children this process
+    had before (``earlier``: the forkserver of an earlier benchmark's cluster, which lives as long as this
+    process) are not waited for."""
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
+        adopted = _children() - earlier
+        if not adopted:
             return
-        if pid == 0:
-            time.sleep(0.05)
+        for pid in adopted:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.05)
 
 
 def timed_process(args: list[str], what: str) -> tuple[float, float, str]:
     """Wall seconds of a child process from its start to its exit, the CPU seconds of its process tree (every
     process it started, Dask workers and the forkserver they fork from too) and its output."""
     _adopt_orphans()
+    earlier = _children()
     cpu, started = _children_cpu(), time.perf_counter()
     done = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
     seconds = time.perf_counter() - started
-    _reap()
+    _reap(earlier)
     if done.returncode != 0:
         raise RuntimeError(f"{what} failed:\n{(done.stdout + done.stderr)[-3000:]}")
     return seconds, _children_cpu() - cpu, done.stdout + done.stderr

@@ -101,15 +101,20 @@ class _OneBackwardPerTarget(TubeExplainer):
     """Top-k the way the explainer did before: one ``autograd.grad`` per target with ``retain_graph``."""
 
     def _gradients(self, logits, outputs, targets):
-        inputs = [out.tensor for out in outputs]
+        flat = [part for parts in outputs for part in parts]  # per layer, per pathway, as the explainer's
+        inputs = [part.tensor for part in flat]
         k = targets.shape[1]
         per_target = [
             torch.autograd.grad(logits.gather(1, targets[:, j : j + 1]).sum(), inputs, retain_graph=j < k - 1)
             for j in range(k)
         ]
-        return [
-            out.as_ncthw(torch.stack([g[i] for g in per_target])).movedim(0, 1).float() for i, out in enumerate(outputs)
-        ]
+        grads = iter(
+            [
+                part.as_ncthw(torch.stack([g[i] for g in per_target])).movedim(0, 1).float()
+                for i, part in enumerate(flat)
+            ]
+        )
+        return [[next(grads) for _ in parts] for parts in outputs]
 
 
 def _topk_explainers(net, layer: str, shape) -> dict:

@@ -1,0 +1,46 @@
+"""The benchmarks' own parts: what they compare must compute the same thing, and their harness must not wait on
+what it did not start."""
+
+import ctypes
+import subprocess
+import sys
+import time
+
+import torch
+
+from pipeline.bench import e2e, methods
+from pipeline.explain.explainer import TubeExplainer
+from pipeline.explain.methods import GradCAM
+from pipeline.models import DemoNet3D
+
+
+def test_one_backward_per_target_gives_the_batched_backwards_tubes():
+    """``bench methods`` times top-3 Grad-CAM with one batched backward against one backward per target: both
+    must give the same tubes (the second overrides the explainer's gradients, so it follows its layout)."""
+    torch.manual_seed(0)
+    net = DemoNet3D(num_classes=4).eval()
+    shape = (3, 8, 32, 32)
+    x = torch.randn(2, *shape)
+    top3 = lambda logits: logits.topk(3, dim=1).indices
+    batched = TubeExplainer(net, GradCAM(), shape, layer="features")(x, top3)
+    separate = methods._OneBackwardPerTarget(net, GradCAM(), shape, layer="features")(x, top3)
+    assert batched.tubes.shape == (2, 3, *separate.tubes.shape[2:])
+    torch.testing.assert_close(separate.tubes, batched.tubes, rtol=1e-5, atol=1e-6)
+    assert torch.equal(separate.targets, batched.targets)
+
+
+def test_the_timing_harness_waits_only_for_what_its_command_left_behind(tmp_path):
+    """``timed_process`` reaps the descendants its command leaves (a forkserver outlives the command), not the
+    children the benchmark process had before (an earlier benchmark's forkserver lives until it exits)."""
+    earlier = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        leaves = "import subprocess, sys; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(1)'])"
+        started = time.monotonic()
+        e2e.timed_process([sys.executable, "-c", leaves], "a command leaving a child")
+        waited = time.monotonic() - started
+        assert 1.0 <= waited < 30  # the orphan's second, not the earlier child's minute
+        assert earlier.poll() is None
+    finally:
+        earlier.kill()
+        earlier.wait()
+        ctypes.CDLL(None).prctl(36, 0, 0, 0, 0)  # this test process stops adopting orphans (PR_SET_CHILD_SUBREAPER)
