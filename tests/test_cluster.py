@@ -23,7 +23,7 @@ from pipeline.data.video import ResizeCrop
 from pipeline.errors import ConfigError, StageFailed
 from pipeline.models import DemoNet3D
 from pipeline.runtime import cluster
-from pipeline.runtime.builders import loader_workers, make_trainer, prefetch_factor, resize_on_device
+from pipeline.runtime.builders import loader_workers, make_trainer, prefetch_factor, resize_on_device, torch_threads
 from pipeline.runtime.progress import ShardProgress
 from pipeline.stages import extract
 from pipeline.store import read_failures, read_index, read_tubes
@@ -67,11 +67,29 @@ def test_slurm_config_renders_a_job_script(tmp_path):
     assert "--nworkers 4" in worker and "--resources GPU=1" in worker  # one worker per GPU, each offering one
 
 
+def test_auto_workers_use_every_core_within_the_memory(tmp_path, monkeypatch):
+    """``cluster.n_workers=auto`` (the default): a worker per core this process may use, but no more than one per
+    2 GiB of memory; each then owns one core (one torch thread per task). A number is taken as it is."""
+    cfg = make_cfg(tmp_path, ["cluster.n_workers=auto"])
+    cluster.validate(cfg.cluster)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(cluster.psutil, "virtual_memory", lambda: type("Memory", (), {"total": 64 * 2**30}))
+    assert cluster.local_workers("auto") == 16 and cluster.local_workers(3) == 3
+    assert torch_threads(make_cfg(tmp_path, ["cluster.n_workers=auto", "extract.torch_threads=auto"])) == 1
+    assert torch_threads(make_cfg(tmp_path, ["cluster.n_workers=4", "extract.torch_threads=auto"])) == 4
+    monkeypatch.setattr(cluster.psutil, "virtual_memory", lambda: type("Memory", (), {"total": 9 * 2**30}))
+    assert cluster.local_workers("auto") == 4  # 9 GiB: four workers of 2 GiB
+    monkeypatch.setattr(cluster.psutil, "virtual_memory", lambda: type("Memory", (), {"total": 2**30}))
+    assert cluster.local_workers("auto") == 1
+
+
 def test_bad_cluster_options_fail_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="n_worker.*options: n_workers"):
         cluster.validate(make_cfg(tmp_path, ["+cluster.n_worker=3"]).cluster)
-    with pytest.raises(ValueError, match="cluster.n_workers must be >= 1"):
+    with pytest.raises(ValueError, match="cluster.n_workers must be 'auto' or >= 1, got 0"):
         cluster.validate(make_cfg(tmp_path, ["cluster.n_workers=0"]).cluster)
+    with pytest.raises(ValueError, match="cluster.n_workers must be 'auto' or >= 1, got many"):
+        cluster.validate(make_cfg(tmp_path, ["cluster.n_workers=many"]).cluster)
     with pytest.raises(ValueError, match="queu"):
         cluster.validate(make_cfg(tmp_path, ["cluster=slurm", "+cluster.queu=gpu"]).cluster)
     with pytest.raises(ValueError, match="adapt_max"):

@@ -20,7 +20,7 @@ from pipeline.data.video import ResizeCrop
 from pipeline.explain.explainer import TubeExplainer
 from pipeline.models import build_model
 from pipeline.models.adapters import adapt
-from pipeline.runtime.cluster import worker_gpu
+from pipeline.runtime.cluster import local_workers, worker_gpu
 
 _cache = threading.local()
 
@@ -57,7 +57,7 @@ def worker_cores(cfg) -> int:
     (one per GPU on GPUs)."""
     cluster = cfg.cluster
     cores = int(cluster.get("cores") or len(os.sched_getaffinity(0)) or 1)
-    workers = int(cluster.get("gpus") or cluster.get("gpus_per_job") or cluster.get("n_workers") or 1)
+    workers = int(cluster.get("gpus") or cluster.get("gpus_per_job") or local_workers(cluster.get("n_workers") or 1))
     return max(1, cores // workers)
 
 

@@ -15,10 +15,12 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import os
 import signal
 import threading
 
 import dask
+import psutil
 from dask.distributed import Client, LocalCluster
 from hydra.utils import get_method
 from omegaconf import OmegaConf
@@ -33,8 +35,22 @@ log = logging.getLogger(__name__)
 GPU = "GPU"
 
 
+#: ``cluster.n_workers=auto`` gives every worker at least this much of the machine's memory (a worker holds
+#: torch, the model and a few batches of clips: about 0.7 GB with the demo model)
+AUTO_WORKER_MEMORY = 2 * 2**30
+
+
+def local_workers(setting) -> int:
+    """Worker count of a local cluster: ``cluster.n_workers``; ``auto`` = one per CPU core this process may use,
+    at most one per :data:`AUTO_WORKER_MEMORY` of memory (each runs one task on one torch thread)."""
+    if str(setting) != "auto":
+        return int(setting)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, psutil.virtual_memory().total // AUTO_WORKER_MEMORY))
+
+
 def local(
-    n_workers: int = 2,
+    n_workers: int | str = "auto",
     threads_per_worker: int = 1,
     processes: bool = True,
     memory_limit="auto",
@@ -45,7 +61,8 @@ def local(
     """A Dask LocalCluster on this machine.
 
     Args:
-        n_workers: worker processes (or threads, with ``processes=false``) when ``gpus`` is 0.
+        n_workers: worker processes (or threads, with ``processes=false``) when ``gpus`` is 0; ``auto``: see
+            :func:`local_workers`.
         threads_per_worker: tasks a worker runs at once.
         processes: worker processes (true) or threads of this process (false).
         memory_limit: per worker, e.g. ``"8GB"``; ``auto`` divides the machine's memory.
@@ -56,7 +73,7 @@ def local(
     gpus = int(gpus)
     with worker_start(start_method):
         return LocalCluster(
-            n_workers=gpus or int(n_workers),
+            n_workers=gpus or local_workers(n_workers),
             threads_per_worker=1 if gpus else int(threads_per_worker),
             processes=bool(processes),
             memory_limit=memory_limit,
@@ -190,8 +207,15 @@ def validate(cfg) -> None:
     """Check the ``cluster`` config group before any work: known keys, sane values. Raises ValueError."""
     fn, settings = _settings(cfg)
     for key in ("n_workers", "threads_per_worker", "cores", "jobs"):
-        if key in settings and int(settings[key]) < 1:
-            raise ConfigError(f"cluster.{key} must be >= 1, got {settings[key]}")
+        if key not in settings or (key == "n_workers" and settings[key] == "auto"):
+            continue
+        try:
+            valid = int(settings[key]) >= 1
+        except (TypeError, ValueError):
+            valid = False
+        if not valid:
+            allowed = "'auto' or >= 1" if key == "n_workers" else ">= 1"
+            raise ConfigError(f"cluster.{key} must be {allowed}, got {settings[key]}")
     for key in ("gpus", "gpus_per_job", "adapt_min"):
         if settings.get(key) is not None and int(settings[key]) < 0:
             raise ConfigError(f"cluster.{key} must be >= 0, got {settings[key]}")
@@ -330,6 +354,8 @@ def open_client(cfg, lazy: bool = False):
         cluster = None if isinstance(made, str) else made
         client = Client(made)
         try:
+            if isinstance(cluster, LocalCluster):
+                log.info("Dask cluster: %d local worker(s)", len(cluster.workers))
             if client.dashboard_link:
                 log.info("Dask dashboard: %s", client.dashboard_link)
             yield client
