@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import torch
@@ -51,6 +52,10 @@ def load_checkpoint(net: nn.Module, path: str | Path) -> None:
     )
 
 
+#: held while a model is built from a seed, so that two threads building at once draw their own weights
+_SEEDED_BUILD = threading.Lock()
+
+
 def build_model(cfg) -> nn.Module:
     """Instantiate ``cfg.net`` and load ``cfg.checkpoint`` if given; returns the model in eval mode.
 
@@ -59,8 +64,8 @@ def build_model(cfg) -> nn.Module:
     """
     if cfg.get("checkpoint"):
         net = instantiate(cfg.net)
-    else:
-        with torch.random.fork_rng(devices=[]):
+    else:  # torch's default generator is shared by the process's threads (cluster.processes=false): one at a time
+        with _SEEDED_BUILD, torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(cfg.get("init_seed") or 0))
             net = instantiate(cfg.net)
     if not isinstance(net, nn.Module):
