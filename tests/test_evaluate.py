@@ -123,12 +123,40 @@ def test_class_aggregates_report_and_resume(evaluated):
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # finished shards are not recomputed
 
 
+def _evaluated_rows(run_dir) -> pd.DataFrame:
+    parts = sorted((run_dir / "evaluate").glob("part-*.parquet"))
+    return pd.concat([pd.read_parquet(p) for p in parts]).sort_values("clip_id").reset_index(drop=True)
+
+
+@pytest.mark.slow
+def test_threads_of_the_driver_give_the_clusters_numbers(evaluated, monkeypatch):
+    """With no cluster started (``evaluate.in_process=auto`` on the CPU) the shards run on threads of the driver,
+    several at once; every number is the one the cluster's worker processes give (the randomised network is
+    seeded by its own config while other threads initialise theirs)."""
+    import shutil
+
+    from pipeline.runtime.cluster import LazyClient
+
+    root, run_dir, overrides, _ = evaluated
+    first = _evaluated_rows(run_dir)
+    real_client = LazyClient._client
+    for extra in (["cluster.n_workers=3"], ["cluster.n_workers=2", "evaluate.in_process=false"]):
+        shutil.rmtree(run_dir / "evaluate")
+        on_cluster = "evaluate.in_process=false" in extra
+        monkeypatch.setattr(
+            LazyClient, "_client", real_client if on_cluster else lambda self: pytest.fail("a cluster was started")
+        )
+        run(make_cfg(root, overrides + ["stage=evaluate", *extra]))
+        pd.testing.assert_frame_equal(_evaluated_rows(run_dir), first)
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
         ("evaluate.baseline=zeros", "evaluate.baseline"),
         ("evaluate.steps=0", "evaluate.steps"),
         ("evaluate.iou_level=2", "evaluate.iou_level"),
+        ("evaluate.in_process=sometimes", "evaluate.in_process must be auto, true or false"),
     ],
 )
 def test_bad_settings_are_named(tmp_path, override, message):

@@ -269,11 +269,15 @@ def test_random_weights_are_the_same_network_in_every_process(tmp_path):
 
 def test_random_weights_are_the_same_network_in_every_thread(tmp_path):
     """Worker threads (``cluster.processes=false``) share torch's default generator: four threads building the
-    seeded network at once still build the one network (74 of 80 builds differed before the builds took turns)."""
+    seeded network at once, or a network whose weights they load, still build the one network (74 of 80 builds
+    differed before the builds took turns)."""
     from concurrent.futures import ThreadPoolExecutor
 
     cfg = make_cfg(tmp_path, ["model.checkpoint=null"]).model
     reference = build_model(cfg).state_dict()
-    with ThreadPoolExecutor(4) as pool:
-        built = list(pool.map(lambda _: build_model(cfg).state_dict(), range(40)))
+    checkpoint = tmp_path / "trained.pt"
+    torch.save(reference, checkpoint)
+    trained = OmegaConf.merge(OmegaConf.to_container(cfg), {"checkpoint": str(checkpoint)})
+    with ThreadPoolExecutor(4) as pool:  # seeded builds among builds that load weights (whose init draws too)
+        built = list(pool.map(lambda i: build_model(trained if i % 2 else cfg).state_dict(), range(40)))
     assert all(torch.equal(weights[k], reference[k]) for weights in built for k in reference)

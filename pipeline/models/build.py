@@ -52,8 +52,9 @@ def load_checkpoint(net: nn.Module, path: str | Path) -> None:
     )
 
 
-#: held while a model is built from a seed, so that two threads building at once draw their own weights
-_SEEDED_BUILD = threading.Lock()
+#: held while a network is initialised: one built from a seed must draw every number of its weights itself, even
+#: while another thread of the process (a Dask worker thread, an evaluate thread) initialises another network
+_BUILDING = threading.Lock()
 
 
 def build_model(cfg) -> nn.Module:
@@ -62,12 +63,13 @@ def build_model(cfg) -> nn.Module:
     Without a checkpoint the weights are random but seeded (``cfg.init_seed``, default 0), so every worker,
     DDP rank and resumed run builds the same network.
     """
-    if cfg.get("checkpoint"):
-        net = instantiate(cfg.net)
-    else:  # torch's default generator is shared by the process's threads (cluster.processes=false): one at a time
-        with _SEEDED_BUILD, torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(cfg.get("init_seed") or 0))
+    with _BUILDING:  # torch's default generator is shared by a process's threads: initialisations take turns
+        if cfg.get("checkpoint"):
             net = instantiate(cfg.net)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(cfg.get("init_seed") or 0))
+                net = instantiate(cfg.net)
     if not isinstance(net, nn.Module):
         raise ModelError(f"model.net._target_ built a {type(net).__name__}, not a torch.nn.Module")
     if cfg.get("checkpoint"):

@@ -236,6 +236,22 @@ def validate(cfg) -> None:
             ) from None
 
 
+def is_local(cfg) -> bool:
+    """Whether the ``cluster`` config group is a cluster on this machine (``local``)."""
+    return _settings(cfg)[0] is local
+
+
+@contextlib.contextmanager
+def driver_threads(threads: int):
+    """A client of ``threads`` Dask worker threads in this process: nothing to start (a few hundredths of a
+    second where worker processes take seconds), for tasks made of torch operations, which release the GIL."""
+    with (
+        LocalCluster(n_workers=threads, threads_per_worker=1, processes=False, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
+
+
 def offers_gpus(cfg) -> bool:
     """Whether the configured cluster's workers offer the ``GPU`` resource (unknown for ``address``: assumed)."""
     _, settings = _settings(cfg)

@@ -14,6 +14,7 @@ on the device, and a finished shard is not recomputed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -30,7 +31,8 @@ from pipeline.explain import faithfulness as fm
 from pipeline.explain.upsample import upsample
 from pipeline.models.inputs import Normalise
 from pipeline.runtime.builders import build_explainer, clip_loader, torch_threads
-from pipeline.runtime.cluster import GPU, offers_gpus, worker_gpu
+from pipeline.runtime.cluster import GPU, driver_threads, is_local, local_workers, offers_gpus, worker_gpu
+from pipeline.runtime.inprocess import in_this_process
 from pipeline.runtime.tasks import follow
 from pipeline.store import (
     ALL_LABEL,
@@ -96,10 +98,35 @@ def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
         raise ConfigError(f"evaluate.iou_level must be in (0, 1], got {ev.iou_level}")
     if ev.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"evaluate.device must be auto, cpu or cuda, got {ev.device!r}")
+    if ev.get("in_process", "auto") not in ("auto", True, False):
+        raise ConfigError(f"evaluate.in_process must be auto, true or false, got {ev.in_process!r}")
     if not cfg.model.get("checkpoint"):
         raise ConfigError(
             "stage=evaluate needs trained weights (model.checkpoint): the randomisation check compares them with random ones"
         )
+
+
+def on_driver_threads(cfg, client) -> bool:
+    """Whether the shards run on threads of this process (``evaluate.in_process``): ``auto`` = on the CPU, with a
+    local cluster this command has not started yet (a cluster an extract started is used, being up)."""
+    setting = cfg.evaluate.get("in_process", "auto")
+    if setting != "auto":
+        return bool(setting)
+    on_cpu = str(cfg.trainer.accelerator) == "cpu" and cfg.evaluate.device != "cuda"
+    return on_cpu and client is not None and not getattr(client, "started", True) and is_local(cfg.cluster)
+
+
+@contextlib.contextmanager
+def _runner(cfg, client, threads: bool):
+    """Where the shards run: ``client``'s cluster or, with ``threads``, a cluster of threads of this process (as
+    many as the local cluster's workers), this process's torch thread count restored afterwards."""
+    if not threads:
+        yield client
+        return
+    count = local_workers(cfg.cluster.get("n_workers", "auto"))
+    log.info("evaluate: on %d thread(s) of this process (evaluate.in_process)", count)
+    with in_this_process(), driver_threads(count) as runner:
+        yield runner
 
 
 def pick_clips(run_dir: Path, per_class: int | None, seed: int) -> pd.DataFrame:
@@ -192,18 +219,18 @@ def evaluate_shard(
         .to_pandas()
     )
     native = dict(zip(stored["clip_id"], decode_column(stored)))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(ev.seed))
-        random_explainer = build_explainer(cfg, _randomised(cfg)).to(device)
-        random_tubes = {}
-        loader = clip_loader(cfg, rows, int(ev.batch_size))
-        normalise = Normalise(cfg.model.input.mean, cfg.model.input.std).to(device)
-        for batch in loader:  # pass 1: the randomised model's tubes (the explainer cache holds one model)
-            if batch["video"] is not None:  # (no inference_mode: a gradient method needs autograd)
-                x = normalise(batch["video"].to(device))
-                targets = torch.tensor(rows["target"].to_numpy()[batch["positions"].numpy()], device=device)
-                tubes = random_explainer(x, lambda logits, t=targets: t[:, None]).tubes[:, 0].detach().cpu()
-                random_tubes.update(zip(batch["positions"].tolist(), tubes))
+    # the randomised network is seeded by its own config (init_seed): this task leaves torch's default generator,
+    # which the threads of one process share (evaluate.in_process), alone
+    random_explainer = build_explainer(cfg, _randomised(cfg)).to(device)
+    random_tubes = {}
+    loader = clip_loader(cfg, rows, int(ev.batch_size))
+    normalise = Normalise(cfg.model.input.mean, cfg.model.input.std).to(device)
+    for batch in loader:  # pass 1: the randomised model's tubes (the explainer cache holds one model)
+        if batch["video"] is not None:  # (no inference_mode: a gradient method needs autograd)
+            x = normalise(batch["video"].to(device))
+            targets = torch.tensor(rows["target"].to_numpy()[batch["positions"].numpy()], device=device)
+            tubes = random_explainer(x, lambda logits, t=targets: t[:, None]).tubes[:, 0].detach().cpu()
+            random_tubes.update(zip(batch["positions"].tolist(), tubes))
     explainer = build_explainer(cfg).to(device)
     generator = torch.Generator().manual_seed(int(ev.seed) + shard)
     all_boxes = clip_boxes(rows, boxes)
@@ -301,16 +328,24 @@ def run(cfg, run_dir: Path, client=None) -> dict:
         return None if boxes is None else boxes[boxes["video_id"].isin(set(part["video_id"]))]
 
     # as the extractor: on GPU workers each task holds one worker's GPU=1 resource, so tasks never share a device
+    threads = bool(todo) and on_driver_threads(cfg, client)
     gpu = (
-        client is not None and ev.device != "cpu" and str(cfg.trainer.accelerator) != "cpu" and offers_gpus(cfg.cluster)
+        not threads
+        and client is not None
+        and ev.device != "cpu"
+        and str(cfg.trainer.accelerator) != "cpu"
+        and offers_gpus(cfg.cluster)
     )
     jobs = {shard: (cfg_dict, str(run_dir), shard, part, shard_boxes(part), d) for shard, (part, d) in todo.items()}
     errors = []
-    with tqdm(
-        total=len(rows), initial=len(rows) - sum(len(p) for p, _ in todo.values()), desc="evaluate", unit="clip"
-    ) as bar:
+    with (
+        _runner(cfg, client, threads) as runner,
+        tqdm(
+            total=len(rows), initial=len(rows) - sum(len(p) for p, _ in todo.values()), desc="evaluate", unit="clip"
+        ) as bar,
+    ):
         for shard, _, error in follow(
-            client, evaluate_shard, jobs, name="evaluate", resources={GPU: 1} if gpu else None
+            runner, evaluate_shard, jobs, name="evaluate", resources={GPU: 1} if gpu else None
         ):
             bar.update(len(todo[shard][0]))
             if error is None:
