@@ -22,7 +22,7 @@ from pipeline.data.clips import ClipDataset, collate_clips, transform_batch
 from pipeline.data.video import ResizeCrop
 from pipeline.errors import ConfigError, StageFailed
 from pipeline.models import DemoNet3D
-from pipeline.runtime import cluster
+from pipeline.runtime import cluster, local
 from pipeline.runtime.builders import loader_workers, make_trainer, prefetch_factor, resize_on_device, torch_threads
 from pipeline.runtime.progress import ShardProgress
 from pipeline.stages import extract
@@ -73,14 +73,14 @@ def test_auto_workers_use_every_core_within_the_memory(tmp_path, monkeypatch):
     cfg = make_cfg(tmp_path, ["cluster.n_workers=auto"])
     cluster.validate(cfg.cluster)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
-    monkeypatch.setattr(cluster.psutil, "virtual_memory", lambda: type("Memory", (), {"total": 64 * 2**30}))
-    assert cluster.local_workers("auto") == 16 and cluster.local_workers(3) == 3
+    monkeypatch.setattr(local.psutil, "virtual_memory", lambda: type("Memory", (), {"total": 64 * 2**30}))
+    assert local.local_workers("auto") == 16 and local.local_workers(3) == 3
     assert torch_threads(make_cfg(tmp_path, ["cluster.n_workers=auto", "extract.torch_threads=auto"])) == 1
     assert torch_threads(make_cfg(tmp_path, ["cluster.n_workers=4", "extract.torch_threads=auto"])) == 4
-    monkeypatch.setattr(cluster.psutil, "virtual_memory", lambda: type("Memory", (), {"total": 9 * 2**30}))
-    assert cluster.local_workers("auto") == 4  # 9 GiB: four workers of 2 GiB
-    monkeypatch.setattr(cluster.psutil, "virtual_memory", lambda: type("Memory", (), {"total": 2**30}))
-    assert cluster.local_workers("auto") == 1
+    monkeypatch.setattr(local.psutil, "virtual_memory", lambda: type("Memory", (), {"total": 9 * 2**30}))
+    assert local.local_workers("auto") == 4  # 9 GiB: four workers of 2 GiB
+    monkeypatch.setattr(local.psutil, "virtual_memory", lambda: type("Memory", (), {"total": 2**30}))
+    assert local.local_workers("auto") == 1
 
 
 def test_bad_cluster_options_fail_before_any_work(tmp_path):
@@ -287,7 +287,7 @@ def test_one_worker_per_gpu_each_offering_one():
     """cluster.gpus=2: two workers, each offering GPU=1, and each task learns its worker's device."""
     from dask.distributed import Client
 
-    with cluster.local(gpus=2, processes=False, dashboard_address=None) as gpus, Client(gpus) as client:
+    with local.local(gpus=2, processes=False, dashboard_address=None) as gpus, Client(gpus) as client:
         workers = client.scheduler_info()["workers"]
         assert sorted(w["resources"][cluster.GPU] for w in workers.values()) == [1, 1]
         assert all(w["nthreads"] == 1 for w in workers.values())

@@ -20,7 +20,8 @@ from pipeline.data.video import ResizeCrop
 from pipeline.explain.explainer import TubeExplainer
 from pipeline.models import build_model
 from pipeline.models.adapters import adapt
-from pipeline.runtime.cluster import local_workers, worker_gpu
+from pipeline.runtime.cluster import worker_gpu
+from pipeline.runtime.local import local_workers
 
 _cache = threading.local()
 

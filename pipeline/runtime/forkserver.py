@@ -1,4 +1,4 @@
-"""Imported by the forkserver that local Dask workers fork from (``cluster.WORKER_PRELOAD``) and by nothing else.
+"""Imported by the forkserver that local Dask workers fork from (``local.WORKER_PRELOAD``) and by nothing else.
 
 When the driver exits, the forkserver leaves at once instead of unloading torch and Lightning module by module
 (1.5 s of a core, while it still holds the driver's output pipe, so whoever reads that pipe waits too). The

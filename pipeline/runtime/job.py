@@ -11,6 +11,9 @@ import pandas as pd
 #: ``target.mode``: which class each clip's tube explains (predicted, labelled, or the k best)
 TARGET_MODES = ("pred", "label", "topk")
 
+#: the Dask resource a GPU worker offers and a GPU task asks for
+GPU = "GPU"
+
 
 @dataclass
 class ShardJob:

@@ -31,8 +31,10 @@ from pipeline.explain import faithfulness as fm
 from pipeline.explain.upsample import upsample
 from pipeline.models.inputs import Normalise
 from pipeline.runtime.builders import build_explainer, clip_loader, torch_threads
-from pipeline.runtime.cluster import GPU, driver_threads, is_local, local_workers, offers_gpus, worker_gpu
+from pipeline.runtime.cluster import is_local, offers_gpus, worker_gpu
 from pipeline.runtime.inprocess import in_this_process
+from pipeline.runtime.job import GPU
+from pipeline.runtime.local import driver_threads, local_workers
 from pipeline.runtime.tasks import follow
 from pipeline.store import (
     ALL_LABEL,

@@ -24,9 +24,9 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from pipeline.errors import ConfigError, Interrupted, StageFailed
-from pipeline.runtime.cluster import GPU, offers_gpus, open_client, uses_ddp
+from pipeline.runtime.cluster import offers_gpus, open_client, uses_ddp
 from pipeline.runtime.inprocess import in_this_process, wants_in_process
-from pipeline.runtime.job import TARGET_MODES, ShardJob, ShardResult, log_path, run_shard
+from pipeline.runtime.job import GPU, TARGET_MODES, ShardJob, ShardResult, log_path, run_shard
 from pipeline.runtime.lock import POLICIES, run_lock
 from pipeline.runtime.progress import ShardProgress
 from pipeline.runtime.tasks import follow
