@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import ConfigError
 from pipeline.store.ledger import recorded
 
 #: ``extract.in_process=auto``: at most this many clips left on the CPU run in the driver. On 2 cores the two
@@ -23,9 +24,18 @@ from pipeline.store.ledger import recorded
 AUTO_MAX_CLIPS = 256
 
 
+def in_process_setting(cfg, stage: str):
+    """``<stage>.in_process`` (index, extract, evaluate): ``"auto"``, True or False; any other value is one line
+    naming it."""
+    setting = cfg[stage].get("in_process", "auto")
+    if setting not in ("auto", True, False):
+        raise ConfigError(f"{stage}.in_process must be auto, true or false, got {setting!r}")
+    return setting
+
+
 def wants_in_process(cfg, clips_left: int) -> bool:
     """Whether the stage runs its shards in this process (``extract.in_process``: auto, true or false)."""
-    setting = cfg.extract.get("in_process", "auto")
+    setting = in_process_setting(cfg, "extract")
     if setting == "auto":
         return str(cfg.trainer.accelerator) == "cpu" and clips_left <= AUTO_MAX_CLIPS
     return bool(setting)

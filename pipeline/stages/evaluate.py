@@ -32,7 +32,7 @@ from pipeline.explain.upsample import upsample
 from pipeline.models.inputs import Normalise
 from pipeline.runtime.builders import build_explainer, clip_loader, torch_threads
 from pipeline.runtime.cluster import is_local, offers_gpus, worker_gpu
-from pipeline.runtime.inprocess import in_this_process
+from pipeline.runtime.inprocess import in_process_setting, in_this_process
 from pipeline.runtime.job import GPU
 from pipeline.runtime.local import driver_threads, local_workers
 from pipeline.runtime.tasks import follow
@@ -100,8 +100,7 @@ def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
         raise ConfigError(f"evaluate.iou_level must be in (0, 1], got {ev.iou_level}")
     if ev.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"evaluate.device must be auto, cpu or cuda, got {ev.device!r}")
-    if ev.get("in_process", "auto") not in ("auto", True, False):
-        raise ConfigError(f"evaluate.in_process must be auto, true or false, got {ev.in_process!r}")
+    in_process_setting(cfg, "evaluate")
     if not cfg.model.get("checkpoint"):
         raise ConfigError(
             "stage=evaluate needs trained weights (model.checkpoint): the randomisation check compares them with random ones"
@@ -111,7 +110,7 @@ def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
 def on_driver_threads(cfg, client) -> bool:
     """Whether the shards run on threads of this process (``evaluate.in_process``): ``auto`` = on the CPU, with a
     local cluster this command has not started yet (a cluster an extract started is used, being up)."""
-    setting = cfg.evaluate.get("in_process", "auto")
+    setting = in_process_setting(cfg, "evaluate")
     if setting != "auto":
         return bool(setting)
     on_cpu = str(cfg.trainer.accelerator) == "cpu" and cfg.evaluate.device != "cuda"

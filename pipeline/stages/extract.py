@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from pipeline.errors import ConfigError, Interrupted, StageFailed
 from pipeline.runtime.cluster import offers_gpus, open_client, uses_ddp
-from pipeline.runtime.inprocess import in_this_process, wants_in_process
+from pipeline.runtime.inprocess import in_process_setting, in_this_process, wants_in_process
 from pipeline.runtime.job import GPU, TARGET_MODES, ShardJob, ShardResult, log_path, run_shard
 from pipeline.runtime.lock import POLICIES, run_lock
 from pipeline.runtime.progress import ShardProgress
@@ -126,8 +126,7 @@ def check_settings(cfg, upstream: tuple[str, ...] = ()) -> None:
         raise ConfigError(f"extract.resize must be auto, loader or device, got {cfg.extract.resize!r}")
     if cfg.extract.get("concurrent", "wait") not in POLICIES:
         raise ConfigError(f"extract.concurrent must be one of {POLICIES}, got {cfg.extract.concurrent!r}")
-    if cfg.extract.get("in_process", "auto") not in ("auto", True, False):
-        raise ConfigError(f"extract.in_process must be auto, true or false, got {cfg.extract.in_process!r}")
+    in_process_setting(cfg, "extract")
     threads = cfg.extract.torch_threads
     if threads != "auto" and (not str(threads).isdigit() or int(threads) < 1):
         raise ConfigError(f"extract.torch_threads must be 'auto' or >= 1, got {threads!r}")

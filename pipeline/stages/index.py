@@ -24,6 +24,7 @@ from pipeline.data.datasets.base import DatasetReader
 from pipeline.data.probing import DRIVER_MAX_VIDEOS, probe_all
 from pipeline.data.sampling import ClipSampler
 from pipeline.errors import ConfigError
+from pipeline.runtime.inprocess import in_process_setting
 from pipeline.store import INDEX_SCHEMA, failures_table, write_table_atomic
 
 log = logging.getLogger(__name__)
@@ -41,10 +42,7 @@ def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
 
 def driver_max(cfg) -> float:
     """How many videos left to probe the driver probes itself (``index.in_process``: auto, true or false)."""
-    setting = cfg.index.get("in_process", "auto")
-    if setting not in ("auto", True, False):
-        raise ConfigError(f"index.in_process must be auto, true or false, got {setting!r}")
-    return {"auto": DRIVER_MAX_VIDEOS, True: math.inf, False: 0}[setting]
+    return {"auto": DRIVER_MAX_VIDEOS, True: math.inf, False: 0}[in_process_setting(cfg, "index")]
 
 
 def run(cfg, run_dir: Path, client=None) -> pd.DataFrame:
