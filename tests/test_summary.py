@@ -28,7 +28,7 @@ def test_summary_shows_faithfulness_totals_and_failures_by_reason(tmp_path):
         tmp_path / "failures" / "part-00000.parquet",
     )
     console = Console(record=True, width=400)
-    summary.show(tmp_path, {"seconds": 2.0}, console=console)
+    summary.show(tmp_path, {}, 2.0, console=console)
     text = console.export_text()
     assert (
         "faithfulness of cam: deletion AUC 0.250 (random tube 0.500" in text

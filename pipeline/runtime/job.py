@@ -1,5 +1,5 @@
-"""The records that cross the runtime: a shard's job (what the driver sends a task) and its result, and the
-task itself as the driver names it (it imports torch and Lightning only where it runs)."""
+"""The records that cross the runtime: a shard's job (what the driver sends a task) and its result. A leaf: it
+imports nothing of the project."""
 
 from __future__ import annotations
 
@@ -40,29 +40,21 @@ class ShardJob:
     progress_topic: str | None = None
 
 
-def log_path(run_dir: Path, shard: int) -> Path:
-    """Where a shard's task logs every attempt."""
-    return Path(run_dir) / "logs" / f"shard-{shard:05d}.log"
-
-
-def run_shard(cfg_dict: dict, job: ShardJob) -> ShardResult:
-    """The extract task of one shard (:func:`pipeline.runtime.shard.run_shard`), imported where it runs: the
-    driver of a Dask run never imports Lightning (seconds of CPU, taken from the workers on a small machine)."""
-    from pipeline.runtime import shard
-
-    return shard.run_shard(cfg_dict, job)
+class StopShard(RuntimeError):
+    """Raised inside a shard's work to end the task at once, without retries (``extract.fail_fast``)."""
 
 
 @dataclass
 class ShardResult:
     """How a shard task ended. ``error`` is set when every attempt failed (its type in ``error_type``);
-    ``stop`` when the run must stop at once (``extract.fail_fast``)."""
+    ``stop`` when the run must stop at once (``extract.fail_fast``); ``bytes`` is the size of what it published."""
 
     shard: int
     rows: int = 0
     clips: int = 0
     failures: int = 0
     seconds: float = 0.0
+    bytes: int | None = None
     attempts: int = 1
     error: str | None = None
     error_type: str | None = None

@@ -25,6 +25,7 @@ from pipeline.data.probing import DRIVER_MAX_VIDEOS, probe_all
 from pipeline.data.sampling import ClipSampler
 from pipeline.errors import ConfigError
 from pipeline.runtime.inprocess import in_process_setting
+from pipeline.stages.result import StageResult
 from pipeline.store import INDEX_SCHEMA, failures_table, write_table_atomic
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ def driver_max(cfg) -> float:
     return {"auto": DRIVER_MAX_VIDEOS, True: math.inf, False: 0}[in_process_setting(cfg, "index")]
 
 
-def run(cfg, run_dir: Path, client=None) -> pd.DataFrame:
+def run(cfg, run_dir: Path, client=None) -> StageResult:
     reader: DatasetReader = instantiate(cfg.dataset)
     sampler: ClipSampler = instantiate(cfg.sampler)
     records, errors = reader.records()
@@ -78,4 +79,5 @@ def run(cfg, run_dir: Path, client=None) -> pd.DataFrame:
         len(failures),
         run_dir / "index.parquet",
     )
-    return frame
+    reasons = pd.Series([f["error_type"] for f in failures], dtype=object).value_counts().to_dict()
+    return StageResult("index", shards=int(frame["shard"].nunique()), clips=len(frame), failures=reasons)

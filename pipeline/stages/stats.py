@@ -37,6 +37,7 @@ from pipeline.errors import ConfigError, MissingInput, StageFailed
 from pipeline.explain.clipstats import peak_in_box
 from pipeline.explain.faithfulness import spearman
 from pipeline.explain.upsample import upsample
+from pipeline.stages.result import StageResult
 from pipeline.store import (
     ALL_LABEL,
     ALL_NAME,
@@ -339,12 +340,19 @@ def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
         raise ConfigError(f"stats.compare_runs names this run itself ({cfg.run_name!r})")
 
 
-def run(cfg, run_dir: Path, client=None) -> dict:
+def run(cfg, run_dir: Path, client=None) -> StageResult:
     """Aggregate the run's tubes into ``stats/``; an unreadable part is named with the command that repairs it."""
     files = require_tubes(run_dir)
     check_tubes_made_by(run_dir, cfg, "stats")
     with readable(files, REPAIR["tubes"]):
-        return _aggregate(cfg, run_dir, files)
+        overall = _aggregate(cfg, run_dir, files)
+    figures = {
+        f"{row['method']}/{name}": float(value)
+        for row in overall
+        for name, value in row.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
+    return StageResult("stats", clips=int(sum(row.get("clips", 0) for row in overall)), figures=figures)
 
 
 def _aggregate(cfg, run_dir: Path, files: list[Path]) -> dict:

@@ -8,10 +8,12 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.stages.result import StageResult
 from pipeline.store import read_failures
 
 
-def show(run_dir: Path, results: dict, console: Console | None = None) -> None:
+def show(run_dir: Path, results: dict[str, StageResult], seconds: float, console: Console | None = None) -> None:
+    """Print the summary of a command that ran ``results`` (each stage's) in ``seconds``."""
     console = console or Console()
     overall_path = run_dir / "stats" / "overall.parquet"
     table = Table(title=f"Saliency Tubes run: {run_dir}", show_header=True)
@@ -48,14 +50,15 @@ def show(run_dir: Path, results: dict, console: Console | None = None) -> None:
         )
     else:
         console.print("no failures")
-    extract = results.get("extract")
-    if extract and extract.get("failed_shards"):
-        console.print(
-            f"[red]{len(extract['failed_shards'])} shards failed[/] after their retries (rerun to try them again): {extract['failed_shards']}"
-        )
-    if "train" in results and results["train"].get("trained"):
-        console.print(f"demo model trained: test accuracy {_pct(results['train']['test'])}")
-    console.print(f"time: {results.get('seconds', 0.0):.1f} s")
+    for result in results.values():
+        if result.failed_shards:
+            console.print(
+                f"[red]{len(result.failed_shards)} {result.stage} shards failed[/] after their retries "
+                f"(rerun to try them again): {result.failed_shards}"
+            )
+    if "train" in results and results["train"].figures:
+        console.print(f"demo model trained: test accuracy {_pct(results['train'].figures['test_accuracy'])}")
+    console.print(f"time: {seconds:.1f} s")
     report = run_dir / "report" / "index.html"
     if report.is_file():
         console.print(f"report: [bold]{report}[/]")

@@ -26,16 +26,15 @@ _WHERE = {
             "failure_row",
             "failures_table",
             "file_metadata",
-            "part_name",
             "publish",
             "replace_folder",
             "shard_failure_rows",
-            "shard_parts",
             "temp_path",
             "write_table_atomic",
         ),
         "files",
     ),
+    **dict.fromkeys(("RunDir", "part_name"), "run_dir"),
     **dict.fromkeys(
         (
             "REPAIR",

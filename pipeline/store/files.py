@@ -81,15 +81,3 @@ def failure_row(clip_id: str, source: str | None, stage: str, error_type: str, m
 def shard_failure_rows(rows, stage: str, error_type: str, message: str) -> list[dict]:
     """One failure row per clip of ``rows`` (index rows) for a whole shard that failed."""
     return [failure_row(c, s, stage, error_type, message) for c, s in zip(rows["clip_id"], rows["source"])]
-
-
-def part_name(shard: int, rank: int | None = None) -> str:
-    """``part-NNNNN.parquet``, or ``part-NNNNN-rankR.parquet`` for one rank's share of a shard (Lightning DDP)."""
-    return f"part-{shard:05d}.parquet" if rank is None else f"part-{shard:05d}-rank{rank}.parquet"
-
-
-def shard_parts(folder: Path, shard: int) -> list[Path]:
-    """The part files of one shard in ``folder`` (one, or one per DDP rank)."""
-    return sorted(Path(folder).glob(f"part-{shard:05d}.parquet")) + sorted(
-        Path(folder).glob(f"part-{shard:05d}-rank*.parquet")
-    )

@@ -17,11 +17,9 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.store.files import atomic_write, file_metadata
+from pipeline.store.run_dir import RunDir
 
 log = logging.getLogger(__name__)
-
-#: the resolved configuration of the extract command that made a run's tubes, beside ``manifest.json``
-TUBES_CONFIG = "tubes_config.yaml"
 
 
 def digest(obj) -> str:
@@ -57,19 +55,19 @@ def fingerprint(cfg) -> str:
 
 def save_tubes_config(run_dir: Path, cfg) -> None:
     """Keep the extract command's resolved configuration with the ledger and the parts (atomically)."""
-    with atomic_write(Path(run_dir) / TUBES_CONFIG) as tmp:
+    with atomic_write(RunDir(run_dir).tubes_config) as tmp:
         tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def recorded_fingerprint(run_dir: Path) -> str | None:
     """The fingerprint the run's tubes were made with: the ledger's, else the first readable part's metadata."""
     try:
-        recorded = json.loads((Path(run_dir) / "manifest.json").read_text()).get("config_hash")
+        recorded = json.loads((RunDir(run_dir).ledger("extract") / "config.json").read_text()).get("config_hash")
         if recorded:
             return str(recorded)
     except (OSError, ValueError, AttributeError):
         pass
-    for part in sorted((Path(run_dir) / "tubes").glob("part-*.parquet")):
+    for part in sorted(RunDir(run_dir).tubes.glob("part-*.parquet")):
         try:
             return file_metadata(part).get("config_hash")
         except (OSError, ValueError):
@@ -103,7 +101,7 @@ def check_tubes_made_by(run_dir: Path, cfg, stage: str) -> None:
     recorded = recorded_fingerprint(run_dir)
     if recorded is None or recorded == fingerprint(cfg):
         return
-    path = Path(run_dir) / TUBES_CONFIG
+    path = RunDir(run_dir).tubes_config
     made = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else None
     changed = differences(made, cfg) if made is not None else []
     if made is not None and not changed:
@@ -115,5 +113,5 @@ def check_tubes_made_by(run_dir: Path, cfg, stage: str) -> None:
         Path(run_dir).name,
         "; ".join(changed) if changed else f"fingerprint {recorded} != {fingerprint(cfg)}",
         stage,
-        path if made is not None else Path(run_dir) / "manifest.json",
+        path if made is not None else RunDir(run_dir).ledger("extract") / "config.json",
     )
