@@ -331,7 +331,7 @@ def run(cfg, run_dir: Path, client=None) -> StageResult:
     boxes = read_boxes(path) if path else None
     settings = dict(evaluate=OmegaConf.to_container(ev, resolve=True), tubes=fingerprint(cfg))
     cfg_dict = OmegaConf.to_container(cfg, resolve=True)
-    shards = shards_of(rows, lambda part: digest([settings, part["clip_id"].tolist()]))
+    shards = shards_of(rows, lambda clip_ids, _: digest([settings, clip_ids]))
 
     def shard_boxes(part):
         return None if boxes is None else boxes[boxes["video_id"].isin(set(part["video_id"]))]
@@ -354,13 +354,13 @@ def run(cfg, run_dir: Path, client=None) -> StageResult:
         and offers_gpus(cfg.cluster)
     )
     work.resources = {GPU: 1} if gpu else None
-    left_clips = sum(len(s.rows) for s in p.todo.values())
+    left_clips = sum(s.clips for s in p.todo.values())
     with (
         p.ledger,
         _runner(cfg, client, threads) as runner,
         tqdm(total=len(rows), initial=len(rows) - left_clips, desc="evaluate", unit="clip") as bar,
     ):
-        failed = run_plan(work, run, p.todo, p.ledger, runner, lambda s, _: bar.update(len(p.todo[s].rows))).failed
+        failed = run_plan(work, run, p.todo, p.ledger, runner, lambda s, _: bar.update(p.todo[s].clips)).failed
     if not list(run.parts_folder("evaluate").glob("part-*.parquet")):
         raise StageFailed(f"{run_dir}: no clip could be evaluated; see {run.failures} and {run.logs}")
     table = aggregate(run)

@@ -44,7 +44,7 @@ from pipeline.runtime.progress import ShardProgress
 from pipeline.runtime.tasks import Task
 from pipeline.stages.result import StageResult
 from pipeline.store.files import file_metadata
-from pipeline.store.provenance import fingerprint, save_tubes_config, shard_digest
+from pipeline.store.provenance import fingerprint, rows_digest, save_tubes_config
 from pipeline.store.run_dir import RunDir
 from pipeline.store.schema import CODECS
 
@@ -192,7 +192,7 @@ def _run_locked(cfg, run: RunDir, share: Share | None, client) -> StageResult:
     work = shard_work(cfg, run, meta["classes"], config_hash, topic)
     rank = int(os.environ.get("LOCAL_RANK", 0)) if uses_ddp(cfg) else 0  # DDP: rank 0 records the shards
     writer = f"ddp-rank{rank}" if rank else None
-    p = plan(work, run, shards_of(index, shard_digest), share, config_hash, writer)  # refuses another config
+    p = plan(work, run, shards_of(index, rows_digest), share, config_hash, writer)  # refuses another config
     save_tubes_config(run.root, cfg)
     which = f" ({share.name} of the array)" if share else ""
     log.info("extract: %d shards%s, %d already done, %d to run", len(p.shards), which, p.skipped, len(p.todo))
@@ -226,7 +226,7 @@ def compute(client, cfg, run: RunDir, work: ShardWork, p: Plan, topic: str, made
 
         todo_rows = {s: shard.rows for s, shard in todo.items()}
         return {} if ddp.run_shards(cfg, run.root, todo_rows, *made_for, done) == 0 else None
-    clips_left = sum(len(shard.rows) for shard in todo.values())
+    clips_left = sum(shard.clips for shard in todo.values())
     if not todo or wants_in_process(cfg, clips_left):  # no cluster started
         if todo:
             log.info("extract: %d clips left, run in this process (extract.in_process)", clips_left)
@@ -238,14 +238,14 @@ def compute(client, cfg, run: RunDir, work: ShardWork, p: Plan, topic: str, made
 def follow_shards(client, run: RunDir, work: ShardWork, p: Plan, topic: str) -> dict[int, str]:
     """The plan's shards on ``client`` (None: one after another in this process), with one progress bar over
     every worker (the shards' batch events). Returns the failed shards' errors."""
-    total = sum(len(shard.rows) for shard in p.shards.values())
-    done_before = total - sum(len(shard.rows) for shard in p.todo.values())
+    total = sum(shard.clips for shard in p.shards.values())
+    done_before = total - sum(shard.clips for shard in p.todo.values())
     with tqdm(total=total, initial=done_before, desc="extract", unit="clip", smoothing=0.1) as bar:
         progress = ShardProgress(bar)
 
         def on_end(shard: int, result: ShardResult) -> None:
-            progress.add_failed(result.failures if result.error is None else len(p.todo[shard].rows))
-            progress.set(shard, len(p.todo[shard].rows), end=True)
+            progress.add_failed(result.failures if result.error is None else p.todo[shard].clips)
+            progress.set(shard, p.todo[shard].clips, end=True)
 
         if client is not None:
             client.subscribe_topic(topic, progress.on_event)
@@ -270,7 +270,7 @@ def summarise(run: RunDir, p: Plan, failed: dict[int, str]) -> StageResult:
         skipped=p.skipped,
         failed_shards=sorted(failed),
         rows=sum(entry.rows for entry in done.values()),
-        clips=sum(len(shard.rows) for shard in p.shards.values()),
+        clips=sum(shard.clips for shard in p.shards.values()),
         failures=reasons,
     )
     log.info(

@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import ConfigError
@@ -124,10 +124,12 @@ class Ledger:
                     f"{config_hash}); choose a new run_name or delete the run directory"
                 )
         self.entries, journals = read_entries(self.run, stage, set_aside=True)
-        mine = {e.shard: e for e in journals.get(writer, [])}
+        own = journals.get(writer, [])
+        mine = {e.shard: e for e in own}
         self.path = self.folder / f"{writer}.jsonl"
-        with atomic_write(self.path) as tmp:  # compacted: one line per shard this journal knows
-            tmp.write_text("".join(_line(e) for e in sorted(mine.values(), key=lambda e: e.shard)))
+        if len(mine) < len(own) or not self.path.is_file():  # compacted: one line per shard this journal knows
+            with atomic_write(self.path) as tmp:
+                tmp.write_text("".join(_line(e) for e in sorted(mine.values(), key=lambda e: e.shard)))
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
 
     def close(self) -> None:
@@ -175,7 +177,7 @@ class Ledger:
 
 
 def _line(entry: Entry) -> str:
-    return json.dumps({k: v for k, v in asdict(entry).items() if v not in (None, False, 0, 0.0) or k == "shard"}) + "\n"
+    return json.dumps({k: v for k, v in vars(entry).items() if v not in (None, False, 0, 0.0) or k == "shard"}) + "\n"
 
 
 def record_once(path: Path, value: dict) -> dict:

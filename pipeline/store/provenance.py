@@ -26,8 +26,13 @@ def digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def rows_digest(clip_ids: list[str], frame_indices: list[list[int]]) -> str:
+    """What identifies a shard's clips: their ids and source frames (stored in each part's metadata)."""
+    return digest([[c, [int(i) for i in f]] for c, f in zip(clip_ids, frame_indices)])
+
+
 def shard_digest(rows: pd.DataFrame) -> str:
-    return digest([[c, list(map(int, f))] for c, f in zip(rows["clip_id"], rows["frame_indices"])])
+    return rows_digest(rows["clip_id"].tolist(), list(rows["frame_indices"]))
 
 
 #: config sections that decide what a tube is; a run directory holds tubes of one such configuration

@@ -135,6 +135,12 @@ class RunDir:
         """The published part files of one shard (one, or one per DDP rank)."""
         return _shard_files(self.parts_folder(stage), shard)
 
+    def failure_shard(self, stage: str, name: str) -> int | None:
+        """The shard a file name of ``failures/`` is a failure part of, for ``stage``; None for other files."""
+        prefix = _SHARDED[stage][1]
+        match = re.fullmatch(rf"{prefix}-(\d{{5,}})(?:-rank\d+)?\.parquet", name)
+        return int(match.group(1)) if match and (prefix == "part" or "-rank" not in name) else None
+
     def shard_log(self, stage: str, shard: int) -> Path:
         return self.logs / f"{_SHARDED[stage][2]}-{shard:05d}.log"
 
