@@ -90,7 +90,7 @@ def probe(path: str | Path) -> VideoInfo:
                 raise VideoError(f"{path}: video stream has no frame rate or size")
             num_frames = stream.frames
             if num_frames <= 0:
-                num_frames = sum(1 for packet in container.demux(stream) if packet.size)
+                num_frames = _count_packets(path, container, stream, float(rate))
             if num_frames <= 0:
                 raise VideoError(f"{path}: video stream holds no frames")
             if stream.duration and stream.time_base:
@@ -109,6 +109,42 @@ def probe(path: str | Path) -> VideoInfo:
             )
     except av.FFmpegError as err:
         raise VideoError(f"{path}: cannot be opened as video ({err})") from err
+
+
+#: how far (seconds) the packets of a file without a frame count (Matroska, WebM) may end before the duration it
+#: declares: the video track's own ``DURATION`` tag, or the container's duration, which an audio track may extend
+_TRUNCATED_AFTER = {"track": 0.25, "container": 1.0}
+
+
+def _count_packets(path: Path, container, stream, fps: float) -> int:
+    """The frames of a stream whose container stores no count: its packets, demuxed (not decoded).
+
+    A Matroska file cut short (a download stopped midway) still opens and demuxes up to the cut; it is told by
+    its packets ending before the duration written in its header. Raises :class:`VideoError` then.
+    """
+    stamps = [packet.pts for packet in container.demux(stream) if packet.size]
+    known = [pts for pts in stamps if pts is not None]
+    declared = _declared_duration(container, stream)
+    if known and declared is not None and stream.time_base:
+        seen = float((max(known) - min(known)) * stream.time_base) + 1 / fps
+        if declared[0] - seen > _TRUNCATED_AFTER[declared[1]]:
+            raise VideoError(
+                f"{path}: truncated: its {len(stamps)} frames end at {seen:.2f} s of the {declared[0]:.2f} s "
+                f"its {'video track' if declared[1] == 'track' else 'container'} declares"
+            )
+    return len(stamps)
+
+
+def _declared_duration(container, stream) -> tuple[float, str] | None:
+    """``(seconds, "track" | "container")``: the stream's ``DURATION`` tag (``00:00:03.000000000``, written by
+    FFmpeg's Matroska muxer), else the container's duration; ``None`` when neither is known."""
+    tag = (stream.metadata or {}).get("DURATION", "")
+    match = re.fullmatch(r"(\d+):(\d{2}):(\d{2}(?:\.\d+)?)", tag.strip())
+    if match:
+        return int(match[1]) * 3600 + int(match[2]) * 60 + float(match[3]), "track"
+    if container.duration:
+        return container.duration / av.time_base, "container"
+    return None
 
 
 def _probe_folder(folder: Path) -> VideoInfo:
@@ -201,7 +237,11 @@ def _frame_grid(container, stream) -> tuple[float, float, float] | None:
     timestamps can start it above the stream's ``start_time``).
     """
     rate = stream.average_rate
-    if not rate or not stream.time_base or not stream.frames or not stream.duration:
+    if not rate or not stream.time_base:
+        return None
+    if not stream.frames:  # Matroska / WebM (SSv2, Kinetics): no frame count stored; every packet is checked
+        return _grid_from_packets(container, stream, float(rate))
+    if not stream.duration:
         return None
     if round(float(stream.duration * stream.time_base * rate)) != stream.frames:
         return None
@@ -216,6 +256,26 @@ def _frame_grid(container, stream) -> tuple[float, float, float] | None:
     if not first_pts:
         return None
     return float(stream.time_base), float(min(first_pts) * stream.time_base), float(rate)
+
+
+def _grid_from_packets(container, stream, fps: float) -> tuple[float, float, float] | None:
+    """``(time_base, first_pts_seconds, fps)`` when the timestamps of all packets, sorted, are the frames
+    ``0, 1, ..., N-1`` of a constant-rate grid (within 5% of a frame: WebM stores milliseconds), else ``None``.
+
+    Demuxing reads the packets without decoding them (a 10 s clip: about a millisecond). A gap (a variable
+    frame rate) or a packet that is no picture of its own (a VP8 alt-ref frame outside a superframe) breaks
+    the sequence, and the caller counts frames from the start instead.
+    """
+    stamps = [packet.pts for packet in container.demux(stream) if packet.size]
+    if not stamps or None in stamps:
+        return None
+    stamps.sort()
+    time_base = float(stream.time_base)
+    first = stamps[0] * time_base
+    for index, pts in enumerate(stamps):
+        if abs((pts * time_base - first) * fps - index) > 0.05:
+            return None
+    return time_base, first, fps
 
 
 def _decode_by_timestamp(container, needed: list[int]) -> dict[int, np.ndarray] | None:
