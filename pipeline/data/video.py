@@ -80,6 +80,7 @@ def probe(path: str | Path) -> VideoInfo:
         raise VideoError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise VideoError(f"{path}: file is empty (0 bytes)")
+    _check_riff_size(path)
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -109,6 +110,17 @@ def probe(path: str | Path) -> VideoInfo:
             )
     except av.FFmpegError as err:
         raise VideoError(f"{path}: cannot be opened as video ({err})") from err
+
+
+def _check_riff_size(path: Path) -> None:
+    """An AVI file states its length in its first bytes (``RIFF <size> AVI ``); a shorter file was cut short and
+    would probe as whole (the frame count is in the header) but fail to decode: :class:`VideoError`."""
+    with open(path, "rb") as handle:
+        head = handle.read(12)
+    if len(head) == 12 and head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+        declared, actual = int.from_bytes(head[4:8], "little") + 8, path.stat().st_size
+        if actual < declared:
+            raise VideoError(f"{path}: truncated: {actual} bytes of the {declared} its AVI header declares")
 
 
 #: how far (seconds) the packets of a file without a frame count (Matroska, WebM) may end before the duration it

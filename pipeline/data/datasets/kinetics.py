@@ -98,12 +98,12 @@ class Kinetics(DatasetReader):
         name = clip_name(youtube_id, start, end)
         source = self._find(name, label_name)
         if source is None:
-            folders = " or ".join(f"{f}/" for f in dict.fromkeys(_label_folders(label_name)))
+            folders = " or ".join(f"{f}/" for f in _label_folders(label_name))
             raise RowError(
                 where,
                 "MissingVideo",
                 f"{youtube_id}: no video {name}.{{mp4,mkv,webm}} in {self.root}"
-                + (f" or {folders}" if folders else ""),
+                + (f" nor in its sub-folder {folders}" if folders else ""),
                 youtube_id,
             )
         return VideoRecord(
