@@ -137,7 +137,7 @@ def make_ssv2(base: Path, frames: int = 24) -> Layout:
         ("103", "Pushing [something] from left to right", ["a pen"]),
         ("104", "Putting [something] on a surface", ["a phone"]),
     ]
-    layout = Layout(overrides=[], root=root)
+    layout = Layout(overrides=[], root=root, annotations=annotations)
     for k, (video_id, template, _) in enumerate(good):
         write_webm(root / f"{video_id}.webm", barcode_frames(frames + 6 * k, seed=10 + k), 12)
         layout.good[video_id] = template.replace("[", "").replace("]", "")
@@ -184,7 +184,7 @@ def make_hmdb51(base: Path, frames: int = 24) -> Layout:
         "cartwheel": ["(Rad)Schlagen_cartwheel_f_cm_np1_le_med_0.avi"],
         "chew": ["Chewing Gum_chew_h_nm_np1_fr_med_2.avi"],
     }
-    layout = Layout(overrides=[], root=root)
+    layout = Layout(overrides=[], root=root, annotations=splits)
     for k, (name, files) in enumerate((c, f) for c, f in good.items()):
         for j, file in enumerate(files):
             write_avi(root / name / file, barcode_frames(frames + 5 * j, seed=20 + k), 30.0, audio=False)
