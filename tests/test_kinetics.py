@@ -124,6 +124,11 @@ def test_stage_all_with_a_kinetics400_model(tmp_path, kinetics):
     assert overall["accuracy"].notna().all() and overall["accuracy"].iloc[0] == pytest.approx(expected)
 
 
-def test_paths_with_spaces_need_quotes_in_a_hydra_override(tmp_path, kinetics):
+def test_a_non_ascii_path_is_quoted_in_a_hydra_override(tmp_path, kinetics):
+    """What docs/datasets.md tells: Hydra's parser refuses a bare non-ASCII value and reads a quoted one."""
+    from hydra.errors import OverrideParseException
+
+    with pytest.raises(OverrideParseException):
+        make_cfg(tmp_path, [f"dataset.root={kinetics.root}", "dataset=kinetics"])
     cfg = make_cfg(tmp_path, [f"dataset.root={quoted(kinetics.root)}", "dataset=kinetics", "dataset.csv=x"])
-    assert cfg.dataset.root == str(kinetics.root)
+    assert cfg.dataset.root == str(kinetics.root) and "é" in cfg.dataset.root
