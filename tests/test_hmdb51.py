@@ -57,6 +57,8 @@ def test_bad_settings(tmp_path, hmdb):
         HMDB51(str(hmdb.root), split="val", splits_dir=str(hmdb.annotations))
     with pytest.raises(DatasetError, match=r"no <class>_test_split3.txt files"):
         HMDB51(str(hmdb.root), split_id=3, splits_dir=str(hmdb.annotations))
+    with pytest.raises(DatasetError, match="video folder not found"):
+        HMDB51(str(tmp_path / "nowhere"), splits_dir=str(hmdb.annotations))
     with pytest.raises(DatasetError, match="folder of the split files not found"):
         HMDB51(str(hmdb.root), splits_dir=str(tmp_path / "nowhere"))
 

@@ -67,6 +67,8 @@ def test_train_and_test_splits(ssv2):
 def test_annotation_files_that_cannot_be_read(tmp_path, ssv2):
     with pytest.raises(DatasetError, match="dataset.split must be one of"):
         SomethingSomethingV2(str(ssv2.root), str(ssv2.annotations), split="val")
+    with pytest.raises(DatasetError, match="video folder not found"):
+        SomethingSomethingV2(str(tmp_path / "nowhere"), str(ssv2.annotations))
     with pytest.raises(DatasetError, match="labels.json: file not found"):
         SomethingSomethingV2(str(ssv2.root), str(tmp_path))
     (tmp_path / "labels.json").write_text(json.dumps({"a": "0", "b": "2"}))

@@ -36,6 +36,8 @@ class HMDB51(DatasetReader):
         if str(split_id) not in ("1", "2", "3"):
             raise DatasetError(f"dataset.split_id must be 1, 2 or 3, got {split_id!r}")
         self.root, self.split, self.split_id = Path(root), split, int(split_id)
+        if not self.root.is_dir():
+            raise DatasetError(f"{self.root}: video folder not found (dataset.root)")
         self.splits_dir = Path(splits_dir) if splits_dir else self.root
         if not self.splits_dir.is_dir():
             raise DatasetError(f"{self.splits_dir}: folder of the split files not found (dataset.splits_dir)")

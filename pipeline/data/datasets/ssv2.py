@@ -58,6 +58,8 @@ class SomethingSomethingV2(DatasetReader):
         if split not in SPLITS:
             raise DatasetError(f"dataset.split must be one of {list(SPLITS)}, got {split!r}")
         self.root, self.annotations, self.split, self.suffix = Path(root), Path(annotations_dir), split, str(suffix)
+        if not self.root.is_dir():
+            raise DatasetError(f"{self.root}: video folder not found (dataset.root)")
         self.classes = self._read_classes()
         self._lookup = {name: i for i, name in enumerate(self.classes)}
 
