@@ -52,7 +52,7 @@ def test_a_folder_without_videos(tmp_path):
         VideoFolder(str(tmp_path / "nowhere"))
 
 
-@pytest.mark.slow  # the whole pipeline (8-15 s on two busy cores)
+@pytest.mark.slow  # the whole pipeline: 3 s on two idle cores, 8-15 s on busy ones
 def test_stage_all_on_class_folders(tmp_path, folders):
     demo = ["model.net.num_classes=2", "model.checkpoint=null", "model.classes=dataset", "target.mode=label"]
     small = ["model.input.size=[64,64]", "model.input.short_side=64", "cluster.n_workers=1", "extract.batch_size=2"]

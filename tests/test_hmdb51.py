@@ -63,7 +63,7 @@ def test_bad_settings(tmp_path, hmdb):
         HMDB51(str(hmdb.root), splits_dir=str(tmp_path / "nowhere"))
 
 
-@pytest.mark.slow  # the whole pipeline (8-15 s on two busy cores)
+@pytest.mark.slow  # the whole pipeline: 3 s on two idle cores, 8-15 s on busy ones
 def test_stage_all_on_hmdb51(tmp_path, hmdb):
     """A 3-class demo network with random weights, trained (as it were) on HMDB-51's classes."""
     demo = ["model.net.num_classes=3", "model.checkpoint=null", "model.classes=dataset"]

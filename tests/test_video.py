@@ -345,6 +345,24 @@ def test_webm_vp9_stores_no_frame_count_and_millisecond_timestamps(long_videos):
     assert stamps[7] == round(7 * 1001 / 30)  # 233.57 ms stored as 234
 
 
+def test_webm_with_a_timestamp_gap_seeks_only_before_it(tmp_path):
+    """A VP9 WebM whose timestamps skip one grid step after frame 99: a clip before the gap is found by seeking
+    (the packets are checked only up to it), a clip after it by counting from the start; both exact."""
+    from pipeline.data.video import _decode_by_timestamp
+
+    path = tmp_path / "gap.webm"
+    write_video(path, moving_frames(150), 30, codec="libvpx-vp9", skipped_pts={100}, g="24", deadline="realtime")
+    reference = decode_all(path)
+    assert len(reference) == 150
+    with av.open(str(path)) as container:
+        assert _decode_by_timestamp(container, [30, 40]) is not None
+    with av.open(str(path)) as container:
+        assert _decode_by_timestamp(container, [120, 121]) is None  # frame 120 is at the grid's step 121
+    for indices in ([30, 40], [120, 121], [99, 100, 101]):
+        got = read_frames(path, indices)
+        assert all(np.array_equal(row, reference[i]) for row, i in zip(got, indices)), indices
+
+
 @pytest.mark.parametrize("kind", SEEKABLE)
 def test_seeking_returns_the_pixels_of_a_full_decode(long_videos, kind):
     from pipeline.data.video import _decode_by_timestamp

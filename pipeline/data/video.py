@@ -241,7 +241,7 @@ def _video_stream(container):
     return stream
 
 
-def _frame_grid(container, stream) -> tuple[float, float, float] | None:
+def _frame_grid(container, stream, last: int) -> tuple[float, float, float] | None:
     """``(time_base, first_pts_seconds, fps)`` when the stream's timestamps can index frames, else ``None``.
 
     The rate must be constant: the container's frame count must equal its duration times the rate. The first
@@ -252,7 +252,7 @@ def _frame_grid(container, stream) -> tuple[float, float, float] | None:
     if not rate or not stream.time_base:
         return None
     if not stream.frames:  # Matroska / WebM (SSv2, Kinetics): no frame count stored; every packet is checked
-        return _grid_from_packets(container, stream, float(rate))
+        return _grid_from_packets(container, stream, float(rate), last)
     if not stream.duration:
         return None
     if round(float(stream.duration * stream.time_base * rate)) != stream.frames:
@@ -270,21 +270,30 @@ def _frame_grid(container, stream) -> tuple[float, float, float] | None:
     return float(stream.time_base), float(min(first_pts) * stream.time_base), float(rate)
 
 
-def _grid_from_packets(container, stream, fps: float) -> tuple[float, float, float] | None:
-    """``(time_base, first_pts_seconds, fps)`` when the timestamps of all packets, sorted, are the frames
-    ``0, 1, ..., N-1`` of a constant-rate grid (within 5% of a frame: WebM stores milliseconds), else ``None``.
+def _grid_from_packets(container, stream, fps: float, last: int) -> tuple[float, float, float] | None:
+    """``(time_base, first_pts_seconds, fps)`` when the timestamps of the packets up to frame ``last``, sorted,
+    are the frames ``0, 1, ..., last`` of a constant-rate grid (within 5% of a frame: WebM stores milliseconds),
+    else ``None``.
 
-    Demuxing reads the packets without decoding them (a 10 s clip: about a millisecond). A gap (a variable
-    frame rate) or a packet that is no picture of its own (a VP8 alt-ref frame outside a superframe) breaks
-    the sequence, and the caller counts frames from the start instead.
+    Demuxing reads the packets without decoding them (the first 10 s of a video: about a millisecond), up to
+    ``last`` plus the decoder's reordering window, so a clip early in a long file does not read all of it. A gap
+    (a variable frame rate) or a packet that is no picture of its own (a VP8 alt-ref frame outside a
+    superframe) breaks the sequence, and the caller counts frames from the start instead.
     """
-    stamps = [packet.pts for packet in container.demux(stream) if packet.size]
-    if not stamps or None in stamps:
-        return None
+    stamps = []
+    for packet in container.demux(stream):
+        if packet.size:
+            if packet.pts is None:
+                return None
+            stamps.append(packet.pts)
+            if len(stamps) > last + _REORDER_PACKETS:
+                break
+    if len(stamps) <= last:
+        return None  # fewer frames than wanted: counting reports how many there are
     stamps.sort()
     time_base = float(stream.time_base)
     first = stamps[0] * time_base
-    for index, pts in enumerate(stamps):
+    for index, pts in enumerate(stamps[: last + 1]):
         if abs((pts * time_base - first) * fps - index) > 0.05:
             return None
     return time_base, first, fps
@@ -297,7 +306,7 @@ def _decode_by_timestamp(container, needed: list[int]) -> dict[int, np.ndarray] 
     retried from further back.
     """
     stream = _video_stream(container)
-    grid = _frame_grid(container, stream)
+    grid = _frame_grid(container, stream, needed[-1])
     if grid is None:
         return None
     time_base, start, fps = grid
