@@ -50,7 +50,6 @@ def run(cfg, run_dir: Path, client=None) -> StageResult:
     reader: DatasetReader = instantiate(cfg.dataset)
     sampler: ClipSampler = instantiate(cfg.sampler)
     records, errors = reader.records()
-    log.info("dataset: %d videos or segments, %d unusable entries", len(records), len(errors))
     cache = Path(cfg.index.probe_cache) if cfg.index.get("probe_cache") else None
     probes = probe_all(
         [r.source for r in records],
@@ -59,9 +58,19 @@ def run(cfg, run_dir: Path, client=None) -> StageResult:
         batch_size=int(cfg.index.get("probe_batch", 32)),
         driver_max=driver_max(cfg),
     )
+    readable = sum(not isinstance(probes[r.source], Exception) for r in records)
+    log.info(
+        "dataset: %d of %d %s have a readable video (%d without one, %d unusable)",
+        readable,
+        len(records) + len(errors),
+        reader.entries,
+        len(records) - readable,
+        len(errors),
+    )
     frame, failures = build_clips(records, probes, sampler)
     failures = [
-        dict(clip_id=e.where, source=e.where, stage="index", error_type=e.error_type, message=e.message) for e in errors
+        dict(clip_id=e.entry_id or e.where, source=e.where, stage="index", error_type=e.error_type, message=e.message)
+        for e in errors
     ] + failures
     frame["shard"] = assign_shards(len(frame), int(cfg.index.clips_per_shard))
     meta = dict(classes=list(reader.classes), boxes=str(reader.boxes_path) if reader.boxes_path else None)
