@@ -88,7 +88,7 @@ R3D_SMALL = [
 
 def printed_summary(run_dir) -> str:
     out = io.StringIO()
-    summary.show(run_dir, {}, Console(file=out, width=200))
+    summary.show(run_dir, {}, 0.0, Console(file=out, width=200))
     return out.getvalue()
 
 
