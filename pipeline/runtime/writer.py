@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -17,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pytorch_lightning.callbacks import BasePredictionWriter
 
-from pipeline.runtime.job import ShardJob, StopShard
+from pipeline.runtime.job import Prediction, ShardJob, StopShard
 from pipeline.store import (
     COMPRESSION,
     TUBE_SCHEMA,
@@ -46,10 +45,6 @@ _INDEX_COLUMNS = [
     "shard",
     "model_label",  # the label as a class of the model (added by the shard task)
 ]
-
-
-if TYPE_CHECKING:  # the writer never imports the Lightning module
-    from pipeline.runtime.module import Prediction
 
 
 class TubeWriter(BasePredictionWriter):

@@ -27,6 +27,7 @@ from pipeline.errors import ConfigError
 from pipeline.runtime.inprocess import in_process_setting
 from pipeline.stages.result import StageResult
 from pipeline.store import INDEX_SCHEMA, failures_table, write_table_atomic
+from pipeline.store.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,9 @@ def run(cfg, run_dir: Path, client=None) -> StageResult:
     frame["shard"] = assign_shards(len(frame), int(cfg.index.clips_per_shard))
     meta = dict(classes=list(reader.classes), boxes=str(reader.boxes_path) if reader.boxes_path else None)
     table = pa.Table.from_pandas(frame, schema=INDEX_SCHEMA, preserve_index=False)
-    write_table_atomic(table, run_dir / "index.parquet", {"saliency_tubes": json.dumps(meta)})
-    failure_file = run_dir / "failures" / "index.parquet"
+    run = RunDir(run_dir)
+    write_table_atomic(table, run.index, {"saliency_tubes": json.dumps(meta)})
+    failure_file = run.index_failures
     if failures:
         write_table_atomic(failures_table(failures), failure_file)
     else:
@@ -86,7 +88,7 @@ def run(cfg, run_dir: Path, client=None) -> StageResult:
         len(frame),
         frame["shard"].nunique(),
         len(failures),
-        run_dir / "index.parquet",
+        run.index,
     )
     reasons = pd.Series([f["error_type"] for f in failures], dtype=object).value_counts().to_dict()
     return StageResult("index", shards=int(frame["shard"].nunique()), clips=len(frame), failures=reasons)

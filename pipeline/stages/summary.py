@@ -10,12 +10,14 @@ from rich.table import Table
 
 from pipeline.stages.result import StageResult
 from pipeline.store import read_failures
+from pipeline.store.run_dir import RunDir
 
 
 def show(run_dir: Path, results: dict[str, StageResult], seconds: float, console: Console | None = None) -> None:
     """Print the summary of a command that ran ``results`` (each stage's) in ``seconds``."""
     console = console or Console()
-    overall_path = run_dir / "stats" / "overall.parquet"
+    run = RunDir(run_dir)
+    overall_path = run.table("overall")
     table = Table(title=f"Saliency Tubes run: {run_dir}", show_header=True)
     for column in ("method", "clips", "accuracy", "mean confidence", "top-10% mass", "pointing game", "chance"):
         table.add_column(column, justify="right" if column != "method" else "left")
@@ -33,7 +35,7 @@ def show(run_dir: Path, results: dict[str, StageResult], seconds: float, console
                 _pct(chance),
             )
     console.print(table)
-    faith_path = run_dir / "stats" / "faithfulness.parquet"
+    faith_path = run.table("faithfulness")
     if faith_path.is_file():  # written by stage=evaluate; the totals rows are label -1
         for row in pd.read_parquet(faith_path).query("label == -1").itertuples():
             console.print(
@@ -45,7 +47,7 @@ def show(run_dir: Path, results: dict[str, StageResult], seconds: float, console
     if len(failures):
         counts = failures.groupby(["stage", "error_type"]).size()
         console.print(
-            f"[yellow]{len(failures)} failures[/] (see {run_dir / 'failures'}): "
+            f"[yellow]{len(failures)} failures[/] (see {run.failures}): "
             + ", ".join(f"{s}/{e}: {n}" for (s, e), n in counts.items())
         )
     else:
@@ -59,7 +61,7 @@ def show(run_dir: Path, results: dict[str, StageResult], seconds: float, console
     if "train" in results and results["train"].figures:
         console.print(f"demo model trained: test accuracy {_pct(results['train'].figures['test_accuracy'])}")
     console.print(f"time: {seconds:.1f} s")
-    report = run_dir / "report" / "index.html"
+    report = run.report_page
     if report.is_file():
         console.print(f"report: [bold]{report}[/]")
 
