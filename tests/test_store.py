@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -10,6 +12,7 @@ from pipeline.errors import ConfigError, MissingInput
 from pipeline.store import (
     FAILURE_SCHEMA,
     TUBE_SCHEMA,
+    Failure,
     decode_volume,
     dequantise,
     encode_volume,
@@ -146,10 +149,11 @@ def test_read_failures_empty(tmp_path):
 
 
 def test_read_failures_concatenates_files(tmp_path):
-    row = dict(clip_id="c1", source="/x.mp4", stage="index", error_type="VideoError", message="/x.mp4: bad")
+    row = Failure(clip_id="c1", source="/x.mp4", stage="index", error_type="VideoError", message="/x.mp4: bad")
     write_table_atomic(failures_table([row]), tmp_path / "failures" / "index.parquet")
     write_table_atomic(
-        failures_table([{**row, "clip_id": "c2", "stage": "extract"}]), tmp_path / "failures" / "extract-00000.parquet"
+        failures_table([dataclasses.replace(row, clip_id="c2", stage="extract")]),
+        tmp_path / "failures" / "extract-00000.parquet",
     )
     frame = read_failures(tmp_path)
     assert list(frame.columns) == FAILURE_SCHEMA.names

@@ -76,7 +76,7 @@ def test_progress_counts_clips_and_fail_fast_stops_at_a_bad_clip(tmp_path):
     job = ShardJob(tmp_path, 4, rows, ["A", "B", "C", "D"], "x")
     writer = TubeWriter(job, rows, "cam", module.explainer.layer_name, progress=seen.append)
     writer.write_on_batch_end(None, module, prediction, None, batch, 0)
-    assert seen == [3] and writer.rows_written == 2 and [f["clip_id"] for f in writer.failures] == ["b:0"]
+    assert seen == [3] and writer.rows_written == 2 and [f.clip_id for f in writer.failures] == ["b:0"]
     assert not (tmp_path / "tubes" / "part-00004.parquet").exists()  # nothing published before the shard ends
     writer.on_predict_end(None, module)
     assert pq.read_table(tmp_path / "tubes" / "part-00004.parquet").num_rows == 2

@@ -26,6 +26,7 @@ from pipeline.stages import report, stats
 from pipeline.store import (
     INDEX_SCHEMA,
     TUBE_SCHEMA,
+    Failure,
     encode_layer_volumes,
     encode_volume,
     failures_table,
@@ -158,7 +159,7 @@ def write_synthetic_run(
             run_dir / "tubes" / part_name(int(shard)),
         )
     failed = [
-        dict(
+        Failure(
             clip_id=f"lost{i:05d}",
             source=f"missing{i}.mp4",
             stage="index",

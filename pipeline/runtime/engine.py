@@ -30,7 +30,7 @@ import pandas as pd
 from pipeline.errors import ConfigError, StageFailed
 from pipeline.runtime.job import ShardResult, StopShard
 from pipeline.runtime.tasks import follow
-from pipeline.store.files import failure_row, failures_table, write_table_atomic
+from pipeline.store.files import failures_table, shard_failure_rows, write_table_atomic
 from pipeline.store.ledger import ALL, Ledger, record_once
 from pipeline.store.run_dir import RunDir, shard_of
 
@@ -395,8 +395,7 @@ def run_plan(
         else:
             outcome.failed[number] = result.error
             message = f"shard {number} failed after {result.attempts} attempt(s): {result.error}"
-            rows = shard.rows
-            failures = [failure_row(c, s, work.stage, result.error_type or "Error", message) for c, s in zip(rows["clip_id"], rows["source"])]  # fmt: skip
+            failures = shard_failure_rows(shard.rows, work.stage, result.error_type or "Error", message)
             write_table_atomic(failures_table(failures), run.failure_part(work.stage, number))
             ledger.fail(number, shard.digest, result.error)
             log.error("%s %s (%s)", work.stage, message, run.shard_log(work.stage, number))

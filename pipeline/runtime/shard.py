@@ -34,7 +34,7 @@ from pipeline.runtime.memory import undo_malloc_trim
 from pipeline.runtime.module import TubeModule
 from pipeline.runtime.progress import reporter
 from pipeline.runtime.writer import TubeWriter
-from pipeline.store import failure_row
+from pipeline.store import Failure
 from pipeline.store.run_dir import RunDir
 
 
@@ -85,14 +85,14 @@ def shard_job(cfg, job: ShardJob, *, progress=None, log=None) -> tuple[TubeModul
         unlabeled = rows["model_label"].isna()
         if job.rank in (None, 0):
             failures = [
-                failure_row(r.clip_id, r.source, "extract", "MissingLabel", f"{r.clip_id}: target.mode=label but the clip has no label")
+                Failure(r.clip_id, r.source, "extract", "MissingLabel", f"{r.clip_id}: target.mode=label but the clip has no label")
                 if pd.isna(r.label) else
-                failure_row(r.clip_id, r.source, "extract", "UnmappedLabel", f"{r.clip_id}: target.mode=label but its label {r.label_name!r} is no class of the model (model.class_map)")
+                Failure(r.clip_id, r.source, "extract", "UnmappedLabel", f"{r.clip_id}: target.mode=label but its label {r.label_name!r} is no class of the model (model.class_map)")
                 for r in rows[unlabeled].itertuples()
             ]  # fmt: skip
         if failures and cfg.extract.fail_fast:
             first = failures[0]
-            raise StopShard(f"clip {first['clip_id']} failed ({first['error_type']}): {first['message']}")
+            raise StopShard(f"clip {first.clip_id} failed ({first.error_type}): {first.message}")
         rows = rows[~unlabeled].reset_index(drop=True)
     labels = torch.tensor(rows["model_label"].fillna(-1).astype(int).to_numpy())
     module = TubeModule(

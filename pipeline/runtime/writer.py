@@ -20,9 +20,9 @@ from pipeline.runtime.job import Prediction, ShardJob, StopShard
 from pipeline.store import (
     COMPRESSION,
     TUBE_SCHEMA,
+    Failure,
     encode_layer_volumes,
     encode_volume,
-    failure_row,
     failures_table,
     publish,
     temp_path,
@@ -107,7 +107,7 @@ class TubeWriter(BasePredictionWriter):
             self.shard_log.warning("clip %s failed: %s: %s", row.clip_id, error_type, message)
             if self.fail_fast:
                 raise StopShard(f"clip {row.clip_id} failed ({error_type}): {message}")
-            self.failures.append(failure_row(row.clip_id, row.source, "extract", error_type, message))
+            self.failures.append(Failure(row.clip_id, row.source, "extract", error_type, message))
         clips = len(prediction.failures)
         if prediction.tubes is not None:
             table = self.to_table(prediction)

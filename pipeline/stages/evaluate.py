@@ -44,9 +44,9 @@ from pipeline.store import (
     ALL_NAME,
     UNLABELLED,
     UNLABELLED_NAME,
+    Failure,
     boxes_path,
     decode_column,
-    failure_row,
     failures_table,
     file_metadata,
     read_boxes,
@@ -252,9 +252,7 @@ def evaluate_shard(
     with torch.inference_mode():
         for batch in loader:
             for position, error_type, message in batch["failures"]:
-                failures.append(
-                    failure_row(rows.clip_id[position], rows.source[position], "evaluate", error_type, message)
-                )
+                failures.append(Failure(rows.clip_id[position], rows.source[position], "evaluate", error_type, message))
             if batch["video"] is None:
                 continue
             pos = batch["positions"].numpy()

@@ -26,7 +26,7 @@ from pipeline.data.sampling import ClipSampler
 from pipeline.errors import ConfigError
 from pipeline.runtime.inprocess import in_process_setting
 from pipeline.stages.result import StageResult
-from pipeline.store import INDEX_SCHEMA, failures_table, write_table_atomic
+from pipeline.store import INDEX_SCHEMA, Failure, failures_table, write_table_atomic
 from pipeline.store.run_dir import RunDir
 
 log = logging.getLogger(__name__)
@@ -69,10 +69,7 @@ def run(cfg, run_dir: Path, client=None) -> StageResult:
         len(errors),
     )
     frame, failures = build_clips(records, probes, sampler)
-    failures = [
-        dict(clip_id=e.entry_id or e.where, source=e.where, stage="index", error_type=e.error_type, message=e.message)
-        for e in errors
-    ] + failures
+    failures = [Failure(e.entry_id or e.where, e.where, "index", e.error_type, e.message) for e in errors] + failures
     frame["shard"] = assign_shards(len(frame), int(cfg.index.clips_per_shard))
     meta = dict(classes=list(reader.classes), boxes=str(reader.boxes_path) if reader.boxes_path else None)
     table = pa.Table.from_pandas(frame, schema=INDEX_SCHEMA, preserve_index=False)
@@ -90,5 +87,5 @@ def run(cfg, run_dir: Path, client=None) -> StageResult:
         len(failures),
         run.index,
     )
-    reasons = pd.Series([f["error_type"] for f in failures], dtype=object).value_counts().to_dict()
+    reasons = pd.Series([f.error_type for f in failures], dtype=object).value_counts().to_dict()
     return StageResult("index", shards=int(frame["shard"].nunique()), clips=len(frame), failures=reasons)

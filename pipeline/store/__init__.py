@@ -23,7 +23,7 @@ _WHERE = {
     **dict.fromkeys(
         (
             "atomic_write",
-            "failure_row",
+            "Failure",
             "failures_table",
             "file_metadata",
             "publish",
