@@ -22,8 +22,9 @@ from pipeline.data.video import ResizeCrop
 from pipeline.errors import ConfigError, StageFailed
 from pipeline.models import DemoNet3D
 from pipeline.runtime import cluster, local
-from pipeline.runtime.builders import loader_workers, make_trainer, prefetch_factor, resize_on_device, torch_threads
+from pipeline.runtime.builders import make_trainer
 from pipeline.runtime.progress import ShardProgress
+from pipeline.runtime.resolve import loader_workers, prefetch_factor, resize_on_device, torch_threads
 from pipeline.stages import extract
 from pipeline.store import read_failures, read_index, read_tubes
 from pipeline.store.ledger import read_ledger

@@ -117,3 +117,27 @@ def test_evaluate_retries_a_failing_shard_and_resumes(synthetic_root, random_che
     again = run(make_cfg(tmp_path, [*trapped, "stage=evaluate"]))
     assert again["evaluate"].skipped == again["evaluate"].shards == len(mtimes)
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+
+
+def test_auto_settings_are_resolved_once_for_the_tasks(tmp_path):
+    """A task is sent numbers, not ``auto``, and no cluster section (it never reads the cluster's config)."""
+    from pipeline.runtime.resolve import task_config
+
+    sent = task_config(make_cfg(tmp_path, ["cluster.n_workers=2", "extract.torch_threads=auto"]))
+    assert "cluster" not in sent
+    assert sent["extract"]["torch_threads"] == max(1, len(os.sched_getaffinity(0)) // 2)
+    assert sent["extract"]["num_workers"] == 0 and sent["extract"]["resize"] == "loader"
+    gpu = task_config(
+        make_cfg(
+            tmp_path,
+            [
+                "cluster=slurm",
+                "cluster.gpus_per_job=4",
+                "cluster.cores=16",
+                "trainer.accelerator=gpu",
+                "extract.torch_threads=auto",
+            ],
+        )
+    )
+    assert gpu["extract"]["torch_threads"] == 4 and gpu["extract"]["num_workers"] == 3
+    assert gpu["extract"]["prefetch_factor"] == 3 and gpu["extract"]["resize"] == "device"

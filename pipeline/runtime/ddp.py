@@ -17,9 +17,10 @@ import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
 from tqdm import tqdm
 
-from pipeline.runtime.builders import build_explainer, quiet_lightning, torch_threads
+from pipeline.runtime.builders import build_explainer, quiet_lightning
 from pipeline.runtime.engine import shard_log
 from pipeline.runtime.job import ShardJob
+from pipeline.runtime.resolve import torch_threads
 from pipeline.runtime.shard import shard_job
 from pipeline.store.run_dir import RunDir
 

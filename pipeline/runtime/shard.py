@@ -25,14 +25,13 @@ from pipeline.runtime.builders import (
     clip_transform,
     make_trainer,
     quiet_lightning,
-    resize_on_device,
-    torch_threads,
 )
 from pipeline.runtime.engine import attempts
 from pipeline.runtime.job import ShardJob, ShardResult, StopShard
 from pipeline.runtime.memory import undo_malloc_trim
 from pipeline.runtime.module import TubeModule
 from pipeline.runtime.progress import reporter
+from pipeline.runtime.resolve import resize_on_device, torch_threads
 from pipeline.runtime.writer import TubeWriter
 from pipeline.store import Failure
 from pipeline.store.run_dir import RunDir

@@ -31,12 +31,13 @@ from pipeline.errors import ConfigError, StageFailed
 from pipeline.explain import faithfulness as fm
 from pipeline.explain.upsample import upsample
 from pipeline.models.inputs import Normalise
-from pipeline.runtime.builders import build_explainer, clip_loader, torch_threads
+from pipeline.runtime.builders import build_explainer, clip_loader
 from pipeline.runtime.cluster import is_local, offers_gpus, worker_gpu
 from pipeline.runtime.engine import Published, ShardWork, attempts, left_message, plan, run_plan, shards_of
 from pipeline.runtime.inprocess import in_process_setting, in_this_process
 from pipeline.runtime.job import GPU, ShardResult
 from pipeline.runtime.local import driver_threads, local_workers
+from pipeline.runtime.resolve import task_config, torch_threads
 from pipeline.runtime.tasks import Task
 from pipeline.stages.result import StageResult
 from pipeline.store import (
@@ -328,7 +329,7 @@ def run(cfg, run_dir: Path, client=None) -> StageResult:
     path = boxes_path(cfg, meta)
     boxes = read_boxes(path) if path else None
     settings = dict(evaluate=OmegaConf.to_container(ev, resolve=True), tubes=fingerprint(cfg))
-    cfg_dict = OmegaConf.to_container(cfg, resolve=True)
+    cfg_dict = task_config(cfg)
     shards = shards_of(rows, lambda clip_ids, _: digest([settings, clip_ids]))
 
     def shard_boxes(part):

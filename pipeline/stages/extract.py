@@ -41,6 +41,7 @@ from pipeline.runtime.inprocess import in_process_setting, in_this_process, want
 from pipeline.runtime.job import GPU, TARGET_MODES, ShardJob, ShardResult
 from pipeline.runtime.lock import POLICIES, run_lock
 from pipeline.runtime.progress import ShardProgress
+from pipeline.runtime.resolve import task_config
 from pipeline.runtime.tasks import Task
 from pipeline.stages.result import StageResult
 from pipeline.store.files import file_metadata
@@ -169,7 +170,7 @@ def _run(cfg, run: RunDir, share: Share | None, client) -> StageResult:
 
 def shard_work(cfg, run: RunDir, classes: list[str], config_hash: str, topic: str | None = None) -> ShardWork:
     """The extract stage's work for the engine: one :func:`pipeline.runtime.shard.run_shard` task per shard."""
-    cfg_dict = OmegaConf.to_container(cfg, resolve=True)
+    cfg_dict = task_config(cfg)
     return ShardWork(
         stage="extract",
         task=Task("pipeline.runtime.shard", "run_shard"),
