@@ -406,9 +406,7 @@ def run_plan(
 
 def left_message(stage: str, run: RunDir, plan: Plan) -> str | None:
     """What is left of the claimed shards after a run (None when every one is done), with how to go on."""
-    left = sorted(
-        s for s in plan.shards if s not in plan.ledger.done or not plan.ledger.is_done(s, plan.shards[s].digest)
-    )
+    left = sorted(s for s, shard in plan.shards.items() if not plan.ledger.is_done(s, shard.digest))
     if not left:
         return None
     which = f" of {plan.share.name}" if plan.share else ""

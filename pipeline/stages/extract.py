@@ -32,6 +32,7 @@ from pipeline.runtime.engine import (
     Share,
     claim,
     left_message,
+    listing,
     parse_share,
     plan,
     run_plan,
@@ -203,7 +204,7 @@ def _run_locked(cfg, run: RunDir, share: Share | None, client) -> StageResult:
     except KeyboardInterrupt:  # Ctrl-C, SIGTERM: finished shards are published (a rerun adopts any not recorded)
 
         def how_far() -> str:  # counted when printed, once the workers are gone
-            published = {s for s in p.shards if run.parts("extract", s)}
+            published = set(listing(run.tubes)) & set(p.shards)
             return f"interrupted: {len(published)} of {len(p.shards)} shards done; rerun the same command to resume"
 
         raise Interrupted(how_far) from None
