@@ -1,7 +1,8 @@
 """Command line: ``python -m pipeline stage=<index|extract|stats|evaluate|report|all|train|demo> [overrides]``.
 
 Each stage reads the previous stage's files in ``outputs/<run_name>/`` and nothing else. Every setting is
-checked first; then the resolved configuration of the latest invocation is saved as
+checked first, against the schema (:mod:`pipeline.settings`: a misspelt key, a value of the wrong type or out of
+its allowed values is one line, exit 2, before any work); then the resolved configuration of the latest invocation is saved as
 ``outputs/<run_name>/config.yaml``, and every invocation's in ``outputs/<run_name>/configs/``
 (:mod:`pipeline.run_folder`).
 """
@@ -25,8 +26,9 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from pipeline.errors import ConfigError, Interrupted, StageFailed, UserError
-from pipeline.run_folder import check_run_name, open_run_folder
+from pipeline import settings
+from pipeline.errors import ConfigError, Interrupted, StageFailed, UserError, environment_problem
+from pipeline.run_folder import LOG_FORMAT, check_run_name, open_run_folder
 from pipeline.runtime import cluster
 from pipeline.runtime.cluster import open_client, uses_ddp
 from pipeline.runtime.inprocess import cluster_pays_off
@@ -69,6 +71,7 @@ def run(cfg: DictConfig) -> dict:
     that will run on the cluster, it starts in the background once every stage's settings passed
     (``check_settings``), while the stages build and check the model and their inputs (``validate``).
     """
+    settings.check(cfg)
     names = stages_of(cfg.stage)
     check_run_name(cfg.run_name)
     if NEEDS_CLUSTER & set(names):
@@ -114,7 +117,9 @@ def run_stages(cfg: DictConfig, names: list[str], run_dir: Path, client=None) ->
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+def hydra_entry(cfg: DictConfig) -> None:
+    """The command, once Hydra composed it (see :func:`main`)."""
+    _restore_full_error()
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -123,10 +128,61 @@ def main(cfg: DictConfig) -> None:
     except USER_ERRORS as err:  # a bad setting or input, or unfinished work: one clear line, no traceback
         log.error("%s", err)
         leave(2)
+    except OSError as err:  # a full disk, a read-only folder, a file gone: the environment's, not the code's
+        problem = environment_problem(err, cfg.paths.run_dir)
+        if problem is None:
+            raise
+        log.error("%s", problem)
+        leave(2)
     except KeyboardInterrupt as err:  # the stage has closed its cluster and published nothing half-written
         log.error("%s", err if isinstance(err, Interrupted) else "interrupted; rerun the same command to resume")
         leave(128 + (_SIGNALLED or signal.SIGINT))
     leave(0)
+
+
+_FULL_ERROR = "HYDRA_FULL_ERROR"
+_USERS_FULL_ERROR = os.environ.get(_FULL_ERROR)
+
+
+def _restore_full_error() -> None:
+    """The user's own HYDRA_FULL_ERROR again, for a bug's traceback and for the processes the stages start."""
+    if _USERS_FULL_ERROR is None:
+        os.environ.pop(_FULL_ERROR, None)
+    else:
+        os.environ[_FULL_ERROR] = _USERS_FULL_ERROR
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m pipeline``: Hydra composes the command against the schema; what it refuses while composing (a
+    misspelt key, a wrong type, an unknown option) is printed as one line (exit 2) before any work.
+
+    Hydra prints its own composition errors in several lines unless ``HYDRA_FULL_ERROR`` is set, when it raises
+    them: it is set while Hydra composes, and the command gets the user's own value back (:func:`hydra_entry`).
+    An old ``+key=value`` for a key the schema now has is taken as ``key=value``.
+    """
+    sys.argv[1:] = _plain_overrides(sys.argv[1:] if argv is None else argv)
+    os.environ[_FULL_ERROR] = "1"
+    try:
+        hydra_entry()
+    except Exception as err:
+        _restore_full_error()
+        line = settings.composition_error(err)
+        if line is None:
+            raise
+        record = logging.LogRecord("pipeline", logging.ERROR, __file__, 0, line, None, None)
+        sys.stdout.write(logging.Formatter(LOG_FORMAT).format(record) + "\n")
+        leave(2)
+
+
+def _plain_overrides(args: list[str]) -> list[str]:
+    """``+key=value`` (append) is ``key=value`` for a key the schema declares (the README's ``+model.class_map``)."""
+    out = []
+    for arg in args:
+        key = arg[1:].split("=", 1)[0]
+        if arg.startswith("+") and not arg.startswith("++") and "=" in arg and settings.known(key):
+            arg = arg[1:]
+        out.append(arg)
+    return out
 
 
 def leave(status: int) -> NoReturn:

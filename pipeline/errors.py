@@ -6,6 +6,8 @@ any other exception is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
+import re
 from collections.abc import Callable
 
 
@@ -52,3 +54,37 @@ class Interrupted(KeyboardInterrupt):
 
     def __str__(self) -> str:
         return self.message() if callable(self.message) else self.message
+
+
+#: what to do about an environment error, by errno
+_REMEDIES = {
+    errno.ENOSPC: "no space left on the device; free some space (or set paths.outputs to a roomier disk) and rerun the same command",
+    errno.EDQUOT: "disk quota exceeded; free some space (or set paths.outputs elsewhere) and rerun the same command",
+    errno.EROFS: "read-only file system; make it writable or set paths.outputs to a writable folder, then rerun",
+    errno.EACCES: "permission denied; make it writable for this user or set paths.outputs to a writable folder, then rerun",
+    errno.EPERM: "operation not permitted; make it writable for this user or set paths.outputs elsewhere, then rerun",
+    errno.ENOENT: "vanished while the stage ran (or was never there); restore it, or rerun the stage that writes it, then rerun",
+    errno.EIO: "input/output error of the device; check the disk, then rerun the same command",
+}
+
+
+def environment_problem(err: OSError, where) -> str | None:
+    """One line for an error of the machine rather than of the code: a full disk, a read-only or unwritable
+    folder, a file that vanished under a stage. It names the path (the run folder ``where`` when the error has
+    none) and what to do; None for any other ``OSError`` (a bug keeps its traceback).
+
+    Example:
+        >>> environment_problem(OSError(errno.ENOSPC, "No space left on device"), "outputs/demo")
+        'outputs/demo: no space left on the device; free some space (or set paths.outputs to a roomier disk) and rerun the same command (finished work is kept)'
+    """
+    code = err.errno
+    if code is None:  # pyarrow and others put the errno in the message only
+        found = re.search(r"\[errno (\d+)\]", str(err), re.IGNORECASE)
+        code = int(found.group(1)) if found else None
+    if code not in _REMEDIES:
+        return None
+    path = err.filename
+    if path is None:
+        named = re.search(r"'(/[^']+)'", str(err))
+        path = named.group(1) if named else where
+    return f"{path}: {_REMEDIES[code]} (finished work is kept)"

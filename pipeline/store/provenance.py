@@ -8,6 +8,7 @@ tube-deciding settings differ from it.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -50,10 +51,36 @@ def checkpoint_digest(path) -> str | None:
     return digest.hexdigest()
 
 
+#: settings the schema (pipeline.settings) made visible after runs were made without them, with the value those
+#: runs used: at that value a setting stays out of the fingerprint, so that older runs keep theirs
+NEUTRAL = {
+    "model.init_seed": 0,
+    "model.class_map": None,
+    "model.output": None,
+    "model.grid": None,
+    "model.token_order": None,
+    "model.input.layout": "ncthw",
+    "model.input.pathways": None,
+}
+
+
+def _tube_settings(resolved: dict) -> dict:
+    """The fingerprint's sections of a resolved configuration, without the settings at their :data:`NEUTRAL` value."""
+    keyed = copy.deepcopy({key: resolved.get(key) for key in FINGERPRINT_KEYS})
+    for dotted, value in NEUTRAL.items():
+        *path, name = dotted.split(".")
+        node = keyed
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and name in node and node[name] == value:
+            del node[name]
+    return keyed
+
+
 def fingerprint(cfg) -> str:
     """The hash of everything that decides what a tube is: the config sections and the checkpoint's contents."""
     resolved = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    keyed = {key: resolved.get(key) for key in FINGERPRINT_KEYS}
+    keyed = _tube_settings(resolved)
     keyed["checkpoint_sha256"] = checkpoint_digest(resolved["model"].get("checkpoint"))
     return digest(keyed)
 
@@ -93,8 +120,7 @@ def differences(made: dict, cfg) -> list[str]:
     """The tube-deciding settings in which ``cfg`` differs from ``made`` (a resolved configuration), as
     ``key: made -> command`` lines."""
     now = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    old = _flat({k: made.get(k) for k in FINGERPRINT_KEYS})
-    new = _flat({k: now.get(k) for k in FINGERPRINT_KEYS})
+    old, new = _flat(_tube_settings(made)), _flat(_tube_settings(now))
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 

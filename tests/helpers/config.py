@@ -6,6 +6,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
+import pipeline.settings  # noqa: F401  (registers the schema in Hydra's ConfigStore)
 from pipeline.data.datasets.synthetic import SyntheticSpec
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
