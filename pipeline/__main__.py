@@ -116,6 +116,23 @@ def run_stages(cfg: DictConfig, names: list[str], run_dir: Path, client=None) ->
     return results
 
 
+def one_line(err: BaseException) -> str:
+    """A user error as one line: a project error that Hydra's ``instantiate`` wrapped (with its repr and a
+    ``full_key`` line) is shown as itself; any other wrapped error's lines are joined.
+
+    Example:
+        >>> one_line(InstantiationException("Error in call to target 'x.Y':\nValueError('bad')\nfull_key: dataset"))
+        "Error in call to target 'x.Y': ValueError('bad') (full_key: dataset)"
+    """
+    cause = err.__cause__
+    if isinstance(err, InstantiationException) and isinstance(cause, UserError):
+        return str(cause)
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if lines and lines[-1].startswith("full_key:"):
+        return " ".join(lines[:-1]) + f" ({lines[-1]})"
+    return " ".join(lines)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def hydra_entry(cfg: DictConfig) -> None:
     """The command, once Hydra composed it (see :func:`main`)."""
@@ -126,7 +143,7 @@ def hydra_entry(cfg: DictConfig) -> None:
         OmegaConf.resolve(cfg)
         run(cfg)
     except USER_ERRORS as err:  # a bad setting or input, or unfinished work: one clear line, no traceback
-        log.error("%s", err)
+        log.error("%s", one_line(err))
         leave(2)
     except OSError as err:  # a full disk, a read-only folder, a file gone: the environment's, not the code's
         problem = environment_problem(err, cfg.paths.run_dir)

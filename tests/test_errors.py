@@ -91,3 +91,24 @@ def test_the_forkserver_leaves_without_unloading_its_modules():
     script = "import atexit\natexit.register(print, 'torn down')\nimport pipeline.runtime.forkserver\nprint('bye')\n"
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout == "bye\n", (done.stdout, done.stderr)
+
+
+def test_a_wrapped_instantiation_error_reads_as_one_line():
+    """Hydra's instantiate wraps what a dataset or method raises; the command shows the project's own message, or
+    the wrapped lines joined into one."""
+    from hydra.errors import InstantiationException
+
+    from pipeline.__main__ import one_line
+    from pipeline.errors import DatasetError
+
+    try:
+        try:
+            raise DatasetError("/data/val.csv: file not found")
+        except DatasetError as cause:
+            raise InstantiationException(
+                "Error in call to target 'K':\nDatasetError('x')\nfull_key: dataset"
+            ) from cause
+    except InstantiationException as err:
+        assert one_line(err) == "/data/val.csv: file not found"
+    bare = InstantiationException("Error in call to target 'x.Y':\nTypeError('bad')\nfull_key: model.net")
+    assert one_line(bare) == "Error in call to target 'x.Y': TypeError('bad') (full_key: model.net)"

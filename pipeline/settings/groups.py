@@ -74,6 +74,43 @@ class ManifestDataset:
     fps: float | None = setting(None, "frame rate of frame folders (videos know their own)", above=0.0)
 
 
+@dataclass
+class KineticsDataset:
+    _target_: str = "pipeline.data.datasets.kinetics.Kinetics"
+    csv: str = setting(doc="the annotation CSV as released: label,youtube_id,time_start,time_end,split")
+    root: str = setting(doc="folder of the videos (flat, or <label>/ or <label_with_underscores>/)")
+    split: str = setting("all", "keep rows whose split column equals this (train, val, test); all = every row")
+    classes: str | None = setting(None, "text file of class names, one per line; null = the CSV's labels, sorted")
+
+
+@dataclass
+class SSv2Dataset:
+    _target_: str = "pipeline.data.datasets.ssv2.SomethingSomethingV2"
+    root: str = setting(doc="folder of the <id>.webm videos")
+    annotations_dir: str = setting(doc="folder of labels.json and something-something-v2-{train,validation,test}.json")
+    split: str = setting("validation", "train | validation | test (test: no labels)",
+                         choices=("train", "validation", "test"))  # fmt: skip
+    suffix: str = setting(".webm", "the videos' file ending (.webm as released)")
+
+
+@dataclass
+class HMDB51Dataset:
+    _target_: str = "pipeline.data.datasets.hmdb51.HMDB51"
+    root: str = setting(doc="folder holding the <class>/ video folders")
+    split: str = setting(
+        "test", "train (1 in the split files) | test (2) | all (both)", choices=("train", "test", "all")
+    )
+    split_id: int = setting(1, "which official split: <class>_test_split<N>.txt", choices=(1, 2, 3))
+    splits_dir: str | None = setting(None, "folder of the split files; null = dataset.root")
+
+
+@dataclass
+class FolderDataset:
+    _target_: str = "pipeline.data.datasets.folder.VideoFolder"
+    root: str = setting(doc="<root>/<class>/<video> (classes = folder names) or <root>/<video> (no labels)")
+    split: str = setting("all", "the split written in the index rows (a folder has no splits)")
+
+
 # ---------------------------------------------------------------------------------------------------- model
 
 
@@ -239,6 +276,10 @@ OPTIONS: dict[str, dict[str, type]] = {
         "epic100": EpicDataset,
         "epic55": Epic55Dataset,
         "manifest": ManifestDataset,
+        "kinetics": KineticsDataset,
+        "ssv2": SSv2Dataset,
+        "hmdb51": HMDB51Dataset,
+        "folder": FolderDataset,
     },
     "model": {"model": ModelSettings},
     "method": {
