@@ -32,6 +32,7 @@ from pipeline.run_folder import LOG_FORMAT, check_run_name, open_run_folder
 from pipeline.runtime import cluster
 from pipeline.runtime.cluster import open_client, uses_ddp
 from pipeline.runtime.inprocess import cluster_pays_off
+from pipeline.settings.schema import OLD_IN_PROCESS
 
 log = logging.getLogger("pipeline")
 warnings.filterwarnings("ignore", message=r".*LeafSpec.*")  # Lightning's own use of a deprecated torch API
@@ -191,10 +192,20 @@ def main(argv: list[str] | None = None) -> None:
         leave(2)
 
 
+#: what the per-stage ``<stage>.in_process`` values of earlier versions mean as ``execution``
+_OLD_EXECUTION = {"true": "driver", "false": "cluster", "auto": "auto"}
+
+
 def _plain_overrides(args: list[str]) -> list[str]:
-    """``+key=value`` (append) is ``key=value`` for a key the schema declares (the README's ``+model.class_map``)."""
+    """``+key=value`` (append) is ``key=value`` for a key the schema declares (the README's ``+model.class_map``);
+    an old ``<stage>.in_process=V`` is ``execution=...``, said in one line."""
     out = []
     for arg in args:
+        old, _, value = arg.lstrip("+").partition("=")
+        if old in OLD_IN_PROCESS and value.lower() in _OLD_EXECUTION:
+            arg = f"execution={_OLD_EXECUTION[value.lower()]}"
+            record = logging.LogRecord("pipeline", logging.WARNING, __file__, 0, f"{old} is now {arg}", None, None)
+            sys.stdout.write(logging.Formatter(LOG_FORMAT).format(record) + "\n")
         key = arg[1:].split("=", 1)[0]
         if arg.startswith("+") and not arg.startswith("++") and "=" in arg and settings.known(key):
             arg = arg[1:]

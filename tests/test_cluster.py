@@ -134,7 +134,7 @@ def test_inside_a_slurm_allocation_a_task_uses_one_device(pipeline_overrides, tm
             [
                 *pipeline_overrides,
                 "cluster.processes=false",
-                "extract.in_process=false",
+                "execution=cluster",
                 "index.clips_per_shard=8",
                 "run_name=slurm",
                 "stage=[index,extract]",
@@ -173,7 +173,7 @@ def test_retries_killed_workers_and_a_rerun(pipeline_overrides, tmp_path):
         "model.net._target_=helpers.traps.TrappedNet",
         f"+model.net.trap={traps}",
         "extract.retries=1",
-        "extract.in_process=false",
+        "execution=cluster",
         "index.clips_per_shard=2",
         "run_name=traps",
     ]

@@ -59,7 +59,7 @@ def test_three_shares_at_once_on_one_folder_then_a_killed_one_resumed(synthetic_
     """Three array tasks run at once on one run folder, each its own driver; one is killed mid-run and resubmitted
     (its environment says one task): every clip exactly once, no ledger entry lost, the others' parts untouched,
     and stats sees every part."""
-    overrides = [*small_run(synthetic_root, random_checkpoint), "index.clips_per_shard=1", "extract.in_process=true"]
+    overrides = [*small_run(synthetic_root, random_checkpoint), "index.clips_per_shard=1", "execution=driver"]
     run(make_cfg(tmp_path, [*overrides, "stage=index"]))
     run_dir = tmp_path / "outputs" / "demo"
     index, _ = read_index(run_dir)

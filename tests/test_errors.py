@@ -35,7 +35,7 @@ def test_a_failing_shard_is_one_console_line_and_its_tracebacks_are_in_its_log(p
         "model.net._target_=helpers.traps.TrappedNet",
         f"+model.net.trap={traps}",
         "extract.retries=1",
-        "extract.in_process=false",  # the traps spring inside a Dask worker only
+        "execution=cluster",  # the traps spring inside a Dask worker only
         "cluster.n_workers=1",
         "run_name=trapped",
         "stage=[index,extract]",

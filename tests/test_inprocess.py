@@ -100,10 +100,10 @@ def test_an_extract_on_workers_starts_its_cluster_before_its_checks(indexed, tmp
     monkeypatch.setattr(LazyClient, "start_soon", start_soon)
     monkeypatch.setattr(extract_stage, "validate", validate)
     small = make_cfg(tmp_path, [*overrides, "stage=extract"])
-    on_workers = make_cfg(tmp_path, [*overrides, "stage=extract", "extract.in_process=false"])
+    on_workers = make_cfg(tmp_path, [*overrides, "stage=extract", "execution=cluster"])
     assert not cluster_pays_off(small, run_dir) and cluster_pays_off(on_workers, run_dir)
-    with pytest.raises(ConfigError, match="extract.batch_size must be >= 1"):  # a bad setting: nothing started
-        run(make_cfg(tmp_path, [*overrides, "stage=extract", "extract.in_process=false", "extract.batch_size=0"]))
+    with pytest.raises(ConfigError, match="extract.batch_size=0: not allowed"):  # a bad setting: nothing started
+        run(make_cfg(tmp_path, [*overrides, "stage=extract", "execution=cluster", "extract.batch_size=0"]))
     assert events == []
     run(on_workers)
     assert events == ["cluster", "checks"]
@@ -130,8 +130,8 @@ def test_a_cluster_that_fails_to_start_in_the_background_fails_where_it_is_used(
 
 
 def test_a_small_dataset_is_probed_in_the_driver(pipeline_overrides, tmp_path, monkeypatch):
-    """``index.in_process=auto`` probes a few videos in the driver, no cluster started; ``false`` probes them on
-    the cluster; the two indexes are the same. A value other than auto, true or false is one line."""
+    """``execution=auto`` probes a few videos in the driver, no cluster started; ``cluster`` probes them on the
+    cluster; the two indexes are the same. A value other than auto, driver or cluster is one line."""
     overrides = [*pipeline_overrides, "cluster.processes=false", "stage=index"]
     with monkeypatch.context() as patch:
         patch.setattr(LazyClient, "_client", lambda self: pytest.fail("a Dask cluster was started"))
@@ -139,10 +139,12 @@ def test_a_small_dataset_is_probed_in_the_driver(pipeline_overrides, tmp_path, m
     submitted = []
     real_client = LazyClient._client
     monkeypatch.setattr(LazyClient, "_client", lambda self: submitted.append(1) or real_client(self))
-    run(make_cfg(tmp_path, [*overrides, "run_name=cluster", "index.in_process=false"]))
+    run(make_cfg(tmp_path, [*overrides, "run_name=cluster", "execution=cluster"]))
     assert submitted  # the probes went to the cluster
     here, _ = read_index(tmp_path / "outputs" / "driver")
     there, _ = read_index(tmp_path / "outputs" / "cluster")
     assert len(here) > 0 and here.equals(there)
-    with pytest.raises(ConfigError, match="index.in_process must be auto, true or false, got 'sometimes'"):
-        run(make_cfg(tmp_path, [*overrides, "run_name=bad", "index.in_process=sometimes"]))
+    with pytest.raises(
+        ConfigError, match=r"execution=sometimes: not allowed; execution takes auto \| driver \| cluster"
+    ):
+        run(make_cfg(tmp_path, [*overrides, "run_name=bad", "execution=sometimes"]))

@@ -190,7 +190,7 @@ def test_two_workers_give_the_same_rows(cam_run):
                 "run_name=cam2",
                 "store.codec=float32",
                 "cluster.n_workers=2",
-                "extract.in_process=false",
+                "execution=cluster",
                 "extract.num_workers=2",
                 "stage=[index,extract]",
             ],

@@ -161,7 +161,7 @@ def test_ctrl_c_mid_extract_is_one_line_then_resume(synthetic_root, random_check
         tmp_path,
         synthetic_root,
         random_checkpoint,
-        "extract.in_process=false",  # shards on worker processes, as the test says (24 clips would run in the driver)
+        "execution=cluster",  # shards on worker processes, as the test says (24 clips would run in the driver)
         "run_name=interrupted",
     )
     run(make_cfg(tmp_path, [*overrides[1:], "cluster.processes=false", "stage=index"]))

@@ -37,7 +37,7 @@ CLIPS_PER_SHARD = 8
 def _extract(root: Path, run_name: str, overrides: list[str]) -> dict:
     """Run the extract stage in a fresh process; its stage time, wall time and peak tree RSS."""
     args = [sys.executable, "-m", "pipeline", "stage=extract", f"paths.root={root}", f"run_name={run_name}"]
-    args += ["extract.in_process=false", *overrides]  # on workers at every size: 64 clips would run in the driver
+    args += ["execution=cluster", *overrides]  # on workers at every size: 64 clips would run in the driver
     started = time.perf_counter()
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     top = psutil.Process(proc.pid)

@@ -97,7 +97,7 @@ def write_probe_cache(path: Path, probes: dict[str, object], stamps: dict[str, t
     write_table_atomic(pa.Table.from_pylist(rows, schema=PROBE_SCHEMA), path)
 
 
-#: ``index.in_process=auto``: at most this many videos left to probe are probed in the driver. One process probed
+#: ``execution=auto``: at most this many videos left to probe are probed in the driver. One process probed
 #: 2,200 synthetic videos a second (files in the page cache) on this project's 2-core machine, where starting the
 #: default cluster takes about 5 s; files on a network file system take longer to open, hence the margin.
 DRIVER_MAX_VIDEOS = 1000
@@ -125,7 +125,7 @@ def probe_all(
     if len(results):
         log.info("probe: %d of %d sources unchanged since %s", len(results), len(unique), cache)
     if client is not None and 0 < len(todo) <= driver_max:
-        log.info("probe: %d sources, probed in this process (index.in_process)", len(todo))
+        log.info("probe: %d sources, probed in this process (execution)", len(todo))
         client = None
     batches = {i: todo[i : i + batch_size] for i in range(0, len(todo), batch_size)}
     with tqdm(total=len(todo), desc="probe", unit="video", disable=not progress) as bar:

@@ -1,8 +1,8 @@
 """Run extract shards in the driver process when a cluster cannot pay off.
 
 A Dask worker process pays for its own start and for importing torch and Lightning again (seconds on a small
-machine: more CPU than the tubes of a few hundred clips of a small 3D CNN). ``extract.in_process=auto`` runs a
-CPU job whose clips left to compute are at most :data:`AUTO_MAX_CLIPS` in the driver instead: one shard after
+machine: more CPU than the tubes of a few hundred clips of a small 3D CNN). The extract stage runs a
+CPU job whose clips left to compute are at most :data:`AUTO_MAX_CLIPS` in the driver instead (``execution=auto``): one shard after
 another, the same task a worker runs (same torch threads, so the same bytes; the same retries). What only a
 separate process gives is lost: a shard that kills its process (a crash in native code) ends the run instead
 of becoming failure rows; rerunning resumes it as it resumes any killed run.
@@ -20,23 +20,22 @@ from pipeline.errors import ConfigError
 from pipeline.store.ledger import read_ledger
 from pipeline.store.run_dir import RunDir
 
-#: ``extract.in_process=auto``: at most this many clips left on the CPU run in the driver. On 2 cores the two
+#: ``execution=auto``: at most this many clips left on the CPU run in the driver. On 2 cores the two
 #: worker processes of the default cluster cost about as much CPU as this many clips (``make bench BENCH=e2e``).
 AUTO_MAX_CLIPS = 256
 
 
-def in_process_setting(cfg, stage: str):
-    """``<stage>.in_process`` (index, extract, evaluate): ``"auto"``, True or False; any other value is one line
-    naming it."""
-    setting = cfg[stage].get("in_process", "auto")
-    if setting not in ("auto", True, False):
-        raise ConfigError(f"{stage}.in_process must be auto, true or false, got {setting!r}")
-    return setting
+def in_process_setting(cfg):
+    """``execution`` as a stage asks it: ``"auto"``, True (``driver``: in this process) or False (``cluster``)."""
+    setting = cfg.get("execution", "auto")
+    if setting not in ("auto", "driver", "cluster"):
+        raise ConfigError(f"execution must be auto, driver or cluster, got {setting!r}")
+    return {"auto": "auto", "driver": True, "cluster": False}[setting]
 
 
 def wants_in_process(cfg, clips_left: int) -> bool:
-    """Whether the stage runs its shards in this process (``extract.in_process``: auto, true or false)."""
-    setting = in_process_setting(cfg, "extract")
+    """Whether the extract stage runs its shards in this process (``execution``)."""
+    setting = in_process_setting(cfg)
     if setting == "auto":
         return str(cfg.trainer.accelerator) == "cpu" and clips_left <= AUTO_MAX_CLIPS
     return bool(setting)

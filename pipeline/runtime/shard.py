@@ -43,7 +43,7 @@ def run_shard(cfg_dict: dict, job: ShardJob) -> ShardResult:
 
     Per-clip problems become failure rows. With ``extract.fail_fast`` the first failed clip ends the task at once.
     """
-    # a config of its own, as a worker gets by unpickling: in the driver (extract.in_process) every task is handed
+    # a config of its own, as a worker gets by unpickling: in the driver (execution=driver or auto) every task is handed
     # the same dict, and configs built on shared values failed at random ("'NoneType' object has no attribute
     # '_invalidate_flags_cache'" reading model.input.std)
     cfg = OmegaConf.create(copy.deepcopy(cfg_dict))

@@ -1,6 +1,6 @@
 """Every setting of the pipeline, in one schema: Hydra structured configs registered in Hydra's ConfigStore.
 
-- :mod:`pipeline.settings.schema`: the top-level sections (``extract.batch_size``, ``index.in_process``, ...);
+- :mod:`pipeline.settings.schema`: the top-level sections (``extract.batch_size``, ``index.probe_batch``, ...);
 - :mod:`pipeline.settings.groups`: the options of the config groups (``dataset=ucf101``, ``method=fusion``, ...);
 - :mod:`pipeline.settings.check`: the whole command checked before any stage, one line per problem;
 - :mod:`pipeline.settings.fields`: how a setting is declared.

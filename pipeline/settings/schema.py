@@ -11,7 +11,10 @@ from typing import Any
 
 from pipeline.settings.fields import setting
 
-AUTO_OR_BOOL = ("auto", True, False)
+#: ``execution``: where the sharded stages run
+EXECUTIONS = ("auto", "driver", "cluster")
+#: the per-stage settings ``execution`` replaces, each value with the ``execution`` it means
+OLD_IN_PROCESS = ("index.in_process", "extract.in_process", "evaluate.in_process")
 
 
 @dataclass
@@ -31,9 +34,6 @@ class Target:
 class Index:
     clips_per_shard: int = setting(32, "clips per shard (one Dask task of the extract stage)", at_least=1)
     probe_batch: int = setting(32, "videos probed per Dask task", at_least=1)
-    in_process: Any = setting(
-        "auto", "probe in the driver, no Dask workers: auto = at most 1,000 videos to probe", choices=AUTO_OR_BOOL
-    )
     probe_cache: str | None = setting(
         "${paths.run_dir}/probes.parquet", "probe results kept between index runs (null: probe every time)"
     )
@@ -69,11 +69,6 @@ class Extract:
         2, "a failing shard task tries again this often; then its clips become failure rows", at_least=0
     )
     fail_fast: bool = setting(False, "stop at the first failed clip or shard instead of recording it")
-    in_process: Any = setting(
-        "auto",
-        "run the shards in the driver, no Dask workers: auto = CPU runs with <= 256 clips left",
-        choices=AUTO_OR_BOOL,
-    )
     concurrent: str = setting(
         "wait",
         "a second extract driver on this run folder: wait (for the first) | refuse (one line)",
@@ -136,11 +131,6 @@ class Evaluate:
     )
     batch_size: int = setting(4, "clips per batch (each becomes 2 x 2 x (steps + 1) perturbed clips)", at_least=1)
     device: str = setting("auto", "auto (cuda when available) | cpu | cuda", choices=("auto", "cpu", "cuda"))
-    in_process: Any = setting(
-        "auto",
-        "shards on threads of the driver: auto = on the CPU when the local cluster has not started",
-        choices=AUTO_OR_BOOL,
-    )
     seed: int = setting(0, "random tubes and the randomised model")
     retries: int = setting(
         2, "a failing shard task tries again this often; then its clips become failure rows", at_least=0
@@ -172,6 +162,13 @@ class Settings:
     sampler: Any = setting(doc="where clips are taken from each video (conf/sampler)")
     cluster: Any = setting(doc="the Dask cluster (conf/cluster)")
     stage: Any = setting("all", STAGE_DOC)
+    execution: str = setting(
+        "auto",
+        "where probing, extract and evaluate run: auto (in this process when a cluster cannot pay off: <= 1,000 "
+        "videos to probe, <= 256 CPU clips to extract, evaluate on threads when no cluster is up) | driver "
+        "(always in this process) | cluster (always on the Dask cluster)",
+        choices=EXECUTIONS,
+    )
     run_name: str = setting("demo", "the run's folder under outputs/: letters, digits, '-', '_', '.'")
     paths: Paths = field(default_factory=Paths)
     target: Target = field(default_factory=Target)

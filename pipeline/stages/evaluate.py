@@ -104,7 +104,6 @@ def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
         raise ConfigError(f"evaluate.retries must be >= 0, got {ev.retries}")
     if ev.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"evaluate.device must be auto, cpu or cuda, got {ev.device!r}")
-    in_process_setting(cfg, "evaluate")
     if not cfg.model.get("checkpoint"):
         raise ConfigError(
             "stage=evaluate needs trained weights (model.checkpoint): the randomisation check compares them with random ones"
@@ -112,9 +111,9 @@ def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
 
 
 def on_driver_threads(cfg, client) -> bool:
-    """Whether the shards run on threads of this process (``evaluate.in_process``): ``auto`` = on the CPU, with a
+    """Whether the shards run on threads of this process (``execution``): ``auto`` = on the CPU, with a
     local cluster this command has not started yet (a cluster an extract started is used, being up)."""
-    setting = in_process_setting(cfg, "evaluate")
+    setting = in_process_setting(cfg)
     if setting != "auto":
         return bool(setting)
     on_cpu = str(cfg.trainer.accelerator) == "cpu" and cfg.evaluate.device != "cuda"
@@ -129,7 +128,7 @@ def _runner(cfg, client, threads: bool):
         yield client
         return
     count = local_workers(cfg.cluster.get("n_workers", "auto"))
-    log.info("evaluate: on %d thread(s) of this process (evaluate.in_process)", count)
+    log.info("evaluate: on %d thread(s) of this process (execution)", count)
     with in_this_process(), driver_threads(count) as runner:
         yield runner
 
@@ -235,7 +234,7 @@ def evaluate_shard(
     )
     native = dict(zip(stored["clip_id"], decode_column(stored)))
     # the randomised network is seeded by its own config (init_seed): this task leaves torch's default generator,
-    # which the threads of one process share (evaluate.in_process), alone
+    # which the threads of one process share (execution), alone
     random_explainer = build_explainer(cfg, _randomised(cfg)).to(device)
     random_tubes = {}
     loader = clip_loader(cfg, rows, int(ev.batch_size))

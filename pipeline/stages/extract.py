@@ -38,7 +38,7 @@ from pipeline.runtime.engine import (
     run_plan,
     shards_of,
 )
-from pipeline.runtime.inprocess import in_process_setting, in_this_process, wants_in_process
+from pipeline.runtime.inprocess import in_this_process, wants_in_process
 from pipeline.runtime.job import GPU, TARGET_MODES, ShardJob, ShardResult
 from pipeline.runtime.lock import POLICIES, run_lock
 from pipeline.runtime.progress import ShardProgress
@@ -100,7 +100,6 @@ def check_settings(cfg, upstream: tuple[str, ...] = ()) -> None:
         raise ConfigError(f"extract.resize must be auto, loader or device, got {cfg.extract.resize!r}")
     if cfg.extract.get("concurrent", "wait") not in POLICIES:
         raise ConfigError(f"extract.concurrent must be one of {POLICIES}, got {cfg.extract.concurrent!r}")
-    in_process_setting(cfg, "extract")
     parse_share(cfg.extract.get("share"))
     threads = cfg.extract.torch_threads
     if threads != "auto" and (not str(threads).isdigit() or int(threads) < 1):
@@ -231,7 +230,7 @@ def compute(client, cfg, run: RunDir, work: ShardWork, p: Plan, topic: str, made
     clips_left = sum(shard.clips for shard in todo.values())
     if not todo or wants_in_process(cfg, clips_left):  # no cluster started
         if todo:
-            log.info("extract: %d clips left, run in this process (extract.in_process)", clips_left)
+            log.info("extract: %d clips left, run in this process (execution)", clips_left)
         with in_this_process():
             return follow_shards(None, run, work, p, topic)
     return follow_shards(client, run, work, p, topic)

@@ -1,7 +1,7 @@
 """Index stage: dataset on disk -> ``index.parquet`` (one row per clip) and ``failures/index.parquet``.
 
 Videos are probed in parallel on the Dask cluster (:mod:`pipeline.data.probing`; nothing is decoded), or in the
-driver when so few are left that starting a cluster would cost more (``index.in_process``). The results are cached in
+driver when so few are left that starting a cluster would cost more (``execution``). The results are cached in
 ``index.probe_cache``, so indexing again probes only what changed. Each video's (or segment's) frame range is cut
 into clips by the configured sampler, and clips are dealt into shards of contiguous rows of equal clip count
 (clips of one video stay next to each other, which keeps decoding local). Entries that give no clip (a bad
@@ -43,8 +43,8 @@ def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
 
 
 def driver_max(cfg) -> float:
-    """How many videos left to probe the driver probes itself (``index.in_process``: auto, true or false)."""
-    return {"auto": DRIVER_MAX_VIDEOS, True: math.inf, False: 0}[in_process_setting(cfg, "index")]
+    """How many videos left to probe the driver probes itself (``execution``)."""
+    return {"auto": DRIVER_MAX_VIDEOS, True: math.inf, False: 0}[in_process_setting(cfg)]
 
 
 def run(cfg, run_dir: Path, client=None) -> StageResult:
