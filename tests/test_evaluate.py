@@ -12,6 +12,7 @@ import torch
 from scipy.stats import spearmanr
 
 from helpers.config import make_cfg, small_run
+from helpers.oracles import li2021_by_hand
 from pipeline.__main__ import run
 from pipeline.data.video import ResizeCrop, read_frames
 from pipeline.models import DemoNet3D, load_checkpoint
@@ -153,11 +154,54 @@ def test_threads_of_the_driver_give_the_clusters_numbers(evaluated, monkeypatch)
         pd.testing.assert_frame_equal(_evaluated_rows(run_dir), first)
 
 
+@pytest.mark.slow
+def test_li2021_protocol_gives_li_et_als_aucs_on_the_stored_tubes(evaluated, random_checkpoint, tmp_path):
+    """``evaluate.protocol=li2021`` on a copy of the run (its default 16 x 16 cells, 32 steps): every
+    clip's curves and AUCs are Li et al.'s formulas on the decoded clip and the stored tube at input size; the
+    random tube's curves start and end where they must; the protocol is named per row and per class."""
+    import shutil
+
+    root, run_dir, overrides, _ = evaluated
+    copy = tmp_path / "outputs" / "demo"
+    shutil.copytree(run_dir, copy)
+    shutil.rmtree(copy / "evaluate")
+    run(make_cfg(tmp_path, overrides + ["stage=evaluate", "evaluate.protocol=li2021", "evaluate.steps=32"]))
+    clips = _evaluated_rows(copy).set_index("clip_id")
+    assert set(clips["protocol"]) == {"li2021"} and len(clips) == 8
+    tubes = read_tubes(
+        copy,
+        columns=["clip_id", "source", "frame_indices", "target", "volume"],
+        filters=[("target_rank", "=", 0)],
+        upsample=True,
+    ).set_index("clip_id")
+    net = DemoNet3D(num_classes=4)
+    load_checkpoint(net, random_checkpoint)
+    net.eval()
+    for clip_id, row in clips.iterrows():
+        tube = tubes.loc[clip_id]
+        x = _clip(tube.to_frame().T.assign(clip_id=clip_id).iloc[0])
+        ref = li2021_by_hand(net, x[0].numpy(), tube["volume"], int(tube["target"]), cells=16, steps=32)
+        assert len(row["deletion_curve"]) == len(row["random_insertion_curve"]) == 33
+        np.testing.assert_allclose(row["deletion_curve"], ref["deletion"][0], atol=1e-5)
+        assert row["deletion_auc"] == pytest.approx(ref["deletion"][1], abs=1e-5)
+        assert row["insertion_auc"] == pytest.approx(ref["insertion"][1], abs=1e-5)
+        assert row["random_deletion_curve"][0] == pytest.approx(ref["deletion"][0][0], abs=1e-5)
+        assert row["random_insertion_curve"][0] == pytest.approx(ref["insertion"][0][0], abs=1e-5)  # the zero clip
+        assert row["random_deletion_curve"][-1] == pytest.approx(ref["deletion"][0][-1], abs=1e-5)
+    table = pd.read_parquet(copy / "stats" / "faithfulness.parquet")
+    assert set(table["protocol"]) == {"li2021"}
+    everyone = table[table["label"] == -1].iloc[0]
+    assert everyone["random_deletion_auc"] == pytest.approx(clips["random_deletion_auc"].mean())
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
         ("evaluate.baseline=zeros", "evaluate.baseline"),
         ("evaluate.steps=0", "evaluate.steps"),
+        ("evaluate.protocol=rise", "evaluate.protocol must be one of"),
+        ("evaluate.cells=8", "evaluate.cells applies to evaluate.protocol=li2021 only"),
+        ("evaluate.protocol=li2021 evaluate.cells=65", "more cells than input pixels"),
         ("evaluate.iou_level=2", "evaluate.iou_level"),
     ],
 )
@@ -165,7 +209,7 @@ def test_bad_settings_are_named(tmp_path, override, message):
     from pipeline.stages import evaluate
 
     with pytest.raises(ValueError, match=message):
-        evaluate.validate(make_cfg(tmp_path, [override]))
+        evaluate.validate(make_cfg(tmp_path, override.split()))
 
 
 @pytest.mark.parametrize(

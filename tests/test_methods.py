@@ -16,7 +16,7 @@ from pytorch_grad_cam import XGradCAM as PgcXGradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from helpers.oracles import assert_tubes_close, oracle_scorecam, oracle_tubes, reference_evidence
+from helpers.oracles import assert_tubes_close, oracle_scorecam, oracle_tube, oracle_tubes, reference_evidence
 from pipeline.explain.explainer import TubeExplainer
 from pipeline.explain.methods import CAM, Fusion, GradCAM, GradCAMPlusPlus, LayerCAM, MethodError, ScoreCAM, XGradCAM
 from pipeline.explain.upsample import upsample
@@ -67,6 +67,38 @@ def test_gradient_methods_match_pytorch_grad_cam(net, clips, name, monkeypatch):
     with PEERS[name](model=peer_net, target_layers=[peer_net.features]) as peer:
         theirs = peer(input_tensor=clips.clone(), targets=[ClassifierOutputTarget(int(t)) for t in out.targets[:, 0]])
     assert_tubes_close(out.tubes, np.asarray(theirs, dtype=np.float64)[:, None])
+
+
+@pytest.mark.parametrize("name", ["gradcam", "gradcampp", "xgradcam"])
+def test_per_slice_pooling_is_each_time_slice_on_its_own(net, clips, name):
+    """``pool=hw`` (mmaction2, PySlowFast): the tube of time slice ``s`` is the method's formula on that slice's
+    activations and gradients alone; for Grad-CAM, ``relu(sum_c mean_hw(g[c, s]) * A[c, s])`` written out."""
+    # a layer below the last (there the gradient of a pooled linear head is constant, and the two pools agree)
+    layer = "features.block1"
+    out = TubeExplainer(copy.deepcopy(net), GRADIENT_METHODS[name](pool="hw"), SHAPE, layer=layer)(clips, top2)
+    whole = TubeExplainer(copy.deepcopy(net), GRADIENT_METHODS[name](pool="thw"), SHAPE, layer=layer)(clips, top2)
+    acts, grads, _ = reference_evidence(net, net.features.block1, clips, out.targets)
+    n, k = out.targets.shape
+    expected = np.zeros((n, k, *acts.shape[2:]))
+    for i in range(n):
+        for j in range(k):
+            for s in range(acts.shape[2]):
+                A, G = acts[i][:, s : s + 1], grads[i, j][:, s : s + 1]
+                expected[i, j, s] = oracle_tube(name, A, G)[0]
+                if name == "gradcam":
+                    by_hand = np.maximum(np.einsum("c,chw->hw", G[:, 0].mean(axis=(1, 2)), A[:, 0]), 0)
+                    np.testing.assert_allclose(expected[i, j, s], by_hand, atol=1e-12)
+    assert acts.shape[2] > 1
+    assert_tubes_close(out.tubes, expected)
+    # the two conventions differ wherever the evidence changes over time
+    assert (out.tubes - whole.tubes).abs().max() > 0.05 * whole.tubes.abs().max()
+
+
+def test_pool_is_checked_and_refused_where_nothing_is_pooled():
+    with pytest.raises(MethodError, match="method.pool must be one of"):
+        GradCAM(pool="t")
+    with pytest.raises(MethodError, match="does not apply to layercam"):
+        LayerCAM(pool="hw")
 
 
 def test_scorecam_matches_its_formula_in_any_chunking(net, clips):

@@ -307,6 +307,28 @@ def test_gradcam_topk_and_label_targets(cam_run, random_checkpoint):
     assert (labelled["target"] == labelled["label"]).all()
 
 
+@pytest.mark.slow
+def test_per_slice_gradcam_runs_end_to_end(cam_run, random_checkpoint):
+    """``method.pool=hw`` through stage=all: the stored tubes are the per-slice Grad-CAM of the decoded clips."""
+    from pipeline.explain.explainer import TubeExplainer
+    from pipeline.explain.methods import GradCAM
+
+    root, _, overrides = cam_run
+    extra = ["run_name=slices", "method=gradcam", "method.pool=hw", "model.layer=features.block2", "stage=all"]
+    run(make_cfg(root, overrides + extra))
+    run_dir = root / "outputs" / "slices"
+    assert "pool: hw" in (run_dir / "tubes_config.yaml").read_text()
+    tubes = read_tubes(run_dir, columns=["clip_id", "source", "frame_indices", "target", "volume"])
+    assert len(tubes) == 8 and (run_dir / "report" / "index.html").is_file()
+    net = _net(random_checkpoint)
+    row = tubes.iloc[0]
+    x = ((ResizeCrop(64, (64, 64))(read_frames(row.source, list(row.frame_indices))) - MEAN) / STD)[None]
+    explained = TubeExplainer(net, GradCAM(pool="hw"), (3, *x.shape[2:]), layer="features.block2")(
+        x, lambda logits: torch.tensor([[int(row.target)]])
+    )
+    np.testing.assert_allclose(row.volume, explained.tubes[0, 0].detach().numpy(), rtol=1e-4, atol=1e-6)
+
+
 def test_bad_config_fails_before_work(cam_run, tmp_path):
     root, _, overrides = cam_run
     with pytest.raises(ValueError, match="unknown stage 'extrct'"):

@@ -17,6 +17,11 @@ from pipeline.errors import ConfigError
 from pipeline.explain.upsample import upsample
 
 SPACE = (-3, -2, -1)  # the (t, h, w) axes
+#: ``method.pool`` of the Grad-CAM family: the axes its channel weights are pooled over. ``thw``: one weight per
+#: channel for the whole clip (pytorch-grad-cam, this project's default); ``hw``: one per channel and time slice
+#: (mmaction2's and PySlowFast's Grad-CAM: gradients averaged over h, w of each slice)
+POOLS = {"thw": SPACE, "hw": (-2, -1)}
+POOLED = ("gradcam", "gradcampp", "xgradcam")
 
 
 class MethodError(ConfigError):
@@ -58,8 +63,18 @@ class SaliencyMethod:
 
 
 def weighted_sum(alpha: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
-    """``sum_c alpha[n, k, c] * acts[n, c]`` -> ``(N, k, t, h, w)``."""
+    """``sum_c alpha[n, k, c] * acts[n, c]`` -> ``(N, k, t, h, w)``; ``alpha`` ``(N, k, C)``, or ``(N, k, C, t)``
+    for weights per time slice (``method.pool=hw``)."""
+    if alpha.dim() == 4:
+        return torch.einsum("nkct,ncthw->nkthw", alpha, acts)
     return torch.einsum("nkc,ncthw->nkthw", alpha, acts)
+
+
+def pool_axes(pool: str, name: str) -> tuple[int, ...]:
+    """The axes ``method.pool`` pools channel weights over (:data:`POOLS`), checked."""
+    if pool not in POOLS:
+        raise MethodError(f"method.pool must be one of {tuple(POOLS)} for {name}, got {pool!r}")
+    return POOLS[pool]
 
 
 class CAM(SaliencyMethod):
@@ -79,43 +94,58 @@ class CAM(SaliencyMethod):
 
 class GradCAM(SaliencyMethod):
     """Grad-CAM (Selvaraju et al., 2017) in 3-D: channel weights are the target logit's gradients averaged over
-    ``(t, h, w)``; the weighted sum of maps goes through ReLU."""
+    ``(t, h, w)`` (``pool="thw"``, as pytorch-grad-cam) or over ``(h, w)`` of each time slice (``pool="hw"``, as
+    mmaction2 and PySlowFast); the weighted sum of maps goes through ReLU:
+    ``relu(sum_c mean_{pool}(g_c) * A_c)``.
+
+    Args:
+        pool: ``thw`` | ``hw`` (``method.pool``).
+
+    Example:
+        >>> import torch
+        >>> g = torch.tensor([1.0, 3.0]).reshape(1, 1, 1, 2, 1, 1)  # one channel, two time slices
+        >>> GradCAM("hw").tubes(Evidence(torch.ones(1, 1, 2, 1, 1), torch.zeros(1, 1), grads=g)).flatten().tolist()
+        [1.0, 3.0]
+    """
 
     name = "gradcam"
     needs_grad = True
 
+    def __init__(self, pool: str = "thw"):
+        self.pool, self.axes = pool, pool_axes(pool, self.name)
+
     def tubes(self, evidence):
-        return torch.relu(weighted_sum(evidence.grads.mean(dim=SPACE), evidence.acts))
+        return torch.relu(weighted_sum(evidence.grads.mean(dim=self.axes), evidence.acts))
 
 
-class GradCAMPlusPlus(SaliencyMethod):
+class GradCAMPlusPlus(GradCAM):
     """Grad-CAM++ (Chattopadhay et al., 2018) with the usual exponential-score closed form: per-voxel
-    coefficients ``a = g^2 / (2 g^2 + sum(A) g^3)`` (0 where ``g = 0``), channel weights ``sum(a * relu(g))``."""
+    coefficients ``a = g^2 / (2 g^2 + sum(A) g^3)`` (0 where ``g = 0``), channel weights ``sum(a * relu(g))``;
+    both sums over ``(t, h, w)`` (``pool="thw"``) or over ``(h, w)`` of each time slice (``pool="hw"``)."""
 
     name = "gradcampp"
-    needs_grad = True
     eps = 1e-6
 
     def tubes(self, evidence):
         g, acts = evidence.grads, evidence.acts
         g2 = g * g
-        total = acts.sum(dim=SPACE)[:, None, :, None, None, None]  # (N, 1, C, 1, 1, 1)
+        total = acts.sum(dim=self.axes, keepdim=True)[:, None]  # (N, 1, C, 1 or t, 1, 1)
         a = g2 / (2 * g2 + total * g2 * g + self.eps)
         a = torch.where(g != 0, a, torch.zeros_like(a))
-        alpha = (a * torch.relu(g)).sum(dim=SPACE)
+        alpha = (a * torch.relu(g)).sum(dim=self.axes)
         return torch.relu(weighted_sum(alpha, acts))
 
 
-class XGradCAM(SaliencyMethod):
-    """XGrad-CAM (Fu et al., 2020): channel weights ``sum(A * g) / sum(A)`` over ``(t, h, w)``, then ReLU."""
+class XGradCAM(GradCAM):
+    """XGrad-CAM (Fu et al., 2020): channel weights ``sum(A * g) / sum(A)`` over ``(t, h, w)`` (``pool="thw"``)
+    or over ``(h, w)`` of each time slice (``pool="hw"``), then ReLU."""
 
     name = "xgradcam"
-    needs_grad = True
     eps = 1e-7
 
     def tubes(self, evidence):
         g, acts = evidence.grads, evidence.acts
-        alpha = (g * acts[:, None]).sum(dim=SPACE) / (acts.sum(dim=SPACE)[:, None] + self.eps)
+        alpha = (g * acts[:, None]).sum(dim=self.axes) / (acts.sum(dim=self.axes)[:, None] + self.eps)
         return torch.relu(weighted_sum(alpha, acts))
 
 
@@ -125,6 +155,13 @@ class LayerCAM(SaliencyMethod):
 
     name = "layercam"
     needs_grad = True
+
+    def __init__(self, pool: str | None = None):
+        if pool is not None:
+            raise MethodError(
+                f"method.pool={pool} does not apply to layercam: it weights every voxel by its own gradient, nothing "
+                f"is pooled (method.pool applies to {', '.join(POOLED)})"
+            )
 
     def tubes(self, evidence):
         return torch.relu((torch.relu(evidence.grads) * evidence.acts[:, None]).sum(dim=2))

@@ -172,6 +172,18 @@ class MethodSettings:
 
 
 @dataclass
+class GradCAMFamily(MethodSettings):
+    """Grad-CAM, Grad-CAM++, XGrad-CAM, LayerCAM: where the channel weights are pooled."""
+
+    pool: str | None = setting(
+        "thw",
+        "channel weights pooled over thw (the whole clip, as pytorch-grad-cam) | hw (each time slice, as mmaction2 "
+        "/ PySlowFast); null for layercam (every voxel has its own weight)",
+        choices=("thw", "hw"),
+    )
+
+
+@dataclass
 class ScoreCAMSettings(MethodSettings):
     _target_: str = "pipeline.explain.methods.ScoreCAM"
     batch_size: int = setting(32, "masked clips per forward pass", at_least=1)
@@ -284,10 +296,10 @@ OPTIONS: dict[str, dict[str, type]] = {
     "model": {"model": ModelSettings},
     "method": {
         "cam": MethodSettings,
-        "gradcam": MethodSettings,
-        "gradcampp": MethodSettings,
-        "xgradcam": MethodSettings,
-        "layercam": MethodSettings,
+        "gradcam": GradCAMFamily,
+        "gradcampp": GradCAMFamily,
+        "xgradcam": GradCAMFamily,
+        "layercam": GradCAMFamily,
         "scorecam": ScoreCAMSettings,
         "fusion": FusionSettings,
     },

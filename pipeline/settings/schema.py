@@ -119,10 +119,23 @@ class Evaluate:
     clips_per_class: int | None = setting(
         None, "clips evaluated per class, drawn at random; null = every clip", at_least=1
     )
-    steps: int = setting(10, "deletion / insertion curves: 0, 1/steps, ..., 1 of the voxels", at_least=1)
+    protocol: str = setting(
+        "project",
+        "deletion / insertion: project (voxels, blur/mean baseline) | li2021 (Li et al. WACV 2021: 16x16 cells per "
+        "frame faded to 0 in the normalised input, 128 steps); docs/evaluation.md",
+        choices=("project", "li2021"),
+    )
+    steps: int | None = setting(
+        None,
+        "curves: 0, 1/steps, ..., 1 of the voxels (cells); null = the protocol's (project 10, li2021 128)",
+        at_least=1,
+    )
+    cells: int | None = setting(
+        None, "li2021: cells per side of each frame's grid; null = the protocol's (16); project: null", at_least=1
+    )
     baseline: str = setting(
         "blur",
-        "what removed voxels become: blur (Gaussian, blur_sigma input pixels) | mean (clip mean)",
+        "project: what removed voxels become: blur (Gaussian, blur_sigma input pixels) | mean (clip mean)",
         choices=("blur", "mean"),
     )
     blur_sigma: float = setting(5.0, "the blur baseline's Gaussian sigma in input pixels", above=0.0)

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from pipeline.errors import ConfigError, StageFailed
 from pipeline.explain import faithfulness as fm
+from pipeline.explain.protocols import protocol_from, protocol_setting
 from pipeline.explain.upsample import upsample
 from pipeline.models.inputs import Normalise
 from pipeline.runtime.builders import build_explainer, clip_loader
@@ -83,6 +84,8 @@ METRICS = [
 ]
 CURVES = ["deletion_curve", "insertion_curve", "random_deletion_curve", "random_insertion_curve"]
 GROUP = ["method", "label", "label_name"]
+#: the deletion / insertion protocol of a row (evaluate.protocol), kept with every row and aggregate
+PROTOCOL = "protocol"
 VOLUME_COLUMNS = ["volume", "volume_shape", "volume_codec", "volume_scale"]
 
 
@@ -91,9 +94,13 @@ def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
     ev = cfg.evaluate
     if ev.baseline not in fm.BASELINES:
         raise ConfigError(f"evaluate.baseline must be one of {fm.BASELINES}, got {ev.baseline!r}")
-    for key in ("steps", "batch_size"):
-        if int(ev[key]) < 1:
-            raise ConfigError(f"evaluate.{key} must be >= 1, got {ev[key]}")
+    protocol, _, cells = protocol_setting(ev)
+    if int(ev.batch_size) < 1:
+        raise ConfigError(f"evaluate.batch_size must be >= 1, got {ev.batch_size}")
+    if cells is not None and cells > min(int(s) for s in cfg.model.input.size):
+        raise ConfigError(
+            f"evaluate.cells={cells} is more cells than input pixels ({protocol}: model.input.size={list(cfg.model.input.size)})"
+        )
     if float(ev.blur_sigma) <= 0:
         raise ConfigError(f"evaluate.blur_sigma must be > 0, got {ev.blur_sigma}")
     if ev.clips_per_class is not None and int(ev.clips_per_class) < 1:
@@ -184,19 +191,17 @@ def evaluate_batch(
         random_native: tubes of the randomised model at the layer's size.
         targets: ``(N,)``; boxes: ``(N, T, 4)`` (NaN = none); crop_box: ``(N, 4)``.
     """
-    base = fm.baseline_clip(x, ev.baseline, float(ev.blur_sigma))
-    steps = int(ev.steps)
-    random_tubes = upsample(torch.rand(native.shape, generator=generator).to(x.device), tubes.shape[1:])
+    protocol = protocol_from(ev)
+    random_tubes = protocol.random_tubes(native, tubes.shape[1:], generator)
     out = {}
     for prefix, saliency in (("", tubes), ("random_", random_tubes)):
-        ranks = fm.saliency_order(saliency, generator)
-        deletion, insertion = fm.perturbation_curves(net, x, base, ranks, targets, steps)
+        deletion, insertion = protocol.curves(net, x, saliency, targets, generator)
         out.update(
             {
                 f"{prefix}deletion_curve": deletion,
                 f"{prefix}insertion_curve": insertion,
-                f"{prefix}deletion_auc": fm.curve_auc(deletion),
-                f"{prefix}insertion_auc": fm.curve_auc(insertion),
+                f"{prefix}deletion_auc": protocol.auc(deletion),
+                f"{prefix}insertion_auc": protocol.auc(insertion),
             }
         )
     out["randomisation_spearman"] = fm.spearman(native, random_native)
@@ -271,6 +276,7 @@ def evaluate_shard(
                 generator,
             )
             part = rows.iloc[pos][["clip_id", "video_id", "label", "label_name", "split", "method", "target"]].copy()
+            part[PROTOCOL] = protocol_from(ev).name
             for name, value in metrics.items():
                 value = value.cpu().numpy()
                 part[name] = list(value.astype(np.float32)) if value.ndim == 2 else value.astype(np.float64)
@@ -278,7 +284,7 @@ def evaluate_shard(
     table = (
         pd.concat(results, ignore_index=True)
         if results
-        else pd.DataFrame(columns=[*CLIP_COLUMNS[:6], "method", "target", *METRICS, *CURVES])
+        else pd.DataFrame(columns=[*CLIP_COLUMNS[:6], "method", "target", PROTOCOL, *METRICS, *CURVES])
     )
     failure_path = run.failure_part("evaluate", shard)
     if failures:
@@ -301,23 +307,25 @@ def inspect_part(parts: list[Path]) -> Published:
 
 
 def aggregate(run_dir: Path) -> pd.DataFrame:
-    """Per method and class (and ``(all)``, label -1): clips and mean of each metric and curve.
+    """Per method and class (and ``(all)``, label -1): clips and mean of each metric and curve, with the
+    deletion / insertion protocol that made them (``protocol``).
 
     The per-clip tables are small (a few numbers per clip), so they are read whole: 100,000 clips are a few
     tens of megabytes.
     """
     files = sorted(RunDir(run_dir).parts_folder("evaluate").glob("part-*.parquet"))
-    clips = pd.concat([pd.read_parquet(f, columns=[*GROUP, *METRICS, *CURVES]) for f in files], ignore_index=True)
+    keys = [*GROUP, PROTOCOL]
+    clips = pd.concat([pd.read_parquet(f, columns=[*keys, *METRICS, *CURVES]) for f in files], ignore_index=True)
     clips["label"] = clips["label"].fillna(UNLABELLED).astype("int64")
     clips["label_name"] = clips["label_name"].fillna(UNLABELLED_NAME).astype(object)
     tables = []
     for data in (clips, clips.assign(label=ALL_LABEL, label_name=ALL_NAME)):
-        grouped = data.groupby(GROUP, dropna=False)
+        grouped = data.groupby(keys, dropna=False)
         table = grouped[METRICS].mean().join(grouped.size().rename("clips"))
         for curve in CURVES:
             table[curve] = grouped[curve].apply(lambda c: np.stack(c.to_numpy()).mean(0).astype(np.float32))
         tables.append(table.reset_index())
-    return pd.concat(tables, ignore_index=True).sort_values(GROUP).reset_index(drop=True)
+    return pd.concat(tables, ignore_index=True).sort_values(keys).reset_index(drop=True)
 
 
 def run(cfg, run_dir: Path, client=None) -> StageResult:
@@ -366,8 +374,10 @@ def run(cfg, run_dir: Path, client=None) -> StageResult:
     overall = table[table["label"] == -1]
     for row in overall.itertuples():
         log.info(
-            "evaluate %s: deletion AUC %.3f (random %.3f), insertion AUC %.3f (random %.3f), randomisation spearman %.3f",
+            "evaluate %s (%s protocol): deletion AUC %.3f (random %.3f), insertion AUC %.3f (random %.3f), "
+            "randomisation spearman %.3f",
             row.method,
+            row.protocol,
             row.deletion_auc,
             row.random_deletion_auc,
             row.insertion_auc,

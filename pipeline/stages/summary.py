@@ -39,7 +39,7 @@ def show(run_dir: Path, results: dict[str, StageResult], seconds: float, console
     if faith_path.is_file():  # written by stage=evaluate; the totals rows are label -1
         for row in pd.read_parquet(faith_path).query("label == -1").itertuples():
             console.print(
-                f"faithfulness of {row.method}: deletion AUC {row.deletion_auc:.3f} (random tube {row.random_deletion_auc:.3f}, lower is better), "
+                f"faithfulness of {row.method} ({getattr(row, 'protocol', 'project')} protocol): deletion AUC {row.deletion_auc:.3f} (random tube {row.random_deletion_auc:.3f}, lower is better), "
                 f"insertion AUC {row.insertion_auc:.3f} (random {row.random_insertion_auc:.3f}, higher is better), "
                 f"randomised-model Spearman {row.randomisation_spearman:.3f}"
             )

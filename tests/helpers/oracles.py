@@ -111,3 +111,32 @@ def assert_tubes_close(mine: torch.Tensor, reference: np.ndarray, tol: float = 1
     assert (scale > 0).any(), "degenerate reference: every tube is zero"
     error = np.abs(mine - reference) / np.maximum(scale, 1e-12)
     assert error.max() <= tol, f"max error {error.max():.2e} of the reference's peak"
+
+
+def li2021_by_hand(net, clip: np.ndarray, tube: np.ndarray, target: int, cells: int, steps: int):
+    """One clip ``(C, T, H, W)``, its tube ``(T, H, W)``: Li et al.'s deletion and insertion curves and AUCs.
+
+    Cells are block means; they are ranked highest first (the test's tubes have no ties); step ``s`` touches
+    the first ``floor(s * n / steps)`` cells; touched voxels are 0 in the normalised clip; softmax by hand."""
+    c, t, h, w = clip.shape
+    kh, kw = h // cells, w // cells
+    means = tube.reshape(t, cells, kh, cells, kw).mean(axis=(2, 4)).reshape(-1)
+    order = sorted(range(len(means)), key=lambda i: -means[i])
+    n = len(order)
+    curves = {}
+    for mode in ("deletion", "insertion"):
+        probs = []
+        for s in range(steps + 1):
+            touched = np.zeros(n)
+            touched[order[: s * n // steps]] = 1
+            grid = touched.reshape(t, cells, cells)
+            pixels = np.kron(grid, np.ones((kh, kw)))  # (T, H, W): each cell over its pixels
+            keep = 1 - pixels if mode == "deletion" else pixels
+            perturbed = torch.from_numpy((clip * keep[None]).astype(np.float32))[None]
+            with torch.no_grad():
+                logits = net(perturbed)[0].double().numpy()
+            e = np.exp(logits - logits.max())
+            probs.append(e[target] / e.sum())
+        probs = np.array(probs)
+        curves[mode] = (probs, (probs.sum() - probs[0] / 2 - probs[-1] / 2) / (len(probs) - 1))
+    return curves
