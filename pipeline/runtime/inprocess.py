@@ -34,10 +34,14 @@ def in_process_setting(cfg, stage: str):
 
 
 def wants_in_process(cfg, clips_left: int) -> bool:
-    """Whether the stage runs its shards in this process (``extract.in_process``: auto, true or false)."""
+    """Whether the stage runs its shards in this process (``extract.in_process``: auto, true or false). ``auto``
+    never does on a cluster the command names (``cluster=slurm``, ``cluster=address``): the driver may be a
+    login node, and the user asked for those workers."""
+    from pipeline.runtime.cluster import is_local
+
     setting = in_process_setting(cfg, "extract")
     if setting == "auto":
-        return str(cfg.trainer.accelerator) == "cpu" and clips_left <= AUTO_MAX_CLIPS
+        return str(cfg.trainer.accelerator) == "cpu" and clips_left <= AUTO_MAX_CLIPS and is_local(cfg.cluster)
     return bool(setting)
 
 
