@@ -99,7 +99,7 @@ def run_stages(cfg: DictConfig, names: list[str], run_dir: Path, client=None) ->
                 raise
             except KeyboardInterrupt:
                 raise Interrupted(f"interrupted during stage {name}; rerun the same command to resume") from None
-            left = results[name].get("left") if isinstance(results[name], dict) else None
+            left = results[name].left
             if left:  # the stage did not finish its work: the command fails, and later stages have nothing to do
                 later = f"; not run: {', '.join(names[i + 1 :])}" if names[i + 1 :] else ""
                 failed = StageFailed(f"{left}{later}")
@@ -108,9 +108,8 @@ def run_stages(cfg: DictConfig, names: list[str], run_dir: Path, client=None) ->
             log.info("stage %s done in %.1f s", name, time.perf_counter() - t0)
 
     each_stage(client)
-    results["seconds"] = time.perf_counter() - started
     if cfg.stage in SEQUENCES or "stats" in names:
-        stage("summary").show(run_dir, results)
+        stage("summary").show(run_dir, results, time.perf_counter() - started)
     return results
 
 

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.errors import ConfigError
 from pipeline.store.files import atomic_write
+from pipeline.store.run_dir import RunDir
 
 #: one plain folder name: letters, digits, '-', '_' and '.', not starting with '.'
 RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
@@ -44,20 +45,20 @@ def check_run_name(name) -> None:
 def open_run_folder(cfg: DictConfig, stages: list[str]) -> Iterator[Path]:
     """Create the run folder, save the command's resolved configuration (``config.yaml``: the latest command;
     ``configs/<time>-<pid>-<stages>.yaml``: every command) and log to ``pipeline.log`` while the block runs."""
-    run_dir = Path(cfg.paths.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run = RunDir(cfg.paths.run_dir)
+    run.root.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_yaml(cfg, resolve=True)
-    with atomic_write(run_dir / "config.yaml") as tmp:
+    with atomic_write(run.config) as tmp:
         tmp.write_text(resolved)
     if os.environ.get("LOCAL_RANK", "0") == "0":  # once: not by DDP's extra ranks
-        (run_dir / "configs").mkdir(exist_ok=True)
+        run.configs.mkdir(exist_ok=True)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%f")  # one process may run stages twice a second
-        (run_dir / "configs" / f"{stamp}-{os.getpid()}-{'-'.join(stages)}.yaml").write_text(resolved)
-    handler = logging.FileHandler(run_dir / "pipeline.log")
+        (run.configs / f"{stamp}-{os.getpid()}-{'-'.join(stages)}.yaml").write_text(resolved)
+    handler = logging.FileHandler(run.log)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     logging.getLogger().addHandler(handler)
     try:
-        yield run_dir
+        yield run.root
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()

@@ -44,3 +44,12 @@ def test_the_timing_harness_waits_only_for_what_its_command_left_behind(tmp_path
         earlier.kill()
         earlier.wait()
         ctypes.CDLL(None).prctl(36, 0, 0, 0, 0)  # this test process stops adopting orphans (PR_SET_CHILD_SUBREAPER)
+
+
+def test_bench_ledger_plans_records_and_resumes(tmp_path):
+    """The engine at 10,000 shards (quick): every step ends, the kill's lost lines are adopted, nothing is left."""
+    from pipeline.bench import ledger
+
+    table = ledger.run(tmp_path, quick=True)
+    assert "10,000 shards" in table and "1,001 parts adopted on resume" in table
+    assert "| record 10,000 finished shards" in table and not (tmp_path / "ledger-run").exists()

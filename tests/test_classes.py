@@ -52,6 +52,14 @@ def test_class_names_that_do_not_fit_the_logits(setting, logits, message):
         model_class_names(setting, torch.nn.Linear(2, 2), logits, ["x", "y"])
 
 
+def test_logits_as_many_as_the_datasets_classes_suggest_model_classes_dataset():
+    with pytest.raises(ModelError, match=r"the dataset has 2 classes too: .* set model.classes=dataset, else set"):
+        model_class_names("kinetics400", torch.nn.Linear(2, 2), 2, ["x", "y"])
+    with pytest.raises(ModelError) as err:  # a count that differs from the dataset's: no such hint
+        model_class_names("kinetics400", torch.nn.Linear(2, 2), 3, ["x", "y"])
+    assert "model.classes=dataset" not in str(err.value)
+
+
 def test_labels_map_by_name_or_class_map():
     mapping = label_mapping(["jump", "run", "swim"], ["run", "walk", "jump"], {"swim": "walk"})
     assert mapping.tolist() == [2, 0, 1]
@@ -80,7 +88,7 @@ R3D_SMALL = [
 
 def printed_summary(run_dir) -> str:
     out = io.StringIO()
-    summary.show(run_dir, {}, Console(file=out, width=200))
+    summary.show(run_dir, {}, 0.0, Console(file=out, width=200))
     return out.getvalue()
 
 

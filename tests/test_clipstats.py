@@ -197,3 +197,13 @@ def test_top10_share_by_selection_equals_the_sorted_sum():
     top = -(-p.shape[1] // 10)
     by_sort = p.sort(dim=1, descending=True).values[:, :top].sum(1)
     assert torch.allclose(_top_share(p, top), by_sort, rtol=1e-6, atol=0)
+
+
+def test_the_statistics_are_the_declared_ones():
+    """The extractor computes exactly the statistics the contract declares (``peak_frame`` is the writer's:
+    ``peak_t`` through the clip's frame indices), and the tube schema holds each with its declared type."""
+    from pipeline.store.schema import CLIP_STATISTICS, TUBE_SCHEMA
+
+    computed = clip_statistics(torch.rand(2, 4, 8, 8), torch.tensor([[0.0, 0, 8, 8]] * 2))
+    assert set(computed) | {"peak_frame"} == {s.name for s in CLIP_STATISTICS}
+    assert all(TUBE_SCHEMA.field(s.name).type == s.dtype for s in CLIP_STATISTICS)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -23,10 +22,12 @@ from pipeline.data.video import ResizeCrop
 from pipeline.errors import ConfigError, StageFailed
 from pipeline.models import DemoNet3D
 from pipeline.runtime import cluster, local
-from pipeline.runtime.builders import loader_workers, make_trainer, prefetch_factor, resize_on_device, torch_threads
+from pipeline.runtime.builders import make_trainer
 from pipeline.runtime.progress import ShardProgress
+from pipeline.runtime.resolve import loader_workers, prefetch_factor, resize_on_device, torch_threads
 from pipeline.stages import extract
 from pipeline.store import read_failures, read_index, read_tubes
+from pipeline.store.ledger import read_ledger
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -188,10 +189,10 @@ def test_retries_killed_workers_and_a_rerun(pipeline_overrides, tmp_path):
     assert "stats" not in results and not (run_dir / "stats").exists()  # nothing to do while extract is unfinished
     assert not list(traps.iterdir())
     index, _ = read_index(run_dir)
-    killed = results["extract"]["failed_shards"]
+    killed = results["extract"].failed_shards
     lost = index["shard"].isin(killed)
     assert 1 <= len(killed) < index["shard"].nunique() == 4
-    assert results["extract"]["failures"] == {"KilledWorker": int(lost.sum())}
+    assert results["extract"].failures == {"KilledWorker": int(lost.sum())}
     failures = read_failures(run_dir)
     assert (
         set(failures["clip_id"]) == set(index.loc[lost, "clip_id"]) and (failures["error_type"] == "KilledWorker").all()
@@ -203,12 +204,12 @@ def test_retries_killed_workers_and_a_rerun(pipeline_overrides, tmp_path):
     assert (
         len(raised) == 1 and " done: " in logs[raised[0]]
     )  # the raising attempt is logged, and its retry finished the shard
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert sorted(map(int, manifest["failed"])) == killed and len(manifest["done"]) == 4 - len(killed)
+    assert sorted(read_ledger(run_dir, "extract", "failed")) == killed
+    assert len(read_ledger(run_dir, "extract", "done")) == 4 - len(killed)
 
     before = {p.name: p.stat().st_mtime_ns for p in (run_dir / "tubes").glob("part-*.parquet")}
     again = run(make_cfg(tmp_path, [*overrides, "stage=extract"]))
-    assert again["extract"]["skipped"] == len(before) and again["extract"]["failed_shards"] == []
+    assert again["extract"].skipped == len(before) and again["extract"].failed_shards == []
     assert {
         p.name: p.stat().st_mtime_ns for p in (run_dir / "tubes").glob("part-*.parquet") if p.name in before
     } == before
@@ -229,7 +230,7 @@ def test_fail_fast_stops_at_the_first_bad_clip(pipeline_overrides, synthetic_roo
         run(make_cfg(tmp_path, [*overrides, "run_name=ff", "extract.fail_fast=true", "stage=extract"]))
     # without fail_fast the same data finishes, with the bad clip as a failure row
     results = run(make_cfg(tmp_path, [*overrides, "run_name=ff", "stage=extract"]))
-    assert results["extract"]["failures"] == {"VideoError": 1}
+    assert results["extract"].failures == {"VideoError": 1}
     assert len(read_tubes(tmp_path / "outputs" / "ff", columns=["clip_id"])) == 7
     assert len(list((tmp_path / "outputs" / "ff" / "configs").glob("*.yaml"))) == 3  # every invocation's config kept
 
@@ -276,8 +277,7 @@ def test_lightning_ddp_ranks_write_disjoint_parts(pipeline_overrides, tmp_path):
     for clip_id, row in dask_tubes.iterrows():  # other batches than the Dask run's: same tubes up to float rounding
         np.testing.assert_allclose(tubes.loc[clip_id, "volume"], row["volume"], rtol=1e-5, atol=1e-6)
         assert tubes.loc[clip_id, "pred"] == row["pred"]
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert sum(entry["rows"] for entry in manifest["done"].values()) == 8
+    assert sum(entry.rows for entry in read_ledger(run_dir, "extract", "done").values()) == 8
     # a rerun finds every shard finished (all ranks' shares present) and computes nothing
     again = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=400)
     assert again.returncode == 0 and "3 already done, 0 to run" in again.stdout + again.stderr

@@ -14,7 +14,7 @@ def test_demo_trains_explains_and_resumes(tmp_path, capsys):
     overrides = ["stage=demo", "report.clips_per_class=1"]  # exactly what `make demo` runs, in tmp_path
     results = run(make_cfg(tmp_path, overrides))
     run_dir = tmp_path / "outputs" / "demo"
-    assert results["train"]["trained"] and results["train"]["test"] >= 0.9
+    assert results["train"].figures["test_accuracy"] >= 0.9
     overall = pd.read_parquet(run_dir / "stats" / "overall.parquet").iloc[0]
     assert overall["clips"] == 4 * 3 * 6 and overall["accuracy"] >= 0.9
     # the tube's per-frame peak lands on the actor far more often than a random point would
@@ -34,5 +34,5 @@ def test_demo_trains_explains_and_resumes(tmp_path, capsys):
     checkpoint = tmp_path / "outputs" / "models" / "demo-synthetic.pt"
     stamps = {p: p.stat().st_mtime_ns for p in [checkpoint, *(run_dir / "tubes").glob("part-*.parquet")]}
     again = run(make_cfg(tmp_path, overrides))
-    assert not again["train"]["trained"] and again["extract"]["skipped"] == again["extract"]["shards"]
+    assert not again["train"].figures and again["extract"].skipped == again["extract"].shards
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps

@@ -103,7 +103,7 @@ def test_class_aggregates_report_and_resume(evaluated):
     np.testing.assert_allclose(everyone["insertion_curve"], np.stack(clips["insertion_curve"]).mean(0), rtol=1e-5)
     for name, mine in clips.groupby("label_name"):
         assert table.set_index("label_name").loc[name, "tube_iou"] == pytest.approx(mine["tube_iou"].mean())
-    assert results["evaluate"]["overall"][0]["deletion_auc"] == pytest.approx(everyone["deletion_auc"])
+    assert results["evaluate"].figures["cam/deletion_auc"] == pytest.approx(everyone["deletion_auc"])
     html = (run_dir / "report" / "index.html").read_text()
     assert f"{everyone['deletion_auc']:.3f}" in html and f"{everyone['random_insertion_auc']:.3f}" in html
     # topk=2: the gallery's misclassified clip (one per class) shows the true class's tube when it is the second target

@@ -112,8 +112,8 @@ def test_frame_folder_without_fps_and_target_fps_is_a_failure_row():
     records = [VideoRecord("f", "frames/f", 0, "x", "train"), VideoRecord("g", "frames/g", 0, "x", "train", fps=50.0)]
     rows, failures = build_clips(records, {"frames/f": info, "frames/g": info}, SlidingSampler(2, target_fps=25))
     assert rows["video_id"].unique().tolist() == ["g"] and rows["fps"].unique().tolist() == [50.0]
-    assert [(f["clip_id"], f["error_type"]) for f in failures] == [("f", "SamplingError")]
-    assert "frame rate" in failures[0]["message"] and "frames/f" in failures[0]["message"]
+    assert [(f.clip_id, f.error_type) for f in failures] == [("f", "SamplingError")]
+    assert "frame rate" in failures[0].message and "frames/f" in failures[0].message
 
 
 def test_time_ranges_read_without_none():
@@ -125,7 +125,7 @@ def test_time_ranges_read_without_none():
         VideoRecord("c", "c.mp4", 0, "x", "train", 20, None),  # from frame 20 to the end
     ]
     _, failures = build_clips(records, {f"{n}.mp4": info for n in "abc"}, SlidingSampler(2))
-    messages = {f["source"]: f["message"] for f in failures}
+    messages = {f.source: f.message for f in failures}
     assert messages == {
         "a.mp4": "a.mp4: [100s, end) = frames [2500, end) start at or after the end of the video (16 frames, 0.64s)",
         "b.mp4": "b.mp4: [0.2s, 2s) = frames [5, 50) lie beyond the video's 16 frames, 0.64s",

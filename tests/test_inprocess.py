@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import dask
 import pytest
 import torch
@@ -16,6 +14,7 @@ from pipeline.errors import ConfigError, StageFailed
 from pipeline.runtime.cluster import LazyClient
 from pipeline.runtime.tasks import follow
 from pipeline.store import read_failures, read_index, read_tubes
+from pipeline.store.ledger import read_ledger
 
 
 @pytest.fixture
@@ -52,10 +51,10 @@ def test_a_small_run_starts_no_cluster_and_retries_a_failing_shard(indexed, tmp_
     finally:
         torch.set_num_threads(threads)
     shards = index["shard"].nunique()
-    assert sorted(calls) == sorted([*range(shards), 1]) and results["extract"]["failed_shards"] == []
+    assert sorted(calls) == sorted([*range(shards), 1]) and results["extract"].failed_shards == []
     tubes = read_tubes(run_dir, columns=["clip_id"])
     assert tubes["clip_id"].is_unique and set(tubes["clip_id"]) == set(index["clip_id"])
-    assert sorted(map(int, json.loads((run_dir / "manifest.json").read_text())["done"])) == list(range(shards))
+    assert sorted(read_ledger(run_dir, "extract", "done")) == list(range(shards))
 
 
 def test_a_shard_failing_every_attempt_becomes_failure_rows(indexed, tmp_path, monkeypatch):
@@ -63,7 +62,7 @@ def test_a_shard_failing_every_attempt_becomes_failure_rows(indexed, tmp_path, m
     _failing_once(monkeypatch, shard=0, times=2)
     with pytest.raises(StageFailed, match="3 of 4 shards done, 1 left") as unfinished:  # the command fails
         run(make_cfg(tmp_path, [*overrides, "stage=extract", "extract.retries=1"]))
-    assert unfinished.value.results["extract"]["failed_shards"] == [0]
+    assert unfinished.value.results["extract"].failed_shards == [0]
     failures = read_failures(run_dir)
     lost = index.loc[index["shard"] == 0, "clip_id"]
     assert set(failures["clip_id"]) == set(lost) and (failures["error_type"] == "RuntimeError").all()

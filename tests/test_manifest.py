@@ -188,7 +188,7 @@ def test_every_bad_input_is_a_failure_row(media, tmp_path):
     assert "frame_0000000005.jpg: unreadable JPEG" in message
 
     console = Console(record=True, width=200)
-    summary.show(run_dir, {"seconds": 1.0}, console=console)
+    summary.show(run_dir, {}, 1.0, console=console)
     text = console.export_text()
     assert "9 failures" in text and "index/VideoError: 4" in text and "index/MalformedRow: 2" in text
 

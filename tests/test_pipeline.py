@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np
@@ -20,6 +19,7 @@ from pipeline.explain.upsample import upsample
 from pipeline.models import DemoNet3D, load_checkpoint
 from pipeline.runtime.writer import TubeWriter
 from pipeline.store import INDEX_SCHEMA, TUBE_SCHEMA, dequantise, read_failures, read_index, read_tubes
+from pipeline.store.ledger import read_ledger
 
 MEAN, STD = 0.45, 0.225
 
@@ -380,7 +380,7 @@ def test_stages_after_extract_read_what_made_the_tubes(cam_run, caplog):
 
 
 def test_a_truncated_part_and_a_garbage_ledger_are_recovered_by_a_rerun(cam_run):
-    """A part cut to half its size and manifest.json overwritten with garbage: the rerun sets both aside (never
+    """A part cut to half its size and a garbage line in the ledger's journal: the rerun sets both aside (never
     deletes them), rebuilds the ledger from the other parts' own metadata (not recomputed: same inode, same
     bytes) and recomputes the broken shard alone; every clip once, the same tubes as before."""
     root, run_dir, overrides = cam_run
@@ -388,18 +388,18 @@ def test_a_truncated_part_and_a_garbage_ledger_are_recovered_by_a_rerun(cam_run)
     before = {p.name: (p.stat().st_ino, p.read_bytes()) for p in parts}
     broken = parts[2]  # not the shard whose video vanished: its clips and batches are the same again
     broken.write_bytes(before[broken.name][1][: len(before[broken.name][1]) // 2])
-    recorded = json.loads((run_dir / "manifest.json").read_text())
-    (run_dir / "manifest.json").write_text("\x00garbage{")
+    recorded = read_ledger(run_dir, "extract", "done")
+    journal = run_dir / "ledger" / "extract" / "all.jsonl"
+    journal.write_text("\x00garbage{\n" + journal.read_text())
     run(make_cfg(root, overrides + ["run_name=cam", "store.codec=float32", "stage=extract"]))
     after = {p.name: (p.stat().st_ino, p.read_bytes()) for p in sorted((run_dir / "tubes").glob("part-*.parquet"))}
     assert after.keys() == before.keys()
     assert {k: v for k, v in after.items() if k != broken.name} == {k: v for k, v in before.items() if k != broken.name}
     assert read_part_rows(after[broken.name][1]) == read_part_rows(before[broken.name][1])  # recomputed, the same
     assert (run_dir / "tubes" / ".stale" / broken.name).stat().st_size == len(before[broken.name][1]) // 2
-    rebuilt = json.loads((run_dir / "manifest.json").read_text())
-    assert rebuilt["config_hash"] == recorded["config_hash"] and rebuilt["done"].keys() == recorded["done"].keys()
-    assert all(rebuilt["done"][s]["rows"] == recorded["done"][s]["rows"] for s in recorded["done"])
-    assert [p.read_text() for p in run_dir.glob("manifest.json.unreadable-*")] == ["\x00garbage{"]
+    rebuilt = read_ledger(run_dir, "extract", "done")
+    assert rebuilt.keys() == recorded.keys() and all(rebuilt[s].rows == recorded[s].rows for s in recorded)
+    assert [p.read_text().split("\n")[0] for p in journal.parent.glob("all.jsonl.unreadable-*")] == ["\x00garbage{"]
     tubes = read_tubes(run_dir, columns=["clip_id"])
     index, _ = read_index(run_dir)
     failures = read_failures(run_dir)

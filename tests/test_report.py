@@ -44,7 +44,7 @@ def _section(html: str, title: str) -> str:
 def test_pages_links_and_assets(built):
     run_dir, result = built
     pages = _pages(run_dir)
-    assert len(pages) == 1 + len(CLASSES) == result["pages"]
+    assert len(pages) == 1 + len(CLASSES) == result.figures["pages"]
     overview = pages["index.html"]
     for name, html in pages.items():
         for target in re.findall(r'(?:src|href)="([^"#]+)"', html):
@@ -85,7 +85,7 @@ def test_galleries_pick_the_right_clips(built):
 def test_size_is_bounded_by_classes_not_clips(built):
     run_dir, result = built
     gifs = list((run_dir / "report" / "assets").glob("*.gif"))
-    assert result["clips"] <= 3 * PER_CLASS * len(CLASSES) and len(gifs) == result["clips"]
+    assert result.clips <= 3 * PER_CLASS * len(CLASSES) and len(gifs) == result.clips
     assert len(list((run_dir / "report" / "assets").glob("*.mp4"))) == len(CLASSES)
 
 

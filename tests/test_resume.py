@@ -16,6 +16,7 @@ import pytest
 from helpers.config import make_cfg
 from pipeline.__main__ import run
 from pipeline.store import read_failures, read_index, read_tubes
+from pipeline.store.ledger import read_ledger
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -147,9 +148,8 @@ def test_sigkill_at_any_point_then_resume(synthetic_root, random_checkpoint, tmp
     # each shard's log: at most one completed computation, however often the run was killed
     for name, text in _logs(run_dir).items():
         assert text.count(" done: ") <= 1, name
-    manifest = __import__("json").loads((run_dir / "manifest.json").read_text())
-    assert sorted(map(int, manifest["done"])) == list(range(12))
-    assert all(entry["rows"] == 2 for entry in manifest["done"].values())
+    done = read_ledger(run_dir, "extract", "done")
+    assert sorted(done) == list(range(12)) and all(entry.rows == 2 for entry in done.values())
 
 
 @pytest.mark.slow  # two runs of the extract command (about 40 s)

@@ -121,12 +121,12 @@ def test_distributions_are_histograms_of_the_clips(runs):
 
 def test_a_run_where_every_clip_failed_says_so(tmp_path):
     """Empty part files (every clip of every shard failed) give one clear error with the failure reasons."""
-    from pipeline.store import TUBE_SCHEMA, failure_row, failures_table, part_name, write_table_atomic
+    from pipeline.store import TUBE_SCHEMA, Failure, failures_table, part_name, write_table_atomic
 
     run_dir = tmp_path / "failed"
     write_table_atomic(TUBE_SCHEMA.empty_table(), run_dir / "tubes" / part_name(0))
     write_table_atomic(
-        failures_table([failure_row("a:000000", "a.mp4", "extract", "VideoError", "a.mp4: broken")]),
+        failures_table([Failure("a:000000", "a.mp4", "extract", "VideoError", "a.mp4: broken")]),
         run_dir / "failures" / part_name(0),
     )
     with pytest.raises(StageFailed, match=r"no clip has a tube.*VideoError"):

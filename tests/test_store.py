@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -6,10 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.errors import MissingInput
+from pipeline.errors import ConfigError, MissingInput
 from pipeline.store import (
     FAILURE_SCHEMA,
     TUBE_SCHEMA,
+    Failure,
     decode_volume,
     dequantise,
     encode_volume,
@@ -146,10 +149,11 @@ def test_read_failures_empty(tmp_path):
 
 
 def test_read_failures_concatenates_files(tmp_path):
-    row = dict(clip_id="c1", source="/x.mp4", stage="index", error_type="VideoError", message="/x.mp4: bad")
+    row = Failure(clip_id="c1", source="/x.mp4", stage="index", error_type="VideoError", message="/x.mp4: bad")
     write_table_atomic(failures_table([row]), tmp_path / "failures" / "index.parquet")
     write_table_atomic(
-        failures_table([{**row, "clip_id": "c2", "stage": "extract"}]), tmp_path / "failures" / "extract-00000.parquet"
+        failures_table([dataclasses.replace(row, clip_id="c2", stage="extract")]),
+        tmp_path / "failures" / "extract-00000.parquet",
     )
     frame = read_failures(tmp_path)
     assert list(frame.columns) == FAILURE_SCHEMA.names
@@ -323,17 +327,44 @@ def test_an_index_that_is_not_ours_is_named(tmp_path):
         read_index(tmp_path)
 
 
-@pytest.mark.parametrize("text", ["", "{not json", "[1, 2]", '{"done": {"0": {"rows": 3}}}', '{"done": []}'])
-def test_an_unreadable_ledger_is_set_aside_and_started_again(tmp_path, text, caplog):
-    """The manifest is a record the parts can rebuild: an unreadable one is moved aside (never deleted)."""
+@pytest.mark.parametrize("text", ["{not json\n{}\n", "[1, 2]\n", '{"shard": 0, "state": "done"}\n'])
+def test_an_unreadable_journal_is_set_aside_and_started_again(tmp_path, text, caplog):
+    """A journal is a record the parts can rebuild: one with an unreadable line is moved aside (never deleted)."""
     from pipeline.store.ledger import Ledger
 
-    (tmp_path / "manifest.json").write_text(text)
+    folder = tmp_path / "ledger" / "extract"
+    folder.mkdir(parents=True)
+    (folder / "all.jsonl").write_text(text)
     with caplog.at_level("WARNING"):
-        ledger = Ledger(tmp_path, "abc")
+        ledger = Ledger(tmp_path, "extract", config_hash="abc")
     assert ledger.done == {} and ledger.failed == {}
-    aside = list(tmp_path.glob("manifest.json.unreadable-*"))
-    assert len(aside) == 1 and aside[0].read_text() == text and not (tmp_path / "manifest.json").exists()
-    assert "cannot be read" in caplog.text and "rebuilding it from the parts' own metadata" in caplog.text
+    aside = list(folder.glob("all.jsonl.unreadable-*"))
+    assert len(aside) == 1 and aside[0].read_text() == text
+    assert "cannot be read" in caplog.text and "its parts are adopted again" in caplog.text
     ledger.finish(3, "h", rows=2)
-    assert Ledger(tmp_path, "abc").is_done(3, "h")
+    ledger.close()
+    assert Ledger(tmp_path, "extract", config_hash="abc").is_done(3, "h")
+
+
+def test_the_journal_keeps_every_entry_of_concurrent_writers_and_ignores_a_line_cut_short(tmp_path):
+    """Two shares' drivers append at once, each to its own journal; a kill mid-line loses only that line; the
+    latest entry of a shard wins whichever journal holds it; reopening compacts a journal to one line per shard."""
+    from pipeline.store.ledger import Ledger, read_ledger
+
+    one = Ledger(tmp_path, "extract", "share-0-of-2", config_hash="c")
+    two = Ledger(tmp_path, "extract", "share-1-of-2", config_hash="c")
+    for shard in range(0, 200, 2):
+        one.finish(shard, f"d{shard}", rows=shard, bytes=10)
+        two.fail(shard + 1, f"d{shard + 1}", "boom")
+        two.finish(shard + 1, f"d{shard + 1}", rows=1)
+    one.close(), two.close()
+    with open(tmp_path / "ledger" / "extract" / "share-0-of-2.jsonl", "a") as journal:
+        journal.write('{"shard": 500, "state": "do')  # a kill in the middle of a write
+    done = read_ledger(tmp_path, "extract", "done")
+    assert sorted(done) == list(range(200)) and done[198].rows == 198 and done[7].rows == 1
+    again = Ledger(tmp_path, "extract", "share-1-of-2", config_hash="c")
+    assert len((tmp_path / "ledger" / "extract" / "share-1-of-2.jsonl").read_text().splitlines()) == 100
+    assert again.is_done(7, "d7") and not again.is_done(7, "other") and 500 not in again.entries
+    again.close()
+    with pytest.raises(ConfigError, match=r"another configuration .*choose a new run_name"):
+        Ledger(tmp_path, "extract", config_hash="other")

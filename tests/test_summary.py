@@ -6,7 +6,7 @@ import pandas as pd
 from rich.console import Console
 
 from pipeline.stages import summary
-from pipeline.store import failure_row, failures_table, write_table_atomic
+from pipeline.store import Failure, failures_table, write_table_atomic
 
 
 def test_summary_shows_faithfulness_totals_and_failures_by_reason(tmp_path):
@@ -24,11 +24,11 @@ def test_summary_shows_faithfulness_totals_and_failures_by_reason(tmp_path):
         )
     ).to_parquet(tmp_path / "stats" / "faithfulness.parquet")
     write_table_atomic(
-        failures_table([failure_row("a:000000", "a.mp4", "extract", "VideoError", "a.mp4: broken")] * 2),
+        failures_table([Failure("a:000000", "a.mp4", "extract", "VideoError", "a.mp4: broken")] * 2),
         tmp_path / "failures" / "part-00000.parquet",
     )
     console = Console(record=True, width=400)
-    summary.show(tmp_path, {"seconds": 2.0}, console=console)
+    summary.show(tmp_path, {}, 2.0, console=console)
     text = console.export_text()
     assert (
         "faithfulness of cam: deletion AUC 0.250 (random tube 0.500" in text

@@ -1,3 +1,5 @@
+from fractions import Fraction
+
 import av
 import numpy as np
 import pytest
@@ -292,7 +294,8 @@ def moving_frames(n, height=72, width=96, seed=0):
 
 @pytest.fixture(scope="module")
 def long_videos(tmp_path_factory):
-    """Longer videos with real GOPs: H.264 with B-frames at 59.94 fps, mpeg4 AVI at 29.97 and 25 fps, VFR MKV."""
+    """Longer videos with real GOPs: H.264 with B-frames at 59.94 fps, mpeg4 AVI at 29.97 and 25 fps, VP9 WebM
+    (Something-Something v2's and YouTube's codec, millisecond timestamps) at 30 and 29.97 fps, VFR MKV."""
     root = tmp_path_factory.mktemp("long")
     frames = moving_frames(150)
     paths = {
@@ -300,16 +303,24 @@ def long_videos(tmp_path_factory):
         "mpeg4_2997": root / "v_Archery_g01_c01.avi",
         "mpeg4_25": root / "v_Basketball_g01_c01.avi",
         "vfr": root / "vfr.mkv",
+        "vp9_30": root / "78687.webm",
+        "vp9_2997": root / "abc_000010_000020.webm",
     }
     write_video(paths["h264_5994"], frames, fps=60000 / 1001, g="24", bf="3", crf="20", preset="veryfast")
     write_video(paths["mpeg4_2997"], frames, fps=30000 / 1001, codec="mpeg4", g="20", bf="2", qscale="3")
     write_video(paths["mpeg4_25"], frames, fps=25, codec="mpeg4", g="12")
     write_video(paths["vfr"], frames[:60], 25, skipped_pts={10, 11, 30})
+    vp9 = {"g": "24", "deadline": "realtime", "cpu-used": "8", "crf": "20", "b": "0"}
+    write_video(paths["vp9_30"], frames, fps=30, codec="libvpx-vp9", **vp9)
+    write_video(paths["vp9_2997"], frames, fps=30000 / 1001, codec="libvpx-vp9", **vp9)
     return paths
 
 
+SEEKABLE = ["h264_5994", "mpeg4_2997", "mpeg4_25", "vp9_30", "vp9_2997"]
+
+
 def test_long_videos_have_keyframes_between(long_videos):
-    for kind in ("h264_5994", "mpeg4_2997", "mpeg4_25"):
+    for kind in SEEKABLE:
         with av.open(str(long_videos[kind])) as container:
             keys = [p.is_keyframe for p in container.demux(video=0) if p.size]
         assert len(keys) == 150 and 3 <= sum(keys) < 40, kind  # seeking has keyframes to land on, and GOPs
@@ -322,7 +333,37 @@ def test_h264_has_b_frames(long_videos):
     assert probe(long_videos["h264_5994"]).fps == pytest.approx(60000 / 1001)
 
 
-@pytest.mark.parametrize("kind", ["h264_5994", "mpeg4_2997", "mpeg4_25"])
+def test_webm_vp9_stores_no_frame_count_and_millisecond_timestamps(long_videos):
+    """What the seek path meets in SSv2 / Kinetics WebM files: no frame count (every packet's timestamp is
+    checked instead) and timestamps rounded to the millisecond (off the 29.97 fps grid by up to 0.015 frame)."""
+    for kind in ("vp9_30", "vp9_2997"):
+        with av.open(str(long_videos[kind])) as container:
+            stream = container.streams.video[0]
+            assert (stream.codec_context.name, stream.frames, stream.time_base) == ("vp9", 0, Fraction(1, 1000))
+            stamps = sorted(p.pts for p in container.demux(stream) if p.size)
+        assert len(stamps) == 150 and probe(long_videos[kind]).num_frames == 150
+    assert stamps[7] == round(7 * 1001 / 30)  # 233.57 ms stored as 234
+
+
+def test_webm_with_a_timestamp_gap_seeks_only_before_it(tmp_path):
+    """A VP9 WebM whose timestamps skip one grid step after frame 99: a clip before the gap is found by seeking
+    (the packets are checked only up to it), a clip after it by counting from the start; both exact."""
+    from pipeline.data.video import _decode_by_timestamp
+
+    path = tmp_path / "gap.webm"
+    write_video(path, moving_frames(150), 30, codec="libvpx-vp9", skipped_pts={100}, g="24", deadline="realtime")
+    reference = decode_all(path)
+    assert len(reference) == 150
+    with av.open(str(path)) as container:
+        assert _decode_by_timestamp(container, [30, 40]) is not None
+    with av.open(str(path)) as container:
+        assert _decode_by_timestamp(container, [120, 121]) is None  # frame 120 is at the grid's step 121
+    for indices in ([30, 40], [120, 121], [99, 100, 101]):
+        got = read_frames(path, indices)
+        assert all(np.array_equal(row, reference[i]) for row, i in zip(got, indices)), indices
+
+
+@pytest.mark.parametrize("kind", SEEKABLE)
 def test_seeking_returns_the_pixels_of_a_full_decode(long_videos, kind):
     from pipeline.data.video import _decode_by_timestamp
 
@@ -349,7 +390,7 @@ def test_seeking_returns_the_pixels_of_a_full_decode(long_videos, kind):
             assert all(np.array_equal(found[i], reference[i]) for i in indices)
 
 
-@pytest.mark.parametrize("kind", ["h264_5994", "mpeg4_2997"])
+@pytest.mark.parametrize("kind", ["h264_5994", "mpeg4_2997", "vp9_2997"])
 def test_every_frame_by_seeking(long_videos, kind):
     reference = decode_all(long_videos[kind])
     for index in range(0, 150, 7):

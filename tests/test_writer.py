@@ -10,9 +10,9 @@ import torch
 from pipeline.explain.explainer import TubeExplainer
 from pipeline.explain.methods import CAM
 from pipeline.models import DemoNet3D
-from pipeline.runtime.job import ShardJob
+from pipeline.runtime.job import ShardJob, StopShard
 from pipeline.runtime.module import TubeModule
-from pipeline.runtime.writer import ClipFailure, TubeWriter
+from pipeline.runtime.writer import TubeWriter
 
 
 def test_unlabelled_clips_are_written_with_null_labels(tmp_path):
@@ -76,7 +76,7 @@ def test_progress_counts_clips_and_fail_fast_stops_at_a_bad_clip(tmp_path):
     job = ShardJob(tmp_path, 4, rows, ["A", "B", "C", "D"], "x")
     writer = TubeWriter(job, rows, "cam", module.explainer.layer_name, progress=seen.append)
     writer.write_on_batch_end(None, module, prediction, None, batch, 0)
-    assert seen == [3] and writer.rows_written == 2 and [f["clip_id"] for f in writer.failures] == ["b:0"]
+    assert seen == [3] and writer.rows_written == 2 and [f.clip_id for f in writer.failures] == ["b:0"]
     assert not (tmp_path / "tubes" / "part-00004.parquet").exists()  # nothing published before the shard ends
     writer.on_predict_end(None, module)
     assert pq.read_table(tmp_path / "tubes" / "part-00004.parquet").num_rows == 2
@@ -86,7 +86,7 @@ def test_progress_counts_clips_and_fail_fast_stops_at_a_bad_clip(tmp_path):
 
     strict_job = ShardJob(tmp_path / "strict", 4, rows, ["A", "B", "C", "D"], "x", rank=1, ranks=2)
     strict = TubeWriter(strict_job, rows, "cam", module.explainer.layer_name, fail_fast=True)
-    with pytest.raises(ClipFailure, match="clip b:0 failed \\(VideoError\\)"):
+    with pytest.raises(StopShard, match="clip b:0 failed \\(VideoError\\)"):
         strict.write_on_batch_end(None, module, prediction, None, batch, 0)
     strict.abort()
     assert not list((tmp_path / "strict").rglob("*.parquet*"))

@@ -2,7 +2,8 @@
 and of the index stage (probe + sample + shard) on 1 and 2 Dask workers.
 
 The videos are written here: 320x240 at 25 fps, 20 s (10 s with ``--quick``), H.264 (keyframe every 2 s,
-B-frames) and MPEG-4 Part 2 AVI (UCF-101's codec, keyframe every 12 frames). Clips are the model's usual 8 steps
+B-frames), MPEG-4 Part 2 AVI (UCF-101's codec, keyframe every 12 frames) and VP9 WebM (Something-Something v2's
+and YouTube's codec, keyframe every 2 s). Clips are the model's usual 8 steps
 every 2 frames, 6 per video spread with the uniform sampler. The index benchmark lists hard links to those
 files in a manifest (so that probing, not writing videos, is what it times) and runs the real index stage.
 """
@@ -51,6 +52,14 @@ def _decoder_rows(root: Path, seconds: int, videos: int) -> list[str]:
     kinds = {
         "H.264 MP4": dict(suffix=".mp4", codec="libx264", g=str(2 * FPS), bf="2", preset="veryfast"),
         "MPEG-4 AVI": dict(suffix=".avi", codec="mpeg4", g="12", qscale="4"),
+        # SSv2's and YouTube's (Kinetics) codec: WebM stores no frame count, so seeking checks every packet first
+        "VP9 WebM": {
+            "suffix": ".webm",
+            "codec": "libvpx-vp9",
+            "g": str(2 * FPS),
+            "deadline": "realtime",
+            "cpu-used": "8",
+        },
     }
     sampler = UniformSampler(8, frame_stride=2, num_clips=CLIPS_PER_VIDEO)
     rows = []
@@ -81,7 +90,7 @@ def _decoder_rows(root: Path, seconds: int, videos: int) -> list[str]:
 
 
 def _index_rows(root: Path, out_dir: Path, count: int) -> list[str]:
-    originals = sorted(p for p in root.iterdir() if p.suffix in (".mp4", ".avi"))
+    originals = sorted(p for p in root.iterdir() if p.suffix in (".mp4", ".avi", ".webm"))
     links = root / "links"
     links.mkdir(exist_ok=True)
     lines = ["path,label"]

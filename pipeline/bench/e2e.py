@@ -44,6 +44,7 @@ from pipeline.data.datasets.synthetic import SyntheticSpec, generate
 from pipeline.data.video import ResizeCrop
 from pipeline.models import DemoNet3D
 from pipeline.store import INDEX_SCHEMA, write_table_atomic
+from pipeline.store.run_dir import RunDir
 
 REPO = Path(__file__).resolve().parents[2]
 CLIPS_PER_SHARD = 32  # the default index.clips_per_shard
@@ -131,7 +132,7 @@ def write_index(frame: pd.DataFrame, meta: bytes, run_dir: Path) -> None:
     shutil.rmtree(run_dir, ignore_errors=True)
     frame = frame.reset_index(drop=True).assign(shard=assign_shards(len(frame), CLIPS_PER_SHARD))
     table = pa.Table.from_pandas(frame, schema=INDEX_SCHEMA, preserve_index=False)
-    write_table_atomic(table, run_dir / "index.parquet", {"saliency_tubes": meta.decode()})
+    write_table_atomic(table, RunDir(run_dir).index, {"saliency_tubes": meta.decode()})
 
 
 def bound(frame: pd.DataFrame, checkpoint: Path, limit: int) -> dict:
@@ -178,7 +179,7 @@ def prepare(root: Path, quick: bool) -> tuple[Path, Path, pd.DataFrame, bytes]:
     timed_process(
         [sys.executable, "-m", "pipeline", "stage=index", *overrides(root, data, checkpoint, "e2e-index")], "index"
     )
-    table = pq.read_table(root / "outputs" / "e2e-index" / "index.parquet")
+    table = pq.read_table(RunDir(root / "outputs" / "e2e-index").index)
     return data, checkpoint, table.to_pandas(), table.schema.metadata[b"saliency_tubes"]
 
 

@@ -30,8 +30,9 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from pipeline.data.datasets.synthetic import SyntheticSpec, generate
-from pipeline.runtime.builders import loader_workers, make_trainer, quiet_lightning
+from pipeline.runtime.builders import make_trainer, quiet_lightning
 from pipeline.runtime.job import ShardJob
+from pipeline.runtime.resolve import loader_workers
 from pipeline.runtime.shard import shard_job
 from pipeline.store import read_index
 

@@ -32,6 +32,7 @@ from pipeline.explain.methods import CAM, Fusion, GradCAM, GradCAMPlusPlus, Laye
 from pipeline.explain.upsample import upsample
 from pipeline.models import DemoNet3D
 from pipeline.store import dequantise, quantise
+from pipeline.store.run_dir import RunDir
 
 #: model label -> (builder, explained layer, classifier, fusion layers, clip shape (3, T, H, W))
 MODELS = {
@@ -319,7 +320,7 @@ def end_to_end(out_dir: Path, quick: bool) -> list[dict]:
         cfg = compose("config", overrides=[*overrides, "stage=extract"])
     import pyarrow.parquet as pq  # the same clips: keep only them in the index
 
-    pq.write_table(pq.read_table(run_dir / "index.parquet").slice(0, clips), run_dir / "index.parquet")
+    pq.write_table(pq.read_table(RunDir(run_dir).index).slice(0, clips), RunDir(run_dir).index)
     started = time.perf_counter()
     run_stages(cfg)
     ours = time.perf_counter() - started

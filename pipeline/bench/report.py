@@ -26,13 +26,14 @@ from pipeline.stages import report, stats
 from pipeline.store import (
     INDEX_SCHEMA,
     TUBE_SCHEMA,
+    Failure,
     encode_layer_volumes,
     encode_volume,
     failures_table,
-    part_name,
     quantise,
     write_table_atomic,
 )
+from pipeline.store.run_dir import RunDir
 
 CLIP_LEN, SIDE, NATIVE = 8, 32, (4, 8, 8)
 VIDEO_FRAMES, VIDEO_W, VIDEO_H = 24, 48, 40
@@ -104,7 +105,7 @@ def write_synthetic_run(
     meta = dict(classes=list(classes), boxes=str(run_dir / "boxes.csv"))
     write_table_atomic(
         pa.Table.from_pandas(index, schema=INDEX_SCHEMA, preserve_index=False),
-        run_dir / "index.parquet",
+        RunDir(run_dir).index,
         {"saliency_tubes": json.dumps(meta)},
     )
     make = volumes or blob_tubes
@@ -155,10 +156,10 @@ def write_synthetic_run(
             columns[name] = list(value) if value.ndim == 2 else value
         write_table_atomic(
             pa.Table.from_pydict({f.name: columns[f.name] for f in TUBE_SCHEMA}, schema=TUBE_SCHEMA),
-            run_dir / "tubes" / part_name(int(shard)),
+            RunDir(run_dir).part("extract", int(shard)),
         )
     failed = [
-        dict(
+        Failure(
             clip_id=f"lost{i:05d}",
             source=f"missing{i}.mp4",
             stage="index",
@@ -167,7 +168,7 @@ def write_synthetic_run(
         )
         for i in range(max(1, clips // 1000))
     ]
-    write_table_atomic(failures_table(failed), run_dir / "failures" / "index.parquet")
+    write_table_atomic(failures_table(failed), RunDir(run_dir).index_failures)
     return index
 
 
@@ -205,7 +206,7 @@ def run(out_dir: Path, quick: bool) -> str:
     t_report = time.perf_counter() - t0
     pages = sorted((run_dir / "report").glob("*.html"))
     largest = max(p.stat().st_size for p in pages)
-    tubes_mb = sum(p.stat().st_size for p in (run_dir / "tubes").glob("*.parquet")) / 1e6
+    tubes_mb = sum(p.stat().st_size for p in RunDir(run_dir).tubes.glob("*.parquet")) / 1e6
     lines = [
         "## Report at scale (`pipeline/bench/report.py`)",
         "",

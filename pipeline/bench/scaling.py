@@ -29,6 +29,7 @@ from pipeline.data.clip_index import assign_shards
 from pipeline.data.datasets.synthetic import SyntheticSpec, generate
 from pipeline.models import DemoNet3D
 from pipeline.store import INDEX_SCHEMA, write_table_atomic
+from pipeline.store.run_dir import RunDir
 
 CLIPS_PER_SHARD = 8
 
@@ -68,7 +69,7 @@ def _index(root: Path, base: Path, run_name: str, repeats: int) -> int:
     meta = table.schema.metadata[b"saliency_tubes"].decode()
     write_table_atomic(
         pa.Table.from_pandas(index, schema=INDEX_SCHEMA, preserve_index=False),
-        run_dir / "index.parquet",
+        RunDir(run_dir).index,
         {"saliency_tubes": meta},
     )
     return len(index)
@@ -108,7 +109,7 @@ def run(out_dir: Path, quick: bool) -> str:
         check=True,
         capture_output=True,
     )
-    base = root / "outputs" / "base" / "index.parquet"
+    base = RunDir(root / "outputs" / "base").index
 
     rows, figures = [], {}
     for name, repeats, workers in (("1x, 1 worker", 1, 1), ("10x, 1 worker", 10, 1), ("10x, 2 workers", 10, 2)):

@@ -12,6 +12,7 @@ from pipeline.data.sampling import ClipSampler
 from pipeline.data.video import VideoInfo
 from pipeline.errors import ConfigError
 from pipeline.store import INDEX_SCHEMA
+from pipeline.store.files import Failure
 
 
 class FrameRangeError(ValueError):
@@ -62,7 +63,7 @@ def build_clips(
 
     def fail(rec: VideoRecord, error_type: str, message: str) -> None:
         failures.append(
-            dict(
+            Failure(
                 clip_id=rec.segment_id or rec.video_id,
                 source=rec.source,
                 stage="index",

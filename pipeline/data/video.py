@@ -80,6 +80,7 @@ def probe(path: str | Path) -> VideoInfo:
         raise VideoError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise VideoError(f"{path}: file is empty (0 bytes)")
+    _check_riff_size(path)
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -90,7 +91,7 @@ def probe(path: str | Path) -> VideoInfo:
                 raise VideoError(f"{path}: video stream has no frame rate or size")
             num_frames = stream.frames
             if num_frames <= 0:
-                num_frames = sum(1 for packet in container.demux(stream) if packet.size)
+                num_frames = _count_packets(path, container, stream, float(rate))
             if num_frames <= 0:
                 raise VideoError(f"{path}: video stream holds no frames")
             if stream.duration and stream.time_base:
@@ -109,6 +110,53 @@ def probe(path: str | Path) -> VideoInfo:
             )
     except av.FFmpegError as err:
         raise VideoError(f"{path}: cannot be opened as video ({err})") from err
+
+
+def _check_riff_size(path: Path) -> None:
+    """An AVI file states its length in its first bytes (``RIFF <size> AVI ``); a shorter file was cut short and
+    would probe as whole (the frame count is in the header) but fail to decode: :class:`VideoError`."""
+    with open(path, "rb") as handle:
+        head = handle.read(12)
+    if len(head) == 12 and head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+        declared, actual = int.from_bytes(head[4:8], "little") + 8, path.stat().st_size
+        if actual < declared:
+            raise VideoError(f"{path}: truncated: {actual} bytes of the {declared} its AVI header declares")
+
+
+#: how far (seconds) the packets of a file without a frame count (Matroska, WebM) may end before the duration it
+#: declares: the video track's own ``DURATION`` tag, or the container's duration, which an audio track may extend
+_TRUNCATED_AFTER = {"track": 0.25, "container": 1.0}
+
+
+def _count_packets(path: Path, container, stream, fps: float) -> int:
+    """The frames of a stream whose container stores no count: its packets, demuxed (not decoded).
+
+    A Matroska file cut short (a download stopped midway) still opens and demuxes up to the cut; it is told by
+    its packets ending before the duration written in its header. Raises :class:`VideoError` then.
+    """
+    stamps = [packet.pts for packet in container.demux(stream) if packet.size]
+    known = [pts for pts in stamps if pts is not None]
+    declared = _declared_duration(container, stream)
+    if known and declared is not None and stream.time_base:
+        seen = float((max(known) - min(known)) * stream.time_base) + 1 / fps
+        if declared[0] - seen > _TRUNCATED_AFTER[declared[1]]:
+            raise VideoError(
+                f"{path}: truncated: its {len(stamps)} frames end at {seen:.2f} s of the {declared[0]:.2f} s "
+                f"its {'video track' if declared[1] == 'track' else 'container'} declares"
+            )
+    return len(stamps)
+
+
+def _declared_duration(container, stream) -> tuple[float, str] | None:
+    """``(seconds, "track" | "container")``: the stream's ``DURATION`` tag (``00:00:03.000000000``, written by
+    FFmpeg's Matroska muxer), else the container's duration; ``None`` when neither is known."""
+    tag = (stream.metadata or {}).get("DURATION", "")
+    match = re.fullmatch(r"(\d+):(\d{2}):(\d{2}(?:\.\d+)?)", tag.strip())
+    if match:
+        return int(match[1]) * 3600 + int(match[2]) * 60 + float(match[3]), "track"
+    if container.duration:
+        return container.duration / av.time_base, "container"
+    return None
 
 
 def _probe_folder(folder: Path) -> VideoInfo:
@@ -193,7 +241,7 @@ def _video_stream(container):
     return stream
 
 
-def _frame_grid(container, stream) -> tuple[float, float, float] | None:
+def _frame_grid(container, stream, last: int) -> tuple[float, float, float] | None:
     """``(time_base, first_pts_seconds, fps)`` when the stream's timestamps can index frames, else ``None``.
 
     The rate must be constant: the container's frame count must equal its duration times the rate. The first
@@ -201,7 +249,11 @@ def _frame_grid(container, stream) -> tuple[float, float, float] | None:
     timestamps can start it above the stream's ``start_time``).
     """
     rate = stream.average_rate
-    if not rate or not stream.time_base or not stream.frames or not stream.duration:
+    if not rate or not stream.time_base:
+        return None
+    if not stream.frames:  # Matroska / WebM (SSv2, Kinetics): no frame count stored; every packet is checked
+        return _grid_from_packets(container, stream, float(rate), last)
+    if not stream.duration:
         return None
     if round(float(stream.duration * stream.time_base * rate)) != stream.frames:
         return None
@@ -218,6 +270,35 @@ def _frame_grid(container, stream) -> tuple[float, float, float] | None:
     return float(stream.time_base), float(min(first_pts) * stream.time_base), float(rate)
 
 
+def _grid_from_packets(container, stream, fps: float, last: int) -> tuple[float, float, float] | None:
+    """``(time_base, first_pts_seconds, fps)`` when the timestamps of the packets up to frame ``last``, sorted,
+    are the frames ``0, 1, ..., last`` of a constant-rate grid (within 5% of a frame: WebM stores milliseconds),
+    else ``None``.
+
+    Demuxing reads the packets without decoding them (the first 10 s of a video: about a millisecond), up to
+    ``last`` plus the decoder's reordering window, so a clip early in a long file does not read all of it. A gap
+    (a variable frame rate) or a packet that is no picture of its own (a VP8 alt-ref frame outside a
+    superframe) breaks the sequence, and the caller counts frames from the start instead.
+    """
+    stamps = []
+    for packet in container.demux(stream):
+        if packet.size:
+            if packet.pts is None:
+                return None
+            stamps.append(packet.pts)
+            if len(stamps) > last + _REORDER_PACKETS:
+                break
+    if len(stamps) <= last:
+        return None  # fewer frames than wanted: counting reports how many there are
+    stamps.sort()
+    time_base = float(stream.time_base)
+    first = stamps[0] * time_base
+    for index, pts in enumerate(stamps[: last + 1]):
+        if abs((pts * time_base - first) * fps - index) > 0.05:
+            return None
+    return time_base, first, fps
+
+
 def _decode_by_timestamp(container, needed: list[int]) -> dict[int, np.ndarray] | None:
     """Seek to the keyframe before ``needed[0]`` and decode up to ``needed[-1]``; ``None`` when not exact.
 
@@ -225,7 +306,7 @@ def _decode_by_timestamp(container, needed: list[int]) -> dict[int, np.ndarray] 
     retried from further back.
     """
     stream = _video_stream(container)
-    grid = _frame_grid(container, stream)
+    grid = _frame_grid(container, stream, needed[-1])
     if grid is None:
         return None
     time_base, start, fps = grid

@@ -74,9 +74,15 @@ def model_class_names(setting, net: nn.Module, num_logits: int, dataset_classes:
     else:
         raise ModelError(f"model.classes must be a list of names, a file or one of {BUILT_IN}, got {setting!r}")
     if len(names) != num_logits:
+        hint = "set model.classes to the model's own class names (a list or a file, one per line)"
+        if setting != DATASET and len(dataset_classes) == num_logits:
+            hint = (
+                f"the dataset has {num_logits} classes too: for a model trained on it set model.classes=dataset, "
+                f"else {hint}"
+            )
         raise ModelError(
-            f"{where} has {len(names)} class names but {type(net).__name__} returns {num_logits} logits; "
-            "set model.classes to the model's own class names (a list or a file, one per line)"
+            f"{where or 'model.classes'} has {len(names)} class names but {type(net).__name__} returns "
+            f"{num_logits} logits; {hint}"
         )
     return names
 

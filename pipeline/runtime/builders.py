@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import warnings
 
@@ -21,7 +20,7 @@ from pipeline.explain.explainer import TubeExplainer
 from pipeline.models import build_model
 from pipeline.models.adapters import adapt
 from pipeline.runtime.cluster import worker_gpu
-from pipeline.runtime.local import local_workers
+from pipeline.runtime.resolve import loader_workers, prefetch_factor
 
 _cache = threading.local()
 
@@ -51,51 +50,6 @@ def build_explainer(cfg, model_cfg=None) -> TubeExplainer:
         )
         _cache.key = key
     return _cache.explainer
-
-
-def worker_cores(cfg) -> int:
-    """The CPU cores one Dask worker owns: the machine's (or the SLURM job's ``cluster.cores``) over its workers
-    (one per GPU on GPUs)."""
-    cluster = cfg.cluster
-    cores = int(cluster.get("cores") or len(os.sched_getaffinity(0)) or 1)
-    workers = int(cluster.get("gpus") or cluster.get("gpus_per_job") or local_workers(cluster.get("n_workers") or 1))
-    return max(1, cores // workers)
-
-
-def torch_threads(cfg) -> int:
-    """Torch threads per task: ``extract.torch_threads``; ``auto`` = the cores its worker owns."""
-    setting = cfg.extract.torch_threads
-    return int(setting) if setting != "auto" else worker_cores(cfg)
-
-
-def loader_workers(cfg) -> int:
-    """DataLoader worker processes per task: ``extract.num_workers``; ``auto`` = on a GPU every core the worker
-    owns but one (which drives the GPU), at least 2, so that decoding keeps up with the device; on the CPU 0
-    (decoding and the model share the same cores)."""
-    setting = cfg.extract.num_workers
-    if setting == "auto":
-        return 0 if str(cfg.trainer.accelerator) == "cpu" else max(2, worker_cores(cfg) - 1)
-    return int(setting)
-
-
-#: batches in flight across a task's DataLoader workers with ``extract.prefetch_factor=auto``
-PREFETCH_BATCHES = 8
-
-
-def prefetch_factor(cfg, workers: int) -> int | None:
-    """Batches each DataLoader worker decodes ahead: ``extract.prefetch_factor``; ``auto`` = at least 2 per
-    worker and :data:`PREFETCH_BATCHES` in all, so a device never waits on a burst of slow clips."""
-    if not workers:
-        return None
-    setting = cfg.extract.prefetch_factor
-    return int(setting) if setting != "auto" else max(2, -(-PREFETCH_BATCHES // workers))
-
-
-def resize_on_device(cfg) -> bool:
-    """Whether clips are resized on the model's device: ``extract.resize``; ``auto`` = on GPUs, where the
-    loader then pins and copies uint8 frames (a quarter of float32's bytes) and the resize leaves its cores."""
-    setting = str(cfg.extract.get("resize", "auto"))
-    return setting == "device" or (setting == "auto" and str(cfg.trainer.accelerator) != "cpu")
 
 
 def clip_transform(cfg) -> ResizeCrop:

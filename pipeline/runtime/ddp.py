@@ -4,7 +4,7 @@
 relaunches the command once per extra rank). For every unfinished shard, Lightning's unpadded distributed
 predict sampler gives each rank a disjoint share of the shard's clips, and each rank publishes its share as
 ``part-NNNNN-rankR.parquet`` (readers see every row once). After each shard the ranks meet at a barrier and
-rank 0 records the shard in the manifest; a shard is finished only when all its ranks' parts are there.
+rank 0 records the shard in the ledger; a shard is finished only when all its ranks' parts are there.
 """
 
 from __future__ import annotations
@@ -17,9 +17,12 @@ import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
 from tqdm import tqdm
 
-from pipeline.runtime.builders import build_explainer, quiet_lightning, torch_threads
+from pipeline.runtime.builders import build_explainer, quiet_lightning
+from pipeline.runtime.engine import shard_log
 from pipeline.runtime.job import ShardJob
-from pipeline.runtime.shard import shard_job, shard_log
+from pipeline.runtime.resolve import torch_threads
+from pipeline.runtime.shard import shard_job
+from pipeline.store.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +62,7 @@ def run_shards(cfg, run_dir, todo: dict[int, pd.DataFrame], classes: list[str], 
     )
     bar = None
     for shard, rows in todo.items():
-        with shard_log(run_dir, shard) as slog:
+        with shard_log(RunDir(run_dir).shard_log("extract", shard)) as slog:
             job = ShardJob(
                 run_dir, shard, rows, classes, config_hash, rank=trainer.global_rank, ranks=trainer.world_size
             )

@@ -17,7 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import ConfigError
-from pipeline.store.ledger import recorded
+from pipeline.store.ledger import read_ledger
+from pipeline.store.run_dir import RunDir
 
 #: ``extract.in_process=auto``: at most this many clips left on the CPU run in the driver. On 2 cores the two
 #: worker processes of the default cluster cost about as much CPU as this many clips (``make bench BENCH=e2e``).
@@ -50,15 +51,15 @@ def cluster_pays_off(cfg, run_dir: Path) -> bool:
     heavy is imported: its index's clips less those the ledger records done (clips of adopted parts count as
     left). The command line then starts the cluster at once, in the background; the stage decides again on the
     exact count."""
-    index = Path(run_dir) / "index.parquet"
+    index = RunDir(run_dir).index
     if not index.is_file():
         return False
     try:
         clips = pq.read_metadata(index).num_rows
     except (OSError, pa.ArrowException):  # the stage says what is wrong with it
         return False
-    done = recorded(run_dir, "done").values()
-    left = clips - sum(int(e.get("clips") or 0) for e in done if isinstance(e, dict))
+    done = read_ledger(run_dir, "extract", "done").values()
+    left = clips - sum(entry.clips for entry in done)
     return left > 0 and not wants_in_process(cfg, left)
 
 

@@ -1,12 +1,16 @@
-"""The records that cross the runtime: a shard's job (what the driver sends a task) and its result, and the
-task itself as the driver names it (it imports torch and Lightning only where it runs)."""
+"""The records that cross the runtime: a shard's job (what the driver sends a task) and its result. A leaf: it
+imports nothing of the project."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
+
+if TYPE_CHECKING:
+    import torch
 
 #: ``target.mode``: which class each clip's tube explains (predicted, labelled, or the k best)
 TARGET_MODES = ("pred", "label", "topk")
@@ -40,30 +44,48 @@ class ShardJob:
     progress_topic: str | None = None
 
 
-def log_path(run_dir: Path, shard: int) -> Path:
-    """Where a shard's task logs every attempt."""
-    return Path(run_dir) / "logs" / f"shard-{shard:05d}.log"
-
-
-def run_shard(cfg_dict: dict, job: ShardJob) -> ShardResult:
-    """The extract task of one shard (:func:`pipeline.runtime.shard.run_shard`), imported where it runs: the
-    driver of a Dask run never imports Lightning (seconds of CPU, taken from the workers on a small machine)."""
-    from pipeline.runtime import shard
-
-    return shard.run_shard(cfg_dict, job)
+class StopShard(RuntimeError):
+    """Raised inside a shard's work to end the task at once, without retries (``extract.fail_fast``)."""
 
 
 @dataclass
 class ShardResult:
     """How a shard task ended. ``error`` is set when every attempt failed (its type in ``error_type``);
-    ``stop`` when the run must stop at once (``extract.fail_fast``)."""
+    ``stop`` when the run must stop at once (``extract.fail_fast``); ``bytes`` is the size of what it published."""
 
     shard: int
     rows: int = 0
     clips: int = 0
     failures: int = 0
     seconds: float = 0.0
+    bytes: int | None = None
     attempts: int = 1
     error: str | None = None
     error_type: str | None = None
     stop: bool = False
+
+
+@dataclass
+class Prediction:
+    """What ``predict_step`` hands the writer for one batch: ``n`` decoded clips x ``k`` targets, on the CPU.
+
+    ``positions`` index the shard's rows; ``failures`` are ``(position, error_type, message)`` of the batch's
+    clips that could not be decoded. ``tubes`` hold the stored (encoded) values, ``scale`` their codec scale,
+    ``stats`` the per-clip statistics of :func:`~pipeline.explain.clipstats.clip_statistics` (``n * k`` rows).
+    Every tensor field is None when no clip of the batch could be decoded.
+    """
+
+    positions: torch.Tensor  # (n,)
+    failures: list[tuple[int, str, str]]
+    crop_box: torch.Tensor | None = None  # (n, 4)
+    input_size: tuple[int, int, int] | None = None
+    targets: torch.Tensor | None = None  # (n, k)
+    target_logit: torch.Tensor | None = None  # (n, k)
+    target_prob: torch.Tensor | None = None  # (n, k)
+    pred: torch.Tensor | None = None  # (n,)
+    pred_prob: torch.Tensor | None = None  # (n,)
+    tubes: torch.Tensor | None = None  # (n, k, t, h, w)
+    scale: torch.Tensor | None = None  # (n, k)
+    stats: dict[str, torch.Tensor] | None = None
+    #: method=fusion: ``(stored, scale)`` of each fused layer's own tube (``(n, k, t, h, w)``, ``(n, k)``)
+    layer_tubes: list[tuple[torch.Tensor, torch.Tensor]] | None = None

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytorch_lightning as pl
 import torch
 
@@ -14,34 +12,8 @@ from pipeline.explain.clipstats import clip_statistics
 from pipeline.explain.explainer import TubeExplainer
 from pipeline.explain.upsample import upsample
 from pipeline.models.inputs import Normalise
-from pipeline.runtime.job import TARGET_MODES
+from pipeline.runtime.job import TARGET_MODES, Prediction
 from pipeline.store import dequantise, quantise
-
-
-@dataclass
-class Prediction:
-    """What ``predict_step`` hands the writer for one batch: ``n`` decoded clips x ``k`` targets, on the CPU.
-
-    ``positions`` index the shard's rows; ``failures`` are ``(position, error_type, message)`` of the batch's
-    clips that could not be decoded. ``tubes`` hold the stored (encoded) values, ``scale`` their codec scale,
-    ``stats`` the per-clip statistics of :func:`~pipeline.explain.clipstats.clip_statistics` (``n * k`` rows).
-    Every tensor field is None when no clip of the batch could be decoded.
-    """
-
-    positions: torch.Tensor  # (n,)
-    failures: list[tuple[int, str, str]]
-    crop_box: torch.Tensor | None = None  # (n, 4)
-    input_size: tuple[int, int, int] | None = None
-    targets: torch.Tensor | None = None  # (n, k)
-    target_logit: torch.Tensor | None = None  # (n, k)
-    target_prob: torch.Tensor | None = None  # (n, k)
-    pred: torch.Tensor | None = None  # (n,)
-    pred_prob: torch.Tensor | None = None  # (n,)
-    tubes: torch.Tensor | None = None  # (n, k, t, h, w)
-    scale: torch.Tensor | None = None  # (n, k)
-    stats: dict[str, torch.Tensor] | None = None
-    #: method=fusion: ``(stored, scale)`` of each fused layer's own tube (``(n, k, t, h, w)``, ``(n, k)``)
-    layer_tubes: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 class TubeModule(pl.LightningModule):

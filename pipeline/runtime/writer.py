@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,21 +16,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pytorch_lightning.callbacks import BasePredictionWriter
 
-from pipeline.runtime.job import ShardJob
-from pipeline.runtime.module import Prediction
+from pipeline.runtime.job import Prediction, ShardJob, StopShard
 from pipeline.store import (
     COMPRESSION,
     TUBE_SCHEMA,
+    Failure,
     encode_layer_volumes,
     encode_volume,
-    failure_row,
     failures_table,
-    part_name,
     publish,
     temp_path,
     write_table_atomic,
 )
 from pipeline.store.provenance import shard_digest
+from pipeline.store.run_dir import RunDir
 
 #: rows per Parquet row group of a part: batches are written together (one write per batch cost 3% of a clip)
 ROW_GROUP_ROWS = 256
@@ -49,10 +47,6 @@ _INDEX_COLUMNS = [
 ]
 
 
-class ClipFailure(RuntimeError):
-    """A clip failed while ``extract.fail_fast`` is set: the run stops at the first bad clip."""
-
-
 class TubeWriter(BasePredictionWriter):
     """Prediction writer for one shard (or one DDP rank's share of it).
 
@@ -62,7 +56,7 @@ class TubeWriter(BasePredictionWriter):
         method, layer: recorded in every row.
         failures: failure rows found before the loop (e.g. clips without a label), written with the shard's.
         progress: called after every batch with the number of the shard's clips handled so far.
-        fail_fast: raise :class:`ClipFailure` at the first failed clip instead of recording it.
+        fail_fast: raise :class:`StopShard` at the first failed clip instead of recording it.
         log: where the shard's events go (its log file).
     """
 
@@ -78,8 +72,9 @@ class TubeWriter(BasePredictionWriter):
         log: logging.Logger | None = None,
     ):
         super().__init__(write_interval="batch")
-        self.path = Path(job.run_dir) / "tubes" / part_name(job.shard, job.rank)
-        self.failure_path = Path(job.run_dir) / "failures" / part_name(job.shard, job.rank)
+        run = RunDir(job.run_dir)
+        self.path = run.part("extract", job.shard, job.rank)
+        self.failure_path = run.failure_part("extract", job.shard, job.rank)
         self.tmp = temp_path(self.path)
         self.rows = rows.reset_index(drop=True)
         self.method, self.layer, self.class_names = method, layer, list(job.classes)
@@ -87,6 +82,7 @@ class TubeWriter(BasePredictionWriter):
         self.schema = TUBE_SCHEMA.with_metadata(metadata)
         self.failures = list(failures or [])
         self.rows_written = 0
+        self.bytes: int | None = None
         self.clips_done = len(self.failures)
         self.progress, self.fail_fast = progress, fail_fast
         self.shard_log = log or logging.getLogger(__name__)
@@ -110,8 +106,8 @@ class TubeWriter(BasePredictionWriter):
             row = self.rows.iloc[position]
             self.shard_log.warning("clip %s failed: %s: %s", row.clip_id, error_type, message)
             if self.fail_fast:
-                raise ClipFailure(f"clip {row.clip_id} failed ({error_type}): {message}")
-            self.failures.append(failure_row(row.clip_id, row.source, "extract", error_type, message))
+                raise StopShard(f"clip {row.clip_id} failed ({error_type}): {message}")
+            self.failures.append(Failure(row.clip_id, row.source, "extract", error_type, message))
         clips = len(prediction.failures)
         if prediction.tubes is not None:
             table = self.to_table(prediction)
@@ -176,6 +172,7 @@ class TubeWriter(BasePredictionWriter):
         else:  # a recomputed shard must not keep the failures of an earlier attempt
             self.failure_path.unlink(missing_ok=True)
         publish(self.tmp, self.path)
+        self.bytes = self.path.stat().st_size
         self.shard_log.info("published %s: %d rows, %d failures", self.path, self.rows_written, len(self.failures))
 
     def abort(self) -> None:

@@ -15,6 +15,7 @@ on the device, and a finished shard is not recomputed.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from pathlib import Path
 
@@ -30,31 +31,32 @@ from pipeline.errors import ConfigError, StageFailed
 from pipeline.explain import faithfulness as fm
 from pipeline.explain.upsample import upsample
 from pipeline.models.inputs import Normalise
-from pipeline.runtime.builders import build_explainer, clip_loader, torch_threads
+from pipeline.runtime.builders import build_explainer, clip_loader
 from pipeline.runtime.cluster import is_local, offers_gpus, worker_gpu
+from pipeline.runtime.engine import Published, ShardWork, attempts, left_message, plan, run_plan, shards_of
 from pipeline.runtime.inprocess import in_process_setting, in_this_process
-from pipeline.runtime.job import GPU
+from pipeline.runtime.job import GPU, ShardResult
 from pipeline.runtime.local import driver_threads, local_workers
-from pipeline.runtime.tasks import follow
+from pipeline.runtime.resolve import task_config, torch_threads
+from pipeline.runtime.tasks import Task
+from pipeline.stages.result import StageResult
 from pipeline.store import (
     ALL_LABEL,
     ALL_NAME,
     UNLABELLED,
     UNLABELLED_NAME,
+    Failure,
     boxes_path,
     decode_column,
-    failure_row,
     failures_table,
     file_metadata,
-    part_name,
     read_boxes,
     read_index,
     read_tubes,
-    shard_failure_rows,
-    shard_parts,
     write_table_atomic,
 )
 from pipeline.store.provenance import digest, fingerprint
+from pipeline.store.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,8 @@ def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
         raise ConfigError(f"evaluate.clips_per_class must be >= 1 or null (all clips), got {ev.clips_per_class}")
     if not 0 < float(ev.iou_level) <= 1:
         raise ConfigError(f"evaluate.iou_level must be in (0, 1], got {ev.iou_level}")
+    if int(ev.retries) < 0:
+        raise ConfigError(f"evaluate.retries must be >= 0, got {ev.retries}")
     if ev.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"evaluate.device must be auto, cpu or cuda, got {ev.device!r}")
     in_process_setting(cfg, "evaluate")
@@ -203,11 +207,21 @@ def evaluate_batch(
     return out
 
 
-def evaluate_shard(
+def evaluate_task(
     cfg_dict: dict, run_dir: str, shard: int, rows: pd.DataFrame, boxes: pd.DataFrame | None, settings_hash: str
-) -> dict:
+) -> ShardResult:
+    """The evaluate task of one shard, up to ``1 + evaluate.retries`` attempts, each logged in the shard's log
+    (:func:`pipeline.runtime.engine.attempts`)."""
+    cfg = OmegaConf.create(copy.deepcopy(cfg_dict))
+    path = RunDir(run_dir).shard_log("evaluate", shard)
+    work = lambda slog: evaluate_shard(cfg, RunDir(run_dir), shard, rows, boxes, settings_hash)
+    return attempts(work, shard, len(rows), path, 1 + int(cfg.evaluate.retries))
+
+
+def evaluate_shard(
+    cfg, run: RunDir, shard: int, rows: pd.DataFrame, boxes: pd.DataFrame | None, settings_hash: str
+) -> ShardResult:
     """Evaluate one shard's clips and publish ``evaluate/part-NNNNN.parquet``. Runs in a Dask worker."""
-    cfg = OmegaConf.create(cfg_dict)
     torch.set_num_threads(torch_threads(cfg))  # as the extractor: a fixed count per task, no oversubscription
     ev = cfg.evaluate
     device = _device(ev.device)
@@ -215,7 +229,7 @@ def evaluate_shard(
     # the shard's own part file(s) (one per DDP rank) hold its tubes: no scan of the whole run per shard
     wanted = [("clip_id", "in", rows["clip_id"].tolist()), ("target_rank", "=", 0)]
     stored = (
-        pq.ParquetDataset(shard_parts(Path(run_dir) / "tubes", shard), filters=wanted)
+        pq.ParquetDataset(run.parts("extract", shard), filters=wanted)
         .read(columns=["clip_id", *VOLUME_COLUMNS])
         .to_pandas()
     )
@@ -239,9 +253,7 @@ def evaluate_shard(
     with torch.inference_mode():
         for batch in loader:
             for position, error_type, message in batch["failures"]:
-                failures.append(
-                    failure_row(rows.clip_id[position], rows.source[position], "evaluate", error_type, message)
-                )
+                failures.append(Failure(rows.clip_id[position], rows.source[position], "evaluate", error_type, message))
             if batch["video"] is None:
                 continue
             pos = batch["positions"].numpy()
@@ -269,17 +281,24 @@ def evaluate_shard(
         if results
         else pd.DataFrame(columns=[*CLIP_COLUMNS[:6], "method", "target", *METRICS, *CURVES])
     )
-    write_table_atomic(
-        pa.Table.from_pandas(table, preserve_index=False),
-        Path(run_dir) / "evaluate" / part_name(shard),
-        {"evaluate_hash": settings_hash},
-    )
-    failure_path = Path(run_dir) / "failures" / f"evaluate-{shard:05d}.parquet"
+    failure_path = run.failure_part("evaluate", shard)
     if failures:
         write_table_atomic(failures_table(failures), failure_path)
     else:
         failure_path.unlink(missing_ok=True)
-    return dict(shard=shard, clips=len(table), failures=len(failures))
+    out = run.part("evaluate", shard)
+    write_table_atomic(pa.Table.from_pandas(table, preserve_index=False), out, {"evaluate_hash": settings_hash})
+    return ShardResult(
+        shard, rows=len(table), clips=len(table) + len(failures), failures=len(failures), bytes=out.stat().st_size
+    )
+
+
+def inspect_part(parts: list[Path]) -> Published:
+    """What a published evaluate part was made for: the digest of the settings and clips in its metadata."""
+    try:
+        return Published(file_metadata(parts[0]).get("evaluate_hash"), rows=pq.read_metadata(parts[0]).num_rows)
+    except (pa.ArrowException, OSError) as err:
+        return Published(None, why=f"{parts[0].name} cannot be read ({type(err).__name__}: {err})")
 
 
 def aggregate(run_dir: Path) -> pd.DataFrame:
@@ -288,7 +307,7 @@ def aggregate(run_dir: Path) -> pd.DataFrame:
     The per-clip tables are small (a few numbers per clip), so they are read whole: 100,000 clips are a few
     tens of megabytes.
     """
-    files = sorted((run_dir / "evaluate").glob("part-*.parquet"))
+    files = sorted(RunDir(run_dir).parts_folder("evaluate").glob("part-*.parquet"))
     clips = pd.concat([pd.read_parquet(f, columns=[*GROUP, *METRICS, *CURVES]) for f in files], ignore_index=True)
     clips["label"] = clips["label"].fillna(UNLABELLED).astype("int64")
     clips["label_name"] = clips["label_name"].fillna(UNLABELLED_NAME).astype(object)
@@ -302,34 +321,30 @@ def aggregate(run_dir: Path) -> pd.DataFrame:
     return pd.concat(tables, ignore_index=True).sort_values(GROUP).reset_index(drop=True)
 
 
-def run(cfg, run_dir: Path, client=None) -> dict:
+def run(cfg, run_dir: Path, client=None) -> StageResult:
     ev = cfg.evaluate
+    run = RunDir(run_dir)
     _, meta = read_index(run_dir)
     rows = pick_clips(run_dir, None if ev.clips_per_class is None else int(ev.clips_per_class), int(ev.seed))
     path = boxes_path(cfg, meta)
     boxes = read_boxes(path) if path else None
     settings = dict(evaluate=OmegaConf.to_container(ev, resolve=True), tubes=fingerprint(cfg))
-    cfg_dict = OmegaConf.to_container(cfg, resolve=True)
-    todo, shards = {}, {}
-    for shard, part in rows.groupby("shard", sort=True):
-        settings_hash = digest([settings, part["clip_id"].tolist()])
-        shards[shard] = part
-        out = run_dir / "evaluate" / part_name(shard)
-        if not (out.is_file() and file_metadata(out).get("evaluate_hash") == settings_hash):
-            todo[shard] = (part, settings_hash)
-    for stale in (run_dir / "evaluate").glob("part-*.parquet"):  # shards with no evaluated clip any more
-        if int(stale.stem.split("-")[1]) not in shards:
-            stale.unlink()
-            (run_dir / "failures" / f"evaluate-{stale.stem.split('-')[1]}.parquet").unlink(missing_ok=True)
-    for shard in todo:  # results of older settings must not outlive a rerun that fails
-        (run_dir / "evaluate" / part_name(shard)).unlink(missing_ok=True)
-    log.info("evaluate: %d clips in %d shards, %d to run", len(rows), len(shards), len(todo))
+    cfg_dict = task_config(cfg)
+    shards = shards_of(rows, lambda clip_ids, _: digest([settings, clip_ids]))
 
     def shard_boxes(part):
         return None if boxes is None else boxes[boxes["video_id"].isin(set(part["video_id"]))]
 
+    work = ShardWork(
+        stage="evaluate",
+        task=Task("pipeline.stages.evaluate", "evaluate_task"),
+        job=lambda s: (cfg_dict, str(run_dir), s.number, s.rows, shard_boxes(s.rows), s.digest),
+        inspect=inspect_part,
+    )
+    p = plan(work, run, shards, share=None)
+    log.info("evaluate: %d clips in %d shards, %d to run", len(rows), len(shards), len(p.todo))
     # as the extractor: on GPU workers each task holds one worker's GPU=1 resource, so tasks never share a device
-    threads = bool(todo) and on_driver_threads(cfg, client)
+    threads = bool(p.todo) and on_driver_threads(cfg, client)
     gpu = (
         not threads
         and client is not None
@@ -337,32 +352,18 @@ def run(cfg, run_dir: Path, client=None) -> dict:
         and str(cfg.trainer.accelerator) != "cpu"
         and offers_gpus(cfg.cluster)
     )
-    jobs = {shard: (cfg_dict, str(run_dir), shard, part, shard_boxes(part), d) for shard, (part, d) in todo.items()}
-    errors = []
+    work.resources = {GPU: 1} if gpu else None
+    left_clips = sum(s.clips for s in p.todo.values())
     with (
+        p.ledger,
         _runner(cfg, client, threads) as runner,
-        tqdm(
-            total=len(rows), initial=len(rows) - sum(len(p) for p, _ in todo.values()), desc="evaluate", unit="clip"
-        ) as bar,
+        tqdm(total=len(rows), initial=len(rows) - left_clips, desc="evaluate", unit="clip") as bar,
     ):
-        for shard, _, error in follow(
-            runner, evaluate_shard, jobs, name="evaluate", resources={GPU: 1} if gpu else None
-        ):
-            bar.update(len(todo[shard][0]))
-            if error is None:
-                continue
-            errors.append(shard)
-            message = f"shard {shard}: {type(error).__name__}: {error}"
-            failures = shard_failure_rows(todo[shard][0], "evaluate", type(error).__name__, message)
-            write_table_atomic(failures_table(failures), run_dir / "failures" / f"evaluate-{shard:05d}.parquet")
-            trace = run_dir / "logs" / f"evaluate-{shard:05d}.log"
-            trace.parent.mkdir(parents=True, exist_ok=True)
-            trace.write_text(error.remote_traceback)
-            log.error("evaluate %s (%s)", message, trace)
-    if not list((run_dir / "evaluate").glob("part-*.parquet")):
-        raise StageFailed(f"{run_dir}: no clip could be evaluated; see {run_dir / 'failures'}")
-    table = aggregate(run_dir)
-    write_table_atomic(pa.Table.from_pandas(table, preserve_index=False), run_dir / "stats" / "faithfulness.parquet")
+        failed = run_plan(work, run, p.todo, p.ledger, runner, lambda s, _: bar.update(p.todo[s].clips)).failed
+    if not list(run.parts_folder("evaluate").glob("part-*.parquet")):
+        raise StageFailed(f"{run_dir}: no clip could be evaluated; see {run.failures} and {run.logs}")
+    table = aggregate(run)
+    write_table_atomic(pa.Table.from_pandas(table, preserve_index=False), run.table("faithfulness"))
     overall = table[table["label"] == -1]
     for row in overall.itertuples():
         log.info(
@@ -374,14 +375,15 @@ def run(cfg, run_dir: Path, client=None) -> dict:
             row.random_insertion_auc,
             row.randomisation_spearman,
         )
-    summary = dict(
+    figures = {}
+    for row in overall.itertuples():
+        figures.update({f"{row.method}/{name}": float(getattr(row, name)) for name in METRICS})
+    return StageResult(
+        "evaluate",
+        left=left_message("evaluate", run, p),
+        shards=len(shards),
+        skipped=p.skipped,
+        failed_shards=sorted(failed),
         clips=len(rows),
-        failed_shards=sorted(errors),
-        overall=overall.drop(columns=CURVES).to_dict("records"),
+        figures=figures,
     )
-    if errors:  # the command's exit status says so (pipeline.__main__)
-        summary["left"] = (
-            f"evaluate: {len(shards) - len(errors)} of {len(shards)} shards done, {len(errors)} failed "
-            f"(shards {sorted(errors)}); see {run_dir / 'logs'}, fix the cause and rerun the same command to resume"
-        )
-    return summary

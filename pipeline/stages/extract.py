@@ -1,45 +1,53 @@
 """Extract stage: ``index.parquet`` -> ``tubes/part-NNNNN.parquet`` (+ ``failures/part-NNNNN.parquet``).
 
-The driver: each shard is one task (:func:`pipeline.runtime.shard.run_shard`) on Dask (one GPU each on GPUs) or,
-for small CPU runs, in this process. A part file appears only when complete; ``manifest.json`` records finished
-shards and the fingerprint. A rerun skips finished shards and refuses a run directory of another configuration.
-A task retries itself ``extract.retries`` times (Dask reruns a killed worker's); a shard that keeps failing
-becomes failure rows. One progress bar counts clips over all workers.
+The stage's work on the sharded-stage engine (:mod:`pipeline.runtime.engine`): each shard is one task
+(:func:`pipeline.runtime.shard.run_shard`) on Dask (one GPU each on GPUs) or, for small CPU runs, in this
+process. A part file appears only when complete; the ledger records finished shards and the fingerprint. A rerun
+skips finished shards and refuses a run directory of another configuration. A task retries itself
+``extract.retries`` times (Dask reruns a killed worker's); a shard that keeps failing becomes failure rows. One
+progress bar counts clips over all workers. ``extract.share`` makes this driver one share of a SLURM array.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
-import time
 import uuid
 from pathlib import Path
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from pipeline.errors import ConfigError, Interrupted, StageFailed
+from pipeline.errors import ConfigError, Interrupted
 from pipeline.runtime.cluster import offers_gpus, open_client, uses_ddp
+from pipeline.runtime.engine import (
+    Plan,
+    Published,
+    ShardWork,
+    Share,
+    claim,
+    left_message,
+    listing,
+    parse_share,
+    plan,
+    run_plan,
+    shards_of,
+)
 from pipeline.runtime.inprocess import in_process_setting, in_this_process, wants_in_process
-from pipeline.runtime.job import GPU, TARGET_MODES, ShardJob, ShardResult, log_path, run_shard
+from pipeline.runtime.job import GPU, TARGET_MODES, ShardJob, ShardResult
 from pipeline.runtime.lock import POLICIES, run_lock
 from pipeline.runtime.progress import ShardProgress
-from pipeline.runtime.tasks import follow
-from pipeline.store.files import (
-    failures_table,
-    file_metadata,
-    part_name,
-    shard_failure_rows,
-    shard_parts,
-    write_table_atomic,
-)
-from pipeline.store.ledger import Ledger
-from pipeline.store.provenance import fingerprint, save_tubes_config, shard_digest
+from pipeline.runtime.resolve import task_config
+from pipeline.runtime.tasks import Task
+from pipeline.stages.result import StageResult
+from pipeline.store.files import file_metadata
+from pipeline.store.provenance import fingerprint, rows_digest, save_tubes_config
+from pipeline.store.run_dir import RunDir
 from pipeline.store.schema import CODECS
 
 # What checks the model, and the readers, import torch: they are imported where used, so that the command line
@@ -48,64 +56,30 @@ from pipeline.store.schema import CODECS
 log = logging.getLogger(__name__)
 
 
-def published_shard(run_dir: Path, shard: int, config_hash: str) -> dict | None:
-    """What a shard's published parts hold: ``shard_hash`` (None unless complete, consistent and readable, then
-    ``why`` says what is wrong) and ``rows``; None when it has no part. A shard is one part, or one part per rank
-    of the DDP run that made it.
+def inspect_parts(config_hash: str, parts: list[Path]) -> Published:
+    """What a shard's published parts were made for (one part, or one per rank of the DDP run that made it): their
+    shard digest, None unless complete, consistent and readable (then ``why`` says what is wrong).
 
     Raises:
-        RuntimeError: a part was made with another configuration.
+        ConfigError: a part was made with another configuration.
     """
-    parts = shard_parts(run_dir / "tubes", shard)
-    if not parts:
-        return None
     for path in parts:  # a part cut short (a copy, a full disk) has no footer: it is set aside and recomputed
         try:
             pq.read_metadata(path)
         except (pa.ArrowException, OSError) as err:
-            return dict(shard_hash=None, rows=0, why=f"{path.name} cannot be read ({type(err).__name__}: {err})")
+            return Published(None, why=f"{path.name} cannot be read ({type(err).__name__}: {err})")
     metas = [file_metadata(path) for path in parts]
     for path, meta in zip(parts, metas):
         if meta.get("config_hash") != config_hash:
             raise ConfigError(
-                f"{run_dir} holds tubes made with another configuration ({path.name}: {meta.get('config_hash')} != {config_hash}); "
+                f"{path.parent.parent} holds tubes made with another configuration ({path.name}: {meta.get('config_hash')} != {config_hash}); "
                 "choose a new run_name or delete the run directory"
             )
-    hashes = {meta.get("shard_hash") for meta in metas}
-    complete = len(hashes) == 1 and all(int(meta.get("ranks", 1)) == len(parts) for meta in metas)
-    return dict(
-        shard_hash=hashes.pop() if complete else None,
-        rows=sum(pq.ParquetFile(path).metadata.num_rows for path in parts),
+    digests = {meta.get("shard_hash") for meta in metas}
+    complete = len(digests) == 1 and all(int(meta.get("ranks", 1)) == len(parts) for meta in metas)
+    return Published(
+        digests.pop() if complete else None, rows=sum(pq.ParquetFile(path).metadata.num_rows for path in parts)
     )
-
-
-def set_aside(run_dir: Path, shard: int, why: str) -> None:
-    """Move a shard's part files (tubes and failures) to ``.stale/`` so readers never mix them in; nothing is deleted."""
-    for folder in ("tubes", "failures"):
-        for path in shard_parts(run_dir / folder, shard):
-            aside = run_dir / folder / ".stale" / path.name
-            aside.parent.mkdir(exist_ok=True)
-            if aside.exists():  # set aside before: keep both
-                aside = aside.with_name(f"{path.name}.{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}")
-            os.replace(path, aside)
-            log.warning("%s: %s; moved to %s", path, why, aside)
-
-
-def remove_partial_files(run_dir: Path) -> None:
-    """Delete temporary part files a killed run left behind (never a published part)."""
-    for folder in ("tubes", "failures"):
-        for path in (run_dir / folder).glob(".part-*.parquet.tmp-*"):
-            log.info("removing %s, left by an interrupted run", path)
-            path.unlink(missing_ok=True)
-
-
-def set_aside_stale_parts(run_dir: Path, shards: set[int]) -> None:
-    """Set aside part files of shards the current index no longer has (it was rebuilt smaller)."""
-    found = {
-        int(p.stem.split("-")[1]) for folder in ("tubes", "failures") for p in (run_dir / folder).glob("part-*.parquet")
-    }
-    for shard in sorted(found - shards):
-        set_aside(run_dir, shard, "belongs to no shard of the current index")
 
 
 def check_settings(cfg, upstream: tuple[str, ...] = ()) -> None:
@@ -127,6 +101,7 @@ def check_settings(cfg, upstream: tuple[str, ...] = ()) -> None:
     if cfg.extract.get("concurrent", "wait") not in POLICIES:
         raise ConfigError(f"extract.concurrent must be one of {POLICIES}, got {cfg.extract.concurrent!r}")
     in_process_setting(cfg, "extract")
+    parse_share(cfg.extract.get("share"))
     threads = cfg.extract.torch_threads
     if threads != "auto" and (not str(threads).isdigit() or int(threads) < 1):
         raise ConfigError(f"extract.torch_threads must be 'auto' or >= 1, got {threads!r}")
@@ -173,200 +148,141 @@ def dataset_classes(cfg, upstream: tuple[str, ...] = ()) -> list[str] | None:
     when there is no index yet."""
     if "index" in upstream:
         return list(instantiate(cfg.dataset).classes)
-    path = Path(cfg.paths.run_dir) / "index.parquet"
+    path = RunDir(cfg.paths.run_dir).index
     return json.loads(file_metadata(path)["saliency_tubes"])["classes"] if path.is_file() else None
 
 
-def run(cfg, run_dir: Path, client=None) -> dict:
-    """Explain every shard of the index not finished yet; returns a summary (shards, rows, failures by reason)."""
+def run(cfg, run_dir: Path, client=None) -> StageResult:
+    """Explain every shard of the index (of this driver's share) not finished yet."""
+    run = RunDir(run_dir)
+    share = claim(run, "extract", cfg.extract.get("share"))
     if client is None and not uses_ddp(cfg):
         with open_client(cfg.cluster, lazy=True) as own:
-            return run(cfg, run_dir, own)
+            return _run(cfg, run, share, own)
+    return _run(cfg, run, share, client)
+
+
+def _run(cfg, run: RunDir, share: Share | None, client) -> StageResult:
     if uses_ddp(cfg):  # every rank is a driver of its own share: Lightning coordinates them
-        return _run_locked(cfg, run_dir, client)
-    with run_lock(run_dir, str(cfg.extract.get("concurrent", "wait"))):
-        return _run_locked(cfg, run_dir, client)
+        return _run_locked(cfg, run, share, client)
+    with run_lock(run, str(cfg.extract.get("concurrent", "wait")), share.name if share else None):
+        return _run_locked(cfg, run, share, client)
 
 
-def _run_locked(cfg, run_dir: Path, client) -> dict:
+def shard_work(cfg, run: RunDir, classes: list[str], config_hash: str, topic: str | None = None) -> ShardWork:
+    """The extract stage's work for the engine: one :func:`pipeline.runtime.shard.run_shard` task per shard."""
+    cfg_dict = task_config(cfg)
+    return ShardWork(
+        stage="extract",
+        task=Task("pipeline.runtime.shard", "run_shard"),
+        job=lambda shard: (
+            cfg_dict,
+            ShardJob(run.root, shard.number, shard.rows, classes, config_hash, progress_topic=topic),
+        ),
+        inspect=functools.partial(inspect_parts, config_hash),
+        resources={GPU: 1} if str(cfg.trainer.accelerator) != "cpu" else None,
+        fail_fast=bool(cfg.extract.fail_fast),
+    )
+
+
+def _run_locked(cfg, run: RunDir, share: Share | None, client) -> StageResult:
     from pipeline.store.readers import read_index
 
-    index, meta = read_index(run_dir)
+    index, meta = read_index(run.root)
     config_hash = fingerprint(cfg)
-    ledger = Ledger(run_dir, config_hash)
-    save_tubes_config(run_dir, cfg)
-    shards = {int(shard): rows for shard, rows in index.groupby("shard", sort=True)}
-    todo = plan(run_dir, shards, config_hash, ledger)
-    log.info("extract: %d shards, %d already done, %d to run", len(shards), len(shards) - len(todo), len(todo))
+    topic = f"extract-progress-{uuid.uuid4().hex}"
+    work = shard_work(cfg, run, meta["classes"], config_hash, topic)
+    rank = int(os.environ.get("LOCAL_RANK", 0)) if uses_ddp(cfg) else 0  # DDP: rank 0 records the shards
+    writer = f"ddp-rank{rank}" if rank else None
+    p = plan(work, run, shards_of(index, rows_digest), share, config_hash, writer)  # refuses another config
+    save_tubes_config(run.root, cfg)
+    which = f" ({share.name} of the array)" if share else ""
+    log.info("extract: %d shards%s, %d already done, %d to run", len(p.shards), which, p.skipped, len(p.todo))
     try:
-        failed = compute(client, cfg, run_dir, todo, meta["classes"], config_hash, ledger, total=len(index))
+        with p.ledger:
+            failed = compute(client, cfg, run, work, p, topic, (meta["classes"], config_hash))
     except KeyboardInterrupt:  # Ctrl-C, SIGTERM: finished shards are published (a rerun adopts any not recorded)
 
         def how_far() -> str:  # counted when printed, once the workers are gone
-            published = {shard for shard in shards if shard_parts(run_dir / "tubes", shard)}
-            return (
-                f"interrupted: {len(published | set(ledger.done))} of {len(shards)} shards done; "
-                "rerun the same command to resume"
-            )
+            published = set(listing(run.tubes)) & set(p.shards)
+            return f"interrupted: {len(published)} of {len(p.shards)} shards done; rerun the same command to resume"
 
         raise Interrupted(how_far) from None
     if failed is None:
-        return dict(shards=len(shards))  # a DDP rank other than 0: rank 0 reports
-    summary = summarise(run_dir, shards, ledger, skipped=len(shards) - len(todo), failed=failed)
-    left = sorted(set(shards) - set(ledger.done))
-    if left:  # the command's exit status says so (pipeline.__main__)
-        summary["left"] = (
-            f"extract: {len(ledger.done)} of {len(shards)} shards done, {len(left)} left (shards {_few(left)}); "
-            f"see {run_dir / 'failures'} and {run_dir / 'logs'}, fix the cause and rerun the same command to resume"
-        )
-    return summary
+        return StageResult("extract", shards=len(p.shards))  # a DDP rank other than 0: rank 0 reports
+    return summarise(run, p, failed)
 
 
-def _few(numbers: list[int], most: int = 10) -> str:
-    shown = ", ".join(map(str, numbers[:most]))
-    return shown + (f" and {len(numbers) - most} more" if len(numbers) > most else "")
-
-
-def compute(client, cfg, run_dir: Path, todo, classes, config_hash: str, ledger: Ledger, total: int) -> dict | None:
-    """Run the shards of ``todo`` (on Dask, or as one DDP job); the failed shards' errors, None on DDP ranks > 0."""
+def compute(client, cfg, run: RunDir, work: ShardWork, p: Plan, topic: str, made_for: tuple) -> dict[int, str] | None:
+    """Run the plan's shards (on Dask, in this process, or as one DDP job); the failed shards' errors, None on DDP
+    ranks > 0. ``made_for``: the index's class names and the fingerprint (what a DDP rank's writer records)."""
+    todo = p.todo
     if uses_ddp(cfg):
         from pipeline.runtime import ddp
 
         def done(shard, rows):
-            ledger.finish(
-                shard, shard_digest(rows), rows=published_shard(run_dir, shard, config_hash)["rows"], clips=len(rows)
-            )
+            parts = run.parts("extract", shard)
+            rows_written = sum(pq.ParquetFile(path).metadata.num_rows for path in parts)
+            p.ledger.finish(shard, todo[shard].digest, rows=rows_written, clips=len(rows),
+                            bytes=sum(path.stat().st_size for path in parts))  # fmt: skip
 
-        return {} if ddp.run_shards(cfg, run_dir, todo, classes, config_hash, done) == 0 else None
-    if not todo or wants_in_process(cfg, sum(len(rows) for rows in todo.values())):  # no cluster started
+        todo_rows = {s: shard.rows for s, shard in todo.items()}
+        return {} if ddp.run_shards(cfg, run.root, todo_rows, *made_for, done) == 0 else None
+    clips_left = sum(shard.clips for shard in todo.values())
+    if not todo or wants_in_process(cfg, clips_left):  # no cluster started
         if todo:
-            log.info("extract: %d clips left, run in this process (extract.in_process)", sum(map(len, todo.values())))
+            log.info("extract: %d clips left, run in this process (extract.in_process)", clips_left)
         with in_this_process():
-            return run_on_dask(None, cfg, run_dir, todo, classes, config_hash, ledger, total=total)
-    return run_on_dask(client, cfg, run_dir, todo, classes, config_hash, ledger, total=total)
+            return follow_shards(None, run, work, p, topic)
+    return follow_shards(client, run, work, p, topic)
 
 
-def plan(run_dir: Path, shards: dict[int, pd.DataFrame], config_hash: str, ledger: Ledger) -> dict[int, pd.DataFrame]:
-    """The shards still to compute. Clears what a killed run left (temporary files), sets aside parts that do not
-    belong to the current index, and adopts parts published just before a kill but missing from the manifest."""
-    remove_partial_files(run_dir)
-    set_aside_stale_parts(run_dir, set(shards))
-    ledger.forget(set(shards))
-    todo = {}
-    for shard, rows in shards.items():
-        rows_hash = shard_digest(rows)
-        part = published_shard(run_dir, shard, config_hash)
-        recorded = ledger.done.get(shard, {}).get("rows") if ledger.is_done(shard, rows_hash) else None
-        if part is not None and part["shard_hash"] == rows_hash:
-            if recorded is None or recorded == part["rows"]:
-                if recorded is None:
-                    ledger.finish(shard, rows_hash, rows=part["rows"], adopted=True)
-                continue
-            part["why"] = f"holds {part['rows']} rows where the ledger recorded {recorded}"
-        if part is not None:  # unreadable, other clips (the index was rebuilt) or a DDP run's unfinished share
-            set_aside(run_dir, shard, part.get("why") or "made for other clips of this shard, or incomplete")
-            ledger.reopen(shard)
-        for stale in shard_parts(run_dir / "failures", shard):  # the recompute writes its own (maybe per rank)
-            stale.unlink()
-        todo[shard] = rows
-    return todo
-
-
-def run_on_dask(
-    client,
-    cfg,
-    run_dir: Path,
-    todo: dict[int, pd.DataFrame],
-    classes: list[str],
-    config_hash: str,
-    ledger: Ledger,
-    total: int,
-) -> dict[int, str]:
-    """One task per shard (one GPU each on GPUs); records each shard as it ends. Returns the failed shards' errors.
-    With ``client=None`` the shards run one after another in this process (progress then moves per shard).
-
-    Raises:
-        StageFailed: with ``extract.fail_fast``, at the first failed clip or shard.
-    """
-    fail_fast = bool(cfg.extract.fail_fast)
-    cfg_dict = OmegaConf.to_container(cfg, resolve=True)
-    topic = f"extract-progress-{uuid.uuid4().hex}"
-    jobs = {
-        shard: (cfg_dict, ShardJob(run_dir, shard, rows, classes, config_hash, progress_topic=topic))
-        for shard, rows in todo.items()
-    }
-    resources = {GPU: 1} if str(cfg.trainer.accelerator) != "cpu" else None
-    failed = {}
-    done_before = total - sum(len(r) for r in todo.values())
+def follow_shards(client, run: RunDir, work: ShardWork, p: Plan, topic: str) -> dict[int, str]:
+    """The plan's shards on ``client`` (None: one after another in this process), with one progress bar over
+    every worker (the shards' batch events). Returns the failed shards' errors."""
+    total = sum(shard.clips for shard in p.shards.values())
+    done_before = total - sum(shard.clips for shard in p.todo.values())
     with tqdm(total=total, initial=done_before, desc="extract", unit="clip", smoothing=0.1) as bar:
         progress = ShardProgress(bar)
+
+        def on_end(shard: int, result: ShardResult) -> None:
+            progress.add_failed(result.failures if result.error is None else p.todo[shard].clips)
+            progress.set(shard, p.todo[shard].clips, end=True)
+
         if client is not None:
             client.subscribe_topic(topic, progress.on_event)
         try:
-            for shard, result, error in follow(client, run_shard, jobs, name="extract", resources=resources):
-                if error is not None:  # the task itself was lost (its worker died): Dask's own retries are spent
-                    result = ShardResult(
-                        shard, error=f"{type(error).__name__}: {error}", error_type=type(error).__name__
-                    )
-                if result.error is None:
-                    ledger.finish(
-                        shard,
-                        shard_digest(todo[shard]),
-                        rows=result.rows,
-                        clips=result.clips,
-                        failures=result.failures,
-                        seconds=result.seconds,
-                    )
-                    progress.add_failed(result.failures)
-                elif fail_fast or result.stop:
-                    raise StageFailed(
-                        f"extract stopped at the first failure (extract.fail_fast=true), shard {shard}: {result.error}; "
-                        f"see {log_path(run_dir, shard)}; the finished shards are kept: fix the cause and rerun the "
-                        "same command to resume"
-                    )
-                else:
-                    failed[shard] = result.error
-                    record_failed_shard(run_dir, shard, todo[shard], result, ledger)
-                    progress.add_failed(len(todo[shard]))
-                progress.set(shard, len(todo[shard]), end=True)
+            return run_plan(work, run, p.todo, p.ledger, client, on_end).failed
         finally:
             if client is not None:
                 client.unsubscribe_topic(topic)
-    return failed
 
 
-def record_failed_shard(run_dir: Path, shard: int, rows: pd.DataFrame, result: ShardResult, ledger: Ledger) -> None:
-    """A shard that failed after its retries: one failure row per clip, noted in the ledger, one console line
-    (the tracebacks are in the shard's log); the run goes on."""
-    message = f"shard {shard} failed after {result.attempts} attempt(s): {result.error}"
-    failures = shard_failure_rows(rows, "extract", result.error_type or "Error", message)
-    write_table_atomic(failures_table(failures), run_dir / "failures" / part_name(shard))
-    ledger.fail(shard, shard_digest(rows), result.error)
-    log.error("%s (%s)", message, log_path(run_dir, shard))
+def summarise(run: RunDir, p: Plan, failed: dict[int, str]) -> StageResult:
+    """The stage's result: shards done, skipped and failed, rows, and extract failures counted by reason."""
+    from pipeline.store.readers import read_failures
 
-
-def summarise(run_dir: Path, shards: dict, ledger: Ledger, skipped: int, failed: dict) -> dict:
-    """The stage's summary: shards done, skipped and failed, rows, and extract failures counted by reason."""
-    from pipeline.store.readers import read_failures, tube_files
-
-    failures = read_failures(run_dir)
+    failures = read_failures(run.root)
     reasons = failures[failures["stage"] == "extract"]["error_type"].value_counts().to_dict()
-    summary = dict(
-        shards=len(shards),
-        skipped=skipped,
+    done = {s: e for s, e in p.ledger.done.items() if s in p.shards}
+    result = StageResult(
+        "extract",
+        left=left_message("extract", run, p),
+        shards=len(p.shards),
+        skipped=p.skipped,
         failed_shards=sorted(failed),
-        parts=len(tube_files(run_dir)),
-        rows=sum(entry.get("rows", 0) for entry in ledger.done.values()),
+        rows=sum(entry.rows for entry in done.values()),
+        clips=sum(shard.clips for shard in p.shards.values()),
         failures=reasons,
     )
     log.info(
         "extract: %d/%d shards done (%d skipped as finished), %d rows; failures: %s",
-        len(ledger.done),
-        len(shards),
-        skipped,
-        summary["rows"],
+        len(done),
+        len(p.shards),
+        p.skipped,
+        result.rows,
         ", ".join(f"{k} {v}" for k, v in reasons.items()) or "none",
     )
     if failed:
         log.error("extract: %d shards failed and will be retried by the next run: %s", len(failed), sorted(failed))
-    return summary
+    return result

@@ -25,7 +25,9 @@ from pipeline.data.probing import DRIVER_MAX_VIDEOS, probe_all
 from pipeline.data.sampling import ClipSampler
 from pipeline.errors import ConfigError
 from pipeline.runtime.inprocess import in_process_setting
-from pipeline.store import INDEX_SCHEMA, failures_table, write_table_atomic
+from pipeline.stages.result import StageResult
+from pipeline.store import INDEX_SCHEMA, Failure, failures_table, write_table_atomic
+from pipeline.store.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +47,10 @@ def driver_max(cfg) -> float:
     return {"auto": DRIVER_MAX_VIDEOS, True: math.inf, False: 0}[in_process_setting(cfg, "index")]
 
 
-def run(cfg, run_dir: Path, client=None) -> pd.DataFrame:
+def run(cfg, run_dir: Path, client=None) -> StageResult:
     reader: DatasetReader = instantiate(cfg.dataset)
     sampler: ClipSampler = instantiate(cfg.sampler)
     records, errors = reader.records()
-    log.info("dataset: %d videos or segments, %d unusable entries", len(records), len(errors))
     cache = Path(cfg.index.probe_cache) if cfg.index.get("probe_cache") else None
     probes = probe_all(
         [r.source for r in records],
@@ -58,15 +59,23 @@ def run(cfg, run_dir: Path, client=None) -> pd.DataFrame:
         batch_size=int(cfg.index.get("probe_batch", 32)),
         driver_max=driver_max(cfg),
     )
+    readable = sum(not isinstance(probes[r.source], Exception) for r in records)
+    log.info(
+        "dataset: %d of %d %s have a readable video (%d without one, %d unusable)",
+        readable,
+        len(records) + len(errors),
+        reader.entries,
+        len(records) - readable,
+        len(errors),
+    )
     frame, failures = build_clips(records, probes, sampler)
-    failures = [
-        dict(clip_id=e.where, source=e.where, stage="index", error_type=e.error_type, message=e.message) for e in errors
-    ] + failures
+    failures = [Failure(e.entry_id or e.where, e.where, "index", e.error_type, e.message) for e in errors] + failures
     frame["shard"] = assign_shards(len(frame), int(cfg.index.clips_per_shard))
     meta = dict(classes=list(reader.classes), boxes=str(reader.boxes_path) if reader.boxes_path else None)
     table = pa.Table.from_pandas(frame, schema=INDEX_SCHEMA, preserve_index=False)
-    write_table_atomic(table, run_dir / "index.parquet", {"saliency_tubes": json.dumps(meta)})
-    failure_file = run_dir / "failures" / "index.parquet"
+    run = RunDir(run_dir)
+    write_table_atomic(table, run.index, {"saliency_tubes": json.dumps(meta)})
+    failure_file = run.index_failures
     if failures:
         write_table_atomic(failures_table(failures), failure_file)
     else:
@@ -76,6 +85,7 @@ def run(cfg, run_dir: Path, client=None) -> pd.DataFrame:
         len(frame),
         frame["shard"].nunique(),
         len(failures),
-        run_dir / "index.parquet",
+        run.index,
     )
-    return frame
+    reasons = pd.Series([f.error_type for f in failures], dtype=object).value_counts().to_dict()
+    return StageResult("index", shards=int(frame["shard"].nunique()), clips=len(frame), failures=reasons)

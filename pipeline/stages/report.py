@@ -34,6 +34,7 @@ from pipeline.errors import ConfigError, MissingInput
 from pipeline.report import render
 from pipeline.report.gallery import ClipRenderer, asset_name
 from pipeline.report.marks import BoxTable
+from pipeline.stages.result import StageResult
 from pipeline.store import (
     ALL_LABEL,
     REPAIR,
@@ -48,7 +49,8 @@ from pipeline.store import (
     replace_folder,
     tube_files,
 )
-from pipeline.store.provenance import TUBES_CONFIG, check_tubes_made_by
+from pipeline.store.provenance import check_tubes_made_by
+from pipeline.store.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -163,9 +165,9 @@ def _records(frame: pd.DataFrame | None) -> list[dict]:
 
 def _shown_config(run_dir: Path) -> str:
     """The configuration that made the tubes (kept by the extract stage), else the run's latest command's."""
-    for name in (TUBES_CONFIG, "config.yaml"):
-        if (run_dir / name).is_file():
-            return (run_dir / name).read_text()
+    for path in (RunDir(run_dir).tubes_config, RunDir(run_dir).config):
+        if path.is_file():
+            return path.read_text()
     return ""
 
 
@@ -206,7 +208,7 @@ def run(cfg, run_dir: Path, client=None) -> dict:
     finally:
         shutil.rmtree(building, ignore_errors=True)
     log.info("report: %s (%d pages, %.1f MB)", out / "index.html", result["pages"], result["bytes"] / 1e6)
-    return dict(result, report=str(out / "index.html"))
+    return StageResult("report", clips=result["clips"], figures=dict(pages=result["pages"], bytes=result["bytes"]))
 
 
 def _build(cfg, run_dir: Path, out: Path) -> dict:

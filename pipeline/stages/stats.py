@@ -37,6 +37,7 @@ from pipeline.errors import ConfigError, MissingInput, StageFailed
 from pipeline.explain.clipstats import peak_in_box
 from pipeline.explain.faithfulness import spearman
 from pipeline.explain.upsample import upsample
+from pipeline.stages.result import StageResult
 from pipeline.store import (
     ALL_LABEL,
     ALL_NAME,
@@ -55,24 +56,21 @@ from pipeline.store import (
     write_table_atomic,
 )
 from pipeline.store.provenance import check_tubes_made_by
+from pipeline.store.schema import CLIP_STATISTICS
 
 log = logging.getLogger(__name__)
 
-SCALAR_STATS = [
-    "target_prob",
-    "pred_prob",
-    "mass",
-    "top10_mass",
-    "entropy",
-    "centroid_t",
-    "centroid_y",
-    "centroid_x",
-    "peak_t",
-    "border_mass",
-]
-LIST_STATS = ["temporal_profile", "density"]
+#: where the statistics that were aggregated before they were declared in one place stand in the tables (their
+#: column order is part of the files' bytes); statistics declared after them come last, in declaration order
+_TABLE_ORDER = ("mass", "top10_mass", "entropy", "centroid_t", "centroid_y", "centroid_x", "peak_t", "border_mass")
+_AGGREGATED = sorted(
+    (s for s in CLIP_STATISTICS if s.per_class is not None),
+    key=lambda s: _TABLE_ORDER.index(s.name) if s.name in _TABLE_ORDER else len(_TABLE_ORDER),
+)
+SCALAR_STATS = ["target_prob", "pred_prob", *(s.name for s in _AGGREGATED if not s.is_list)]
+LIST_STATS = [s.name for s in _AGGREGATED if s.is_list]
 #: per-clip statistics in [0, 1] whose distribution per class is kept as a histogram of HIST_BINS equal bins
-HISTOGRAMS = ["top10_mass", "entropy", "border_mass"]
+HISTOGRAMS = [s.name for s in _AGGREGATED if s.per_class == "histogram"]
 HIST_BINS = 10
 COLUMNS = [
     "clip_id",
@@ -339,12 +337,19 @@ def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
         raise ConfigError(f"stats.compare_runs names this run itself ({cfg.run_name!r})")
 
 
-def run(cfg, run_dir: Path, client=None) -> dict:
+def run(cfg, run_dir: Path, client=None) -> StageResult:
     """Aggregate the run's tubes into ``stats/``; an unreadable part is named with the command that repairs it."""
     files = require_tubes(run_dir)
     check_tubes_made_by(run_dir, cfg, "stats")
     with readable(files, REPAIR["tubes"]):
-        return _aggregate(cfg, run_dir, files)
+        overall = _aggregate(cfg, run_dir, files)
+    figures = {
+        f"{row['method']}/{name}": float(value)
+        for row in overall
+        for name, value in row.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
+    return StageResult("stats", clips=int(sum(row.get("clips", 0) for row in overall)), figures=figures)
 
 
 def _aggregate(cfg, run_dir: Path, files: list[Path]) -> dict:

@@ -8,12 +8,16 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.stages.result import StageResult
 from pipeline.store import read_failures
+from pipeline.store.run_dir import RunDir
 
 
-def show(run_dir: Path, results: dict, console: Console | None = None) -> None:
+def show(run_dir: Path, results: dict[str, StageResult], seconds: float, console: Console | None = None) -> None:
+    """Print the summary of a command that ran ``results`` (each stage's) in ``seconds``."""
     console = console or Console()
-    overall_path = run_dir / "stats" / "overall.parquet"
+    run = RunDir(run_dir)
+    overall_path = run.table("overall")
     table = Table(title=f"Saliency Tubes run: {run_dir}", show_header=True)
     for column in ("method", "clips", "accuracy", "mean confidence", "top-10% mass", "pointing game", "chance"):
         table.add_column(column, justify="right" if column != "method" else "left")
@@ -31,7 +35,7 @@ def show(run_dir: Path, results: dict, console: Console | None = None) -> None:
                 _pct(chance),
             )
     console.print(table)
-    faith_path = run_dir / "stats" / "faithfulness.parquet"
+    faith_path = run.table("faithfulness")
     if faith_path.is_file():  # written by stage=evaluate; the totals rows are label -1
         for row in pd.read_parquet(faith_path).query("label == -1").itertuples():
             console.print(
@@ -43,20 +47,21 @@ def show(run_dir: Path, results: dict, console: Console | None = None) -> None:
     if len(failures):
         counts = failures.groupby(["stage", "error_type"]).size()
         console.print(
-            f"[yellow]{len(failures)} failures[/] (see {run_dir / 'failures'}): "
+            f"[yellow]{len(failures)} failures[/] (see {run.failures}): "
             + ", ".join(f"{s}/{e}: {n}" for (s, e), n in counts.items())
         )
     else:
         console.print("no failures")
-    extract = results.get("extract")
-    if extract and extract.get("failed_shards"):
-        console.print(
-            f"[red]{len(extract['failed_shards'])} shards failed[/] after their retries (rerun to try them again): {extract['failed_shards']}"
-        )
-    if "train" in results and results["train"].get("trained"):
-        console.print(f"demo model trained: test accuracy {_pct(results['train']['test'])}")
-    console.print(f"time: {results.get('seconds', 0.0):.1f} s")
-    report = run_dir / "report" / "index.html"
+    for result in results.values():
+        if result.failed_shards:
+            console.print(
+                f"[red]{len(result.failed_shards)} {result.stage} shards failed[/] after their retries "
+                f"(rerun to try them again): {result.failed_shards}"
+            )
+    if "train" in results and results["train"].figures:
+        console.print(f"demo model trained: test accuracy {_pct(results['train'].figures['test_accuracy'])}")
+    console.print(f"time: {seconds:.1f} s")
+    report = run.report_page
     if report.is_file():
         console.print(f"report: [bold]{report}[/]")
 

@@ -22,6 +22,7 @@ from pipeline.data.sampling import CenterSampler, UniformSampler
 from pipeline.data.video import ResizeCrop
 from pipeline.models.inputs import Normalise
 from pipeline.runtime.builders import quiet_lightning
+from pipeline.stages.result import StageResult
 from pipeline.store import atomic_write
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def run(cfg, run_dir=None, client=None) -> dict:
     checkpoint = Path(cfg.model.checkpoint)
     if checkpoint.is_file():
         log.info("model: %s exists, not retraining", checkpoint)
-        return dict(checkpoint=str(checkpoint), trained=False)
+        return StageResult("train")
     quiet_lightning()
     pl.seed_everything(int(cfg.train.seed), verbose=False)
     inp = cfg.model.input
@@ -111,4 +112,4 @@ def run(cfg, run_dir=None, client=None) -> dict:
         checkpoint,
     )
     print(f"demo model: accuracy train {accuracy['train']:.1%}, test {accuracy['test']:.1%} (saved to {checkpoint})")
-    return dict(checkpoint=str(checkpoint), trained=True, **accuracy)
+    return StageResult("train", clips=len(train), figures={f"{k}_accuracy": v for k, v in accuracy.items()})

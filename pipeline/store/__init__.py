@@ -23,19 +23,18 @@ _WHERE = {
     **dict.fromkeys(
         (
             "atomic_write",
-            "failure_row",
+            "Failure",
             "failures_table",
             "file_metadata",
-            "part_name",
             "publish",
             "replace_folder",
             "shard_failure_rows",
-            "shard_parts",
             "temp_path",
             "write_table_atomic",
         ),
         "files",
     ),
+    **dict.fromkeys(("RunDir", "part_name"), "run_dir"),
     **dict.fromkeys(
         (
             "REPAIR",

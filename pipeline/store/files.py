@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -68,28 +69,27 @@ def file_metadata(path: str | Path) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in meta.items() if not k.startswith(b"ARROW") and k != b"pandas"}
 
 
-def failures_table(rows: list[dict]) -> pa.Table:
-    """Failure rows (:func:`failure_row`) as a table of the contract's schema."""
-    return pa.Table.from_pylist(rows, schema=FAILURE_SCHEMA)
+@dataclass(frozen=True)
+class Failure:
+    """One row of ``failures/*.parquet``: what failed (a clip, or the source when no clip exists), where and why.
+
+    Example:
+        >>> Failure("v1:000000", "v1.mp4", "extract", "VideoError", "v1.mp4: no such file").error_type
+        'VideoError'
+    """
+
+    clip_id: str
+    source: str | None
+    stage: str
+    error_type: str
+    message: str
 
 
-def failure_row(clip_id: str, source: str | None, stage: str, error_type: str, message: str) -> dict:
-    """One row of ``failures/*.parquet``: what failed (a clip, or the source when no clip exists), where and why."""
-    return dict(clip_id=clip_id, source=source, stage=stage, error_type=error_type, message=message)
+def failures_table(rows: list[Failure]) -> pa.Table:
+    """Failure rows as a table of the contract's schema."""
+    return pa.Table.from_pylist([vars(row) for row in rows], schema=FAILURE_SCHEMA)
 
 
-def shard_failure_rows(rows, stage: str, error_type: str, message: str) -> list[dict]:
+def shard_failure_rows(rows, stage: str, error_type: str, message: str) -> list[Failure]:
     """One failure row per clip of ``rows`` (index rows) for a whole shard that failed."""
-    return [failure_row(c, s, stage, error_type, message) for c, s in zip(rows["clip_id"], rows["source"])]
-
-
-def part_name(shard: int, rank: int | None = None) -> str:
-    """``part-NNNNN.parquet``, or ``part-NNNNN-rankR.parquet`` for one rank's share of a shard (Lightning DDP)."""
-    return f"part-{shard:05d}.parquet" if rank is None else f"part-{shard:05d}-rank{rank}.parquet"
-
-
-def shard_parts(folder: Path, shard: int) -> list[Path]:
-    """The part files of one shard in ``folder`` (one, or one per DDP rank)."""
-    return sorted(Path(folder).glob(f"part-{shard:05d}.parquet")) + sorted(
-        Path(folder).glob(f"part-{shard:05d}-rank*.parquet")
-    )
+    return [Failure(c, s, stage, error_type, message) for c, s in zip(rows["clip_id"], rows["source"])]

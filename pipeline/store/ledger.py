@@ -1,11 +1,16 @@
-"""The run's manifest (``outputs/<run>/manifest.json``): which shards are finished, with how many rows, and
-which configuration made them.
+"""The ledger of a sharded stage (extract, evaluate): which shards are finished, with what, and which failed.
 
-Only the driver of the extract stage writes it, after each shard, atomically (temp + fsync + rename), so a
-killed run leaves the last consistent record. The part files stay the ground truth: a part published just
-before a kill but missing from the manifest is adopted on the next run (its Parquet metadata names the
-configuration and clips it was made for). A manifest that cannot be read is set aside (never deleted) and
-rebuilt the same way, from the parts' own metadata.
+``ledger/<stage>/`` holds one journal per driver: ``all.jsonl`` for a driver of every shard, ``share-I-of-N.jsonl``
+for one share of a SLURM array. A driver appends one JSON line per finished or failed shard (one ``write`` on an
+append-only file: the cost per shard does not grow with the run), and when it opens the ledger it reads every
+journal of the stage (the latest line of a shard wins) and rewrites its own, compacted. Only the driver holding the
+journal's lock (:mod:`pipeline.runtime.lock`) writes it, so array tasks finishing together lose no entry.
+
+The part files stay the ground truth: a part published just before a kill but missing from the ledger (or whose
+line was cut short) is adopted by the next run from its own Parquet metadata. A journal with an unreadable line
+inside it is set aside (``*.unreadable-<time>``, never deleted) and its shards' parts adopted the same way.
+``config.json`` pins the fingerprint of the configuration the stage's outputs were made with (extract);
+``shares.json`` the share count of a SLURM array, fixed when the array first runs on the folder.
 """
 
 from __future__ import annotations
@@ -14,110 +19,193 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import ConfigError
 from pipeline.store.files import atomic_write
+from pipeline.store.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
+ALL = "all"
 
-class Ledger:
-    """The ledger: finished and failed shards of one run directory.
 
-    Args:
-        run_dir: ``outputs/<run_name>``.
-        config_hash: the fingerprint of the configuration this run is for.
+@dataclass
+class Entry:
+    """One journal line: the state of one shard. ``digest`` names the work it was done for (its clips and the
+    stage's settings); ``bytes`` the published parts' size, checked against the folder's listing when planning."""
+
+    shard: int
+    state: str  # done | failed | open
+    digest: str
+    time_ns: int = field(default_factory=time.time_ns)
+    rows: int = 0
+    clips: int = 0
+    failures: int = 0
+    seconds: float = 0.0
+    bytes: int | None = None
+    runs: int = 0
+    error: str | None = None
+    adopted: bool = False
+
+    @classmethod
+    def parse(cls, line: str) -> Entry:
+        data = json.loads(line)
+        if not isinstance(data, dict) or data.get("state") not in ("done", "failed", "open"):
+            raise ValueError("not a ledger line")
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+def read_journal(path: Path) -> list[Entry]:
+    """The entries of one journal; a last line cut short (a kill mid-write) is ignored.
 
     Raises:
-        RuntimeError: the run directory records another configuration.
+        ValueError: a line before the last cannot be read.
+    """
+    lines = path.read_text(encoding="utf-8", errors="strict").split("\n")
+    entries = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            entries.append(Entry.parse(line))
+        except (ValueError, TypeError, KeyError) as err:
+            if i == len(lines) - 1:  # no newline after it: cut short
+                break
+            raise ValueError(f"line {i + 1}: {err}") from None
+    return entries
+
+
+def read_entries(run: RunDir, stage: str, set_aside: bool = False) -> tuple[dict[int, Entry], dict[str, list[Entry]]]:
+    """Every journal of ``stage`` merged (the latest entry of each shard), and each journal's own entries.
+    A journal that cannot be read counts as empty (and with ``set_aside`` is moved aside, logged)."""
+    merged: dict[int, Entry] = {}
+    own: dict[str, list[Entry]] = {}
+    folder = run.ledger(stage)
+    for path in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
+        try:
+            entries = read_journal(path)
+        except (OSError, ValueError, UnicodeDecodeError) as err:
+            if set_aside:
+                aside = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")
+                os.replace(path, aside)
+                log.warning("%s cannot be read (%s); moved to %s, its parts are adopted again", path, err, aside.name)
+            continue
+        own[path.stem] = entries
+        for entry in entries:
+            if entry.shard not in merged or merged[entry.shard].time_ns <= entry.time_ns:
+                merged[entry.shard] = entry
+    return merged, own
+
+
+class Ledger:
+    """The ledger of one stage as one driver sees it: every journal read, its own journal ``writer`` open for appending.
+
+    Args:
+        run: the run folder.
+        stage: ``extract`` or ``evaluate``.
+        writer: this driver's journal: ``all``, or ``share-I-of-N``.
+        config_hash: the fingerprint the stage's outputs must have been made with (None: not checked).
+
+    Raises:
+        ConfigError: the folder records another configuration.
     """
 
-    def __init__(self, run_dir: Path, config_hash: str):
-        self.path = Path(run_dir) / "manifest.json"
-        self.config_hash = config_hash
-        data = self._read()
-        recorded = data.get("config_hash", config_hash)
-        if recorded != config_hash:
-            raise ConfigError(
-                f"{run_dir} holds tubes made with another configuration (manifest {recorded} != {config_hash}); "
-                "choose a new run_name or delete the run directory"
-            )
-        self.done: dict[int, dict] = {int(k): v for k, v in data.get("done", {}).items()}
-        self.failed: dict[int, dict] = {int(k): v for k, v in data.get("failed", {}).items()}
+    def __init__(self, run: RunDir, stage: str, writer: str = ALL, config_hash: str | None = None):
+        self.run, self.stage, self.writer = RunDir(run), stage, writer
+        self.folder = self.run.ledger(stage)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if config_hash is not None:
+            recorded = record_once(self.folder / "config.json", {"config_hash": config_hash}).get("config_hash")
+            if recorded != config_hash:
+                raise ConfigError(
+                    f"{self.run.root} holds {stage} outputs made with another configuration (ledger {recorded} != "
+                    f"{config_hash}); choose a new run_name or delete the run directory"
+                )
+        self.entries, journals = read_entries(self.run, stage, set_aside=True)
+        own = journals.get(writer, [])
+        mine = {e.shard: e for e in own}
+        self.path = self.folder / f"{writer}.jsonl"
+        if len(mine) < len(own) or not self.path.is_file():  # compacted: one line per shard this journal knows
+            with atomic_write(self.path) as tmp:
+                tmp.write_text("".join(_line(e) for e in sorted(mine.values(), key=lambda e: e.shard)))
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
 
-    def _read(self) -> dict:
-        """The manifest's record; empty when there is none, or when it cannot be read (then it is moved to
-        ``manifest.json.unreadable-<time>`` and the parts it described are adopted again by the extract stage)."""
-        if not self.path.is_file():
-            return {}
-        try:
-            data = json.loads(self.path.read_text())
-            if not isinstance(data, dict) or not all(isinstance(data.get(k, {}), dict) for k in ("done", "failed")):
-                raise ValueError("not a manifest of this pipeline")
-            for entries in (data.get("done", {}), data.get("failed", {})):
-                if not all(str(k).isdigit() and isinstance(v, dict) and "shard_hash" in v for k, v in entries.items()):
-                    raise ValueError("a shard entry without its shard_hash")
-            return data
-        except (ValueError, UnicodeDecodeError) as err:
-            aside = self.path.with_name(f"{self.path.name}.unreadable-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")
-            os.replace(self.path, aside)
-            log.warning(
-                "%s cannot be read (%s); moved to %s, rebuilding it from the parts' own metadata",
-                self.path,
-                err,
-                aside.name,
-            )
-            return {}
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
-    def is_done(self, shard: int, shard_hash: str) -> bool:
-        entry = self.done.get(shard)
-        return entry is not None and entry["shard_hash"] == shard_hash
+    def __enter__(self) -> Ledger:
+        return self
 
-    def finish(self, shard: int, shard_hash: str, **record) -> None:
-        """Record a published shard (``rows``, ``clips``, ``failures``, ``seconds``, ...)."""
-        self.done[shard] = dict(
-            shard_hash=shard_hash, finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **record
-        )
-        self.failed.pop(shard, None)
-        self.save()
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def done(self) -> dict[int, Entry]:
+        return {s: e for s, e in self.entries.items() if e.state == "done"}
+
+    @property
+    def failed(self) -> dict[int, Entry]:
+        return {s: e for s, e in self.entries.items() if e.state == "failed"}
+
+    def is_done(self, shard: int, digest: str) -> bool:
+        entry = self.entries.get(shard)
+        return entry is not None and entry.state == "done" and entry.digest == digest
+
+    def _append(self, entry: Entry) -> None:
+        self.entries[entry.shard] = entry
+        os.write(self._fd, _line(entry).encode())
+
+    def finish(self, shard: int, digest: str, **record) -> None:
+        """Record a published shard (``rows``, ``clips``, ``failures``, ``seconds``, ``bytes``, ``adopted``)."""
+        self._append(Entry(shard, "done", digest, **record))
+
+    def fail(self, shard: int, digest: str, error: str) -> None:
+        """Record a shard that failed after its retries (a later run tries it again)."""
+        before = self.entries.get(shard)
+        runs = (before.runs if before is not None and before.state == "failed" else 0) + 1
+        self._append(Entry(shard, "failed", digest, error=error, runs=runs))
 
     def reopen(self, shard: int) -> None:
         """Forget that a shard is done (its part was set aside): the run computes it again."""
-        if self.done.pop(shard, None) is not None:
-            self.save()
-
-    def fail(self, shard: int, shard_hash: str, error: str) -> None:
-        """Record a shard that failed after its retries (a later run tries it again)."""
-        attempts = self.failed.get(shard, {}).get("runs", 0) + 1
-        self.failed[shard] = dict(shard_hash=shard_hash, error=error, runs=attempts)
-        self.done.pop(shard, None)
-        self.save()
-
-    def forget(self, keep: set[int]) -> None:
-        """Drop shards the index no longer has."""
-        self.done = {s: v for s, v in self.done.items() if s in keep}
-        self.failed = {s: v for s, v in self.failed.items() if s in keep}
-        self.save()
-
-    def save(self) -> None:
-        data = dict(
-            config_hash=self.config_hash,
-            done={str(k): v for k, v in sorted(self.done.items())},
-            failed={str(k): v for k, v in sorted(self.failed.items())},
-        )
-        with atomic_write(self.path) as tmp:
-            tmp.write_text(json.dumps(data, indent=1))
+        before = self.entries.get(shard)
+        if before is not None and before.state == "done":
+            self._append(Entry(shard, "open", before.digest))
 
 
-def recorded(run_dir: str | Path, kind: str = "failed") -> dict:
-    """The shards the ledger of ``run_dir`` records as ``kind`` (``done`` or ``failed``), read without touching
-    the file (nothing when there is no ledger or it cannot be read: the extract stage sets a bad one aside and
-    rebuilds it)."""
-    path = Path(run_dir) / "manifest.json"
+def _line(entry: Entry) -> str:
+    return json.dumps({k: v for k, v in vars(entry).items() if v not in (None, False, 0, 0.0) or k == "shard"}) + "\n"
+
+
+def record_once(path: Path, value: dict) -> dict:
+    """The record at ``path``, written with ``value`` when there is none (atomically: the first of several drivers
+    starting at once wins, the others read its record).
+
+    Raises:
+        ConfigError: the record cannot be read.
+    """
+    if not path.is_file():
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(value))
+        try:
+            os.link(tmp, path)  # fails if another driver recorded it first
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
-        return {}
-    entries = data.get(kind) if isinstance(data, dict) else None
-    return entries if isinstance(entries, dict) else {}
+        recorded = json.loads(path.read_text())
+        if not isinstance(recorded, dict):
+            raise ValueError("not a record of this pipeline")
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path} cannot be read ({err}); delete it to let the next run record it again") from None
+    return recorded
+
+
+def read_ledger(run: str | Path | RunDir, stage: str = "extract", state: str = "failed") -> dict[int, Entry]:
+    """The shards the ledger of ``run`` records as ``state`` (done, failed), read without touching any file."""
+    merged, _ = read_entries(RunDir(run), stage)
+    return {s: e for s, e in merged.items() if e.state == state}

@@ -17,19 +17,22 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.store.files import atomic_write, file_metadata
+from pipeline.store.run_dir import RunDir
 
 log = logging.getLogger(__name__)
-
-#: the resolved configuration of the extract command that made a run's tubes, beside ``manifest.json``
-TUBES_CONFIG = "tubes_config.yaml"
 
 
 def digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def rows_digest(clip_ids: list[str], frame_indices: list[list[int]]) -> str:
+    """What identifies a shard's clips: their ids and source frames (stored in each part's metadata)."""
+    return digest([[c, [int(i) for i in f]] for c, f in zip(clip_ids, frame_indices)])
+
+
 def shard_digest(rows: pd.DataFrame) -> str:
-    return digest([[c, list(map(int, f))] for c, f in zip(rows["clip_id"], rows["frame_indices"])])
+    return rows_digest(rows["clip_id"].tolist(), list(rows["frame_indices"]))
 
 
 #: config sections that decide what a tube is; a run directory holds tubes of one such configuration
@@ -57,19 +60,19 @@ def fingerprint(cfg) -> str:
 
 def save_tubes_config(run_dir: Path, cfg) -> None:
     """Keep the extract command's resolved configuration with the ledger and the parts (atomically)."""
-    with atomic_write(Path(run_dir) / TUBES_CONFIG) as tmp:
+    with atomic_write(RunDir(run_dir).tubes_config) as tmp:
         tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def recorded_fingerprint(run_dir: Path) -> str | None:
     """The fingerprint the run's tubes were made with: the ledger's, else the first readable part's metadata."""
     try:
-        recorded = json.loads((Path(run_dir) / "manifest.json").read_text()).get("config_hash")
+        recorded = json.loads((RunDir(run_dir).ledger("extract") / "config.json").read_text()).get("config_hash")
         if recorded:
             return str(recorded)
     except (OSError, ValueError, AttributeError):
         pass
-    for part in sorted((Path(run_dir) / "tubes").glob("part-*.parquet")):
+    for part in sorted(RunDir(run_dir).tubes.glob("part-*.parquet")):
         try:
             return file_metadata(part).get("config_hash")
         except (OSError, ValueError):
@@ -103,7 +106,7 @@ def check_tubes_made_by(run_dir: Path, cfg, stage: str) -> None:
     recorded = recorded_fingerprint(run_dir)
     if recorded is None or recorded == fingerprint(cfg):
         return
-    path = Path(run_dir) / TUBES_CONFIG
+    path = RunDir(run_dir).tubes_config
     made = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else None
     changed = differences(made, cfg) if made is not None else []
     if made is not None and not changed:
@@ -115,5 +118,5 @@ def check_tubes_made_by(run_dir: Path, cfg, stage: str) -> None:
         Path(run_dir).name,
         "; ".join(changed) if changed else f"fingerprint {recorded} != {fingerprint(cfg)}",
         stage,
-        path if made is not None else Path(run_dir) / "manifest.json",
+        path if made is not None else RunDir(run_dir).ledger("extract") / "config.json",
     )

@@ -17,7 +17,8 @@ import torch
 from pipeline.errors import MissingInput, OutputError
 from pipeline.explain.upsample import upsample as upsample_tubes
 from pipeline.store.codec import decode_layer_volumes, decode_volume
-from pipeline.store.ledger import recorded
+from pipeline.store.ledger import read_ledger
+from pipeline.store.run_dir import RunDir
 from pipeline.store.schema import FAILURE_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ REPAIR = {
 
 
 def tube_files(run_dir: str | Path) -> list[Path]:
-    return sorted((Path(run_dir) / "tubes").glob("part-*.parquet"))
+    return sorted(RunDir(run_dir).tubes.glob("part-*.parquet"))
 
 
 def require_tubes(run_dir: str | Path) -> list[Path]:
@@ -43,13 +44,13 @@ def require_tubes(run_dir: str | Path) -> list[Path]:
     files = tube_files(run_dir)
     if files:
         return files
-    failed = recorded(run_dir, "failed")
+    failed = read_ledger(run_dir, "extract", "failed")
     if failed:
         raise MissingInput(
             f"{Path(run_dir)}: extract failed: {len(failed)} shard(s) failed and none is done (see "
-            f"{Path(run_dir) / 'failures'} and {Path(run_dir) / 'logs'}); fix the cause and rerun stage=extract"
+            f"{RunDir(run_dir).failures} and {RunDir(run_dir).logs}); fix the cause and rerun stage=extract"
         )
-    raise MissingInput(f"{Path(run_dir) / 'tubes'}: no tube files; run the extract stage first (stage=extract)")
+    raise MissingInput(f"{RunDir(run_dir).tubes}: no tube files; run the extract stage first (stage=extract)")
 
 
 def unreadable_file(files: Sequence[str | Path]) -> tuple[Path, Exception] | None:
@@ -164,7 +165,7 @@ def decode_layers_column(frame: pd.DataFrame, upsample: bool = False) -> list[di
 
 def read_index(run_dir: str | Path) -> tuple[pd.DataFrame, dict]:
     """The index table and its metadata (``classes``, ``boxes``)."""
-    path = Path(run_dir) / "index.parquet"
+    path = RunDir(run_dir).index
     if not path.is_file():
         raise MissingInput(f"{path}: no index; run the index stage first (stage=index)")
     with readable([path], REPAIR["index"]):
@@ -180,7 +181,7 @@ def read_index(run_dir: str | Path) -> tuple[pd.DataFrame, dict]:
 
 def read_failures(run_dir: str | Path) -> pd.DataFrame:
     """All failure rows of a run (index and extract), empty with the contract's columns when none."""
-    files = sorted((Path(run_dir) / "failures").glob("*.parquet"))
+    files = sorted(RunDir(run_dir).failures.glob("*.parquet"))
     if not files:
         return FAILURE_SCHEMA.empty_table().to_pandas()
     with readable(files, REPAIR["failures"]):

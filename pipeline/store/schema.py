@@ -3,6 +3,8 @@ sentinels every aggregate table uses."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pyarrow as pa
 
 COMPRESSION = "zstd"
@@ -46,6 +48,43 @@ _F32, _I32, _LF32, _LI32 = pa.float32(), pa.int32(), pa.list_(pa.float32()), pa.
 #: one fused layer's own tube (``layer_volumes``): stored like ``volume`` (same codec), at the layer's resolution
 LAYER_VOLUME = pa.struct([("layer", pa.string()), ("volume", pa.binary()), ("shape", _LI32), ("scale", _F32)])
 
+
+@dataclass(frozen=True)
+class Statistic:
+    """One per-clip statistic of a tube row, declared once: the tube schema, the extractor's statistics
+    (:func:`pipeline.explain.clipstats.clip_statistics`) and the stats stage's aggregates follow this list.
+
+    ``per_class``: how stats aggregates it per class: ``mean`` (and ``histogram``: also a histogram of ten equal
+    bins of [0, 1]), or None (kept per clip only)."""
+
+    name: str
+    dtype: pa.DataType
+    per_class: str | None
+    doc: str
+
+    @property
+    def is_list(self) -> bool:
+        return pa.types.is_list(self.dtype)
+
+
+CLIP_STATISTICS = (
+    Statistic("mass", _F32, "mean", "sum of the positive part of the tube"),
+    Statistic("peak_t", _I32, "mean", "time step of the tube's maximum"),
+    Statistic("peak_y", _F32, None, "input pixel row of the maximum"),
+    Statistic("peak_x", _F32, None, "input pixel column of the maximum"),
+    Statistic("peak_frame", _I32, None, "source frame of the maximum (from frame_indices)"),
+    Statistic("centroid_t", _F32, "mean", "mass-weighted mean time step"),
+    Statistic("centroid_y", _F32, "mean", "mass-weighted mean input pixel row"),
+    Statistic("centroid_x", _F32, "mean", "mass-weighted mean input pixel column"),
+    Statistic("top10_mass", _F32, "histogram", "share of the mass in the 10 % highest voxels"),
+    Statistic("entropy", _F32, "histogram", "entropy of the mass over voxels / log(voxels): 0 one voxel, 1 uniform"),
+    Statistic("temporal_profile", _LF32, "mean", "share of the mass at each time step"),
+    Statistic("frame_peak_x", _LF32, None, "per time step, the frame's peak column in source pixels"),
+    Statistic("frame_peak_y", _LF32, None, "per time step, the frame's peak row in source pixels"),
+    Statistic("border_mass", _F32, "histogram", "share of the mass in the frame's outer band"),
+    Statistic("density", _LF32, "mean", "share of the mass in each cell of a coarse grid of the frame, row-major"),
+)
+
 TUBE_SCHEMA = pa.schema(
     [f for f in INDEX_SCHEMA if f.name not in SOURCE_COLUMNS]
     + [
@@ -67,22 +106,10 @@ TUBE_SCHEMA = pa.schema(
         ("volume_shape", _LI32),
         ("volume_codec", pa.string()),
         ("volume_scale", _F32),
-        # per-clip statistics, computed on the decoded tube upsampled to input_size
-        ("mass", _F32),
-        ("peak_t", _I32),
-        ("peak_y", _F32),
-        ("peak_x", _F32),
-        ("peak_frame", _I32),
-        ("centroid_t", _F32),
-        ("centroid_y", _F32),
-        ("centroid_x", _F32),
-        ("top10_mass", _F32),
-        ("entropy", _F32),
-        ("temporal_profile", _LF32),
-        ("frame_peak_x", _LF32),
-        ("frame_peak_y", _LF32),
-        ("border_mass", _F32),
-        ("density", _LF32),  # DENSITY_GRID x DENSITY_GRID, row-major
+    ]
+    # per-clip statistics, computed on the decoded tube upsampled to input_size
+    + [(s.name, s.dtype) for s in CLIP_STATISTICS]
+    + [
         # method=fusion: each fused layer's own tube, in the order of `layer` (null for one-layer methods)
         ("layer_volumes", pa.list_(LAYER_VOLUME)),
     ]

@@ -42,11 +42,16 @@ class VideoRecord:
 
 @dataclass(frozen=True)
 class RecordError:
-    """A line of a dataset's files that names no usable video; it becomes a failure row of the index."""
+    """A line of a dataset's files that names no usable video; it becomes a failure row of the index.
+
+    ``entry_id`` names the entry (a Kinetics youtube id, an SSv2 video id) and becomes the failure row's
+    ``clip_id``; without one the row is named by ``where`` (``"<file>:<line>"``).
+    """
 
     where: str
     error_type: str
     message: str
+    entry_id: str | None = None
 
 
 class DatasetReader(ABC):
@@ -54,6 +59,8 @@ class DatasetReader(ABC):
 
     #: class names, index = label
     classes: list[str]
+    #: what one entry of the dataset's files is, for the index's log line ("12 of 14 CSV rows have a video")
+    entries: str = "entries"
 
     @abstractmethod
     def records(self) -> tuple[list[VideoRecord], list[RecordError]]:
@@ -103,11 +110,35 @@ def warn_unknown_columns(path: Path, header: list[str], known: list[str]) -> Non
 class RowError(Exception):
     """Raised while turning one row into a record; :attr:`error` is the row's failure."""
 
-    def __init__(self, where: str, error_type: str, message: str):
+    def __init__(self, where: str, error_type: str, message: str, entry_id: str | None = None):
         super().__init__(f"{where}: {message}")
-        self.error = RecordError(where, error_type, f"{where}: {message}")
+        self.error = RecordError(where, error_type, f"{where}: {message}", entry_id)
 
 
 def malformed(where: str, message: str) -> RowError:
     """The error for a row that cannot be parsed."""
     return RowError(where, "MalformedRow", message)
+
+
+#: file name endings of the video files a folder-based reader lists (lower case)
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp", ".ts")
+
+
+def is_video_file(entry) -> bool:
+    """A visible regular file (an ``os.DirEntry`` or a ``Path``) whose name ends like a video."""
+    return not entry.name.startswith(".") and entry.is_file() and Path(entry.name).suffix.lower() in VIDEO_SUFFIXES
+
+
+def read_class_file(path: Path, setting: str = "dataset.classes") -> list[str]:
+    """Class names, one per line (index = line order); blank lines are skipped.
+
+    Raises:
+        DatasetError: the file is missing, or lists a name twice.
+    """
+    if not path.is_file():
+        raise DatasetError(f"{path}: class file not found ({setting})")
+    names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise DatasetError(f"{path}: class names listed twice: {duplicated}")
+    return names

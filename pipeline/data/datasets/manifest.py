@@ -24,12 +24,12 @@ import math
 from pathlib import Path
 
 from pipeline.data.datasets.base import (
-    DatasetError,
     DatasetReader,
     RecordError,
     RowError,
     VideoRecord,
     malformed,
+    read_class_file,
     read_csv_rows,
 )
 
@@ -49,6 +49,8 @@ class Manifest(DatasetReader):
             ``target_fps`` sampler on frame folders.
     """
 
+    entries = "CSV rows"
+
     def __init__(
         self,
         csv: str,
@@ -62,17 +64,8 @@ class Manifest(DatasetReader):
         self.split = split
         self.fps = float(fps) if fps is not None else None
         self.rows = list(read_csv_rows(self.csv, ["path"], known=COLUMNS))
-        self.classes = self._read_classes(Path(classes)) if classes else self._labels_in_csv()
+        self.classes = read_class_file(Path(classes)) if classes else self._labels_in_csv()
         self._lookup = {name: i for i, name in enumerate(self.classes)}
-
-    def _read_classes(self, path: Path) -> list[str]:
-        if not path.is_file():
-            raise DatasetError(f"{path}: class file not found (dataset.classes)")
-        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        duplicated = sorted({n for n in names if names.count(n) > 1})
-        if duplicated:
-            raise DatasetError(f"{path}: class names listed twice: {duplicated}")
-        return names
 
     def _labels_in_csv(self) -> list[str]:
         labels = {(row.get("label") or "").strip() for _, row in self.rows} - {""}
