@@ -17,7 +17,7 @@ import time
 import pytest
 
 from helpers.config import make_cfg
-from helpers.deploy import NOISE, finish, pipeline, shard_attempts, wait_for
+from helpers.deploy import NOISE, env, finish, pipeline, shard_attempts, wait_for
 from pipeline.__main__ import run
 from pipeline.store import read_index, read_tubes
 
@@ -131,3 +131,49 @@ def test_slurm_two_jobs_one_cancelled_mid_shard(slurm, held_run):
     assert len(rerun) == 1 and all(len(set(w)) == 2 for w in rerun.values())  # on the other job's worker
     print(f"\nslurm, job {job} scancelled: shards rerun {sorted(rerun)}, {cancelled - started:.1f} s to the "
           f"cancel, {time.monotonic() - cancelled:.1f} s from the cancel to the end")  # fmt: skip
+
+
+def wait_jobs(jobs: list[str], timeout: float = 240) -> None:
+    """Until none of the SLURM jobs (or array tasks) is pending or running."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = subprocess.run(["squeue", "-h", "-j", ",".join(jobs), "-o", "%i"], capture_output=True, text=True)
+        if not out.stdout.strip():
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"SLURM jobs {jobs} still queued after {timeout} s")
+
+
+@pytest.mark.slurm
+def test_slurm_array_task_cancelled_and_resubmitted(slurm, pipeline_overrides, tmp_path, monkeypatch):
+    from pipeline.runtime import slurm_array
+
+    overrides = [
+        *(o for o in pipeline_overrides if not o.startswith("cluster.")),
+        f"paths.root={tmp_path}",
+        "index.clips_per_shard=2",
+        "run_name=array",
+    ]
+    run(make_cfg(tmp_path, [*overrides, "stage=index"]))  # the index job is skipped: the folder has one
+    run_dir = tmp_path / "outputs" / "array"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", env()["PYTHONPATH"])
+    started = time.monotonic()
+    jobs = slurm_array.launch(overrides, ["--array=0-2", "-c", "1", "--mem=2G"])
+    assert set(jobs) == {"extract", "stats"}
+    subprocess.run(["scancel", f"{jobs['extract']}_1"], check=True)  # task 1, pending or running
+    wait_jobs([jobs["extract"], jobs["stats"]])
+    shares = {int(p.stem.split("-")[1]) % 3 for p in (run_dir / "tubes").glob("part-*.parquet")}
+    assert 1 not in shares  # shard 1 (share 1 of 3) was cancelled with its task; the stats job never ran
+    resubmitted = subprocess.run(
+        ["sbatch", "--parsable", "--array=1", "-c", "1", "--mem=2G", str(run_dir / "slurm" / "extract.sh")],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    wait_jobs([resubmitted])
+    status, console = finish(pipeline([*overrides, "stage=stats"], tmp_path))
+    assert status == 0, console
+    check_every_clip_once(run_dir, console)
+    for log in (run_dir / "logs").glob("slurm-extract-*.out"):
+        assert not NOISE.search(log.read_text()), log.read_text()
+    assert f"{resubmitted}_1" in " ".join(p.name for p in (run_dir / "logs").glob("*.out"))
+    print(f"\nslurm array: task 1 cancelled and resubmitted, {time.monotonic() - started:.1f} s in all")
