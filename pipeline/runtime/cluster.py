@@ -94,7 +94,8 @@ def slurm_cluster(
         memory=memory,
         processes=gpus or 1,
         job_extra_directives=directives,
-        job_script_prologue=list(job_script_prologue),
+        # worker processes that may start DataLoader workers (Dask's are daemonic by default)
+        job_script_prologue=["export DASK_DISTRIBUTED__WORKER__DAEMON=False", *job_script_prologue],
         worker_extra_args=(["--resources", f"{GPU}=1"] if gpus else [])
         + lifetime_args(walltime, worker_lifetime, lifetime_stagger),
         log_directory=log_directory,
