@@ -177,3 +177,32 @@ def test_slurm_array_task_cancelled_and_resubmitted(slurm, pipeline_overrides, t
         assert not NOISE.search(log.read_text()), log.read_text()
     assert f"{resubmitted}_1" in " ".join(p.name for p in (run_dir / "logs").glob("*.out"))
     print(f"\nslurm array: task 1 cancelled and resubmitted, {time.monotonic() - started:.1f} s in all")
+
+
+@pytest.mark.slurm
+def test_slurm_adaptive_stage_all_with_workers_retiring(slurm, pipeline_overrides, tmp_path):
+    """``stage=all`` on an adaptive SLURM cluster whose workers retire after 15 +/- 3 s (Dask's --lifetime):
+    jobs come while shards are left and go with their workers; nothing is lost, the console is quiet."""
+    overrides = [
+        *(o for o in pipeline_overrides if not o.startswith("cluster.")),
+        f"paths.root={tmp_path}",
+        "index.clips_per_shard=1",
+        "run_name=adaptive",
+        "cluster=slurm",
+        "cluster.adapt_min=0",
+        "cluster.adapt_max=2",
+        "cluster.cores=1",
+        "cluster.memory=2GB",
+        "cluster.walltime=00:05:00",
+        "cluster.worker_lifetime=15s",
+        "cluster.lifetime_stagger=3s",
+    ]
+    started = time.monotonic()
+    status, console = finish(pipeline([*overrides, "stage=all"], tmp_path))
+    assert status == 0, console
+    run_dir = tmp_path / "outputs" / "adaptive"
+    check_every_clip_once(run_dir, console)
+    assert (run_dir / "stats" / "per_class.parquet").is_file() and (run_dir / "report" / "index.html").is_file()
+    script = " ".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
+    print(f"\nslurm adaptive, stage=all: {time.monotonic() - started:.1f} s, {len(list(tmp_path.glob('slurm-*.out')))} jobs, "
+          f"{script.count('worker-lifetime-reached')} worker(s) retired at their lifetime")  # fmt: skip
