@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install lint demo test test-fast bench index extract stats evaluate report all train clean
+.PHONY: help install lint demo test test-fast bench index extract stats evaluate report all train clean slurm-up slurm-down slurm-array
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -56,6 +56,16 @@ report: install ## the offline HTML report from the Parquet files -> report/inde
 
 all: install ## index, extract, stats and report in one go
 	$(PY) -m pipeline stage=all $(ARGS)
+
+SBATCH ?= --array=0-3
+slurm-array: install ## a SLURM job array, no scheduler: index, extract shares (SBATCH="--array=0-31%8 -p gpu ..."), stats + report
+	$(PY) -m pipeline.runtime.slurm_array --sbatch "$(SBATCH)" $(ARGS)
+
+slurm-up: ## a one-node SLURM on this machine (munge, slurmctld, slurmd) for the tests marked slurm
+	tests/cluster/slurm-up.sh
+
+slurm-down: ## stop the SLURM of make slurm-up
+	tests/cluster/slurm-up.sh down
 
 clean: ## delete everything under outputs/ (data, models, runs)
 	find outputs -mindepth 1 -maxdepth 1 ! -name .gitkeep -exec rm -rf {} +

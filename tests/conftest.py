@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from helpers.config import SMALL_SPEC, small_run
+from helpers.deploy import dask_deployment, slurm  # noqa: F401 - fixtures of the cluster tests
 from pipeline.data.datasets.synthetic import generate
 from pipeline.models import DemoNet3D
 

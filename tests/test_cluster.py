@@ -381,3 +381,21 @@ print(with_trim, faults(), "MALLOC_TRIM_THRESHOLD_" in os.environ)
     with_trim, after, still_set = done.stdout.split()
     assert int(with_trim) >= 200 * 100  # each array faulted in afresh (192 pages of 4 KiB)
     assert int(after) < 200 and still_set == "False"
+
+
+def test_slurm_workers_retire_before_the_walltime(tmp_path):
+    """The job script starts its workers with Dask's --lifetime: the walltime less a tenth (1 to 15 minutes),
+    staggered by a third of that margin, so that each is gone before SLURM kills its job."""
+    settings = dict(walltime="02:00:00", cores=2, memory="4GB")
+    with cluster.slurm_cluster(**settings) as slurm:
+        script = slurm.job_script()
+    assert "--lifetime 6480s --lifetime-stagger 240s" in script  # 7200 s - 720 s, 720 / 3
+    assert "export DASK_DISTRIBUTED__WORKER__DAEMON=False" in script
+    with cluster.slurm_cluster(**settings, worker_lifetime=None) as slurm:
+        assert "--lifetime" not in slurm.job_script()
+    with pytest.raises(ConfigError, match=r"cluster.worker_lifetime \(3h\) plus cluster.lifetime_stagger"):
+        cluster.validate(
+            make_cfg(tmp_path, ["cluster=slurm", "cluster.walltime=02:00:00", "cluster.worker_lifetime=3h"]).cluster
+        )
+    with pytest.raises(ConfigError, match="cluster.walltime must be SLURM's time format"):
+        cluster.validate(make_cfg(tmp_path, ["cluster=slurm", "cluster.walltime=soon"]).cluster)

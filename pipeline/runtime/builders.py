@@ -101,8 +101,18 @@ def make_trainer(cfg, callbacks: list, inference_mode: bool):
     )
 
 
+#: Lightning's warning on any machine with SLURM installed (every login and compute node): each ``fit`` /
+#: ``predict`` looks for an HPC-resume checkpoint by probing ``SLURMEnvironment.detect()``, which warns when
+#: ``srun`` is on the PATH but the process was not started by it, whatever cluster environment the Trainer was
+#: given. The pipeline's Trainers never need ``srun``: each is one process on one device (a Dask task, an array
+#: task) or the pipeline's own DDP launcher, with the cluster environment fixed (:func:`make_trainer`).
+SRUN_WARNING = r"The `srun` command is available on your system but is not used"
+
+
 def quiet_lightning() -> None:
-    """Lightning's info lines (devices, precision) are noise once per shard; warnings still show."""
+    """Lightning's info lines (devices, precision) are noise once per shard; warnings still show, but for two
+    false alarms of Lightning's own: its use of a deprecated torch API, and :data:`SRUN_WARNING`."""
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")  # Lightning's own use of a deprecated torch API
+    warnings.filterwarnings("ignore", message=SRUN_WARNING)

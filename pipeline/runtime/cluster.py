@@ -23,7 +23,7 @@ from hydra.utils import get_method
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, UserError
 from pipeline.runtime.job import GPU
 from pipeline.runtime.local import close_workers, local, worker_start
 from pipeline.runtime.memory import MALLOC_TRIM_SETTING
@@ -61,6 +61,8 @@ def slurm_cluster(
     interface: str | None = None,
     python: str | None = None,
     dashboard_address: str = ":0",
+    worker_lifetime: str | None = "auto",
+    lifetime_stagger: str | None = "auto",
 ):
     """A dask-jobqueue SLURMCluster with no job submitted yet: every SLURM job is one node's share of workers.
 
@@ -77,8 +79,10 @@ def slurm_cluster(
         interface: network interface of the workers and scheduler (e.g. ``ib0``).
         python: the worker's Python; default this one.
         dashboard_address: the scheduler's dashboard.
+        worker_lifetime, lifetime_stagger: when the workers retire before the walltime, see
+            :func:`lifetime_args`.
     """
-    from dask_jobqueue import SLURMCluster
+    SLURMCluster = import_jobqueue().SLURMCluster
 
     gpus = int(gpus_per_job)
     directives = list(job_extra_directives) + ([f"--gres=gpu:{gpus}"] if gpus else [])
@@ -90,14 +94,105 @@ def slurm_cluster(
         memory=memory,
         processes=gpus or 1,
         job_extra_directives=directives,
-        job_script_prologue=list(job_script_prologue),
-        worker_extra_args=["--resources", f"{GPU}=1"] if gpus else [],
+        # worker processes that may start DataLoader workers (Dask's are daemonic by default)
+        job_script_prologue=["export DASK_DISTRIBUTED__WORKER__DAEMON=False", *job_script_prologue],
+        worker_extra_args=(["--resources", f"{GPU}=1"] if gpus else [])
+        + lifetime_args(walltime, worker_lifetime, lifetime_stagger),
         log_directory=log_directory,
         local_directory=local_directory,
         interface=interface,
         python=python,
         scheduler_options={"dashboard_address": dashboard_address},
     )
+
+
+def walltime_seconds(walltime: str) -> int:
+    """SLURM's time format in seconds: ``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH``, ``D-HH:MM``, ``D-HH:MM:SS``.
+
+    >>> walltime_seconds("04:00:00"), walltime_seconds("1-12"), walltime_seconds("90")
+    (14400, 129600, 5400)
+    """
+    text = str(walltime).strip()
+    try:
+        days, _, clock = text.rpartition("-")
+        parts = [int(p) for p in clock.split(":")]
+        if days:  # D-HH[:MM[:SS]]
+            h, m, sec = (parts + [0, 0])[:3]
+            return int(days) * 86400 + h * 3600 + m * 60 + sec
+        if len(parts) > 3:
+            raise ValueError(text)
+        m_or_h = {1: (0, parts[0], 0), 2: (0, *parts), 3: tuple(parts)}[len(parts)]
+        return m_or_h[0] * 3600 + m_or_h[1] * 60 + m_or_h[2]
+    except (ValueError, KeyError):
+        raise ConfigError(
+            f"cluster.walltime must be SLURM's time format (HH:MM:SS, D-HH:MM:SS, or minutes), got {walltime!r}"
+        ) from None
+
+
+def lifetime_args(walltime: str, lifetime: str | None = "auto", stagger: str | None = "auto") -> list[str]:
+    """The worker options that end every worker of a SLURM job before its walltime: Dask's ``--lifetime``
+    and ``--lifetime-stagger`` (each worker retires at ``lifetime +/- stagger``, drawn at random, so that the
+    workers of jobs started together do not all leave at once; an adaptive cluster submits jobs to replace them).
+
+    ``auto`` lifetime: the walltime less a margin of a tenth of it, at least 1 and at most 15 minutes (at most
+    half the walltime); ``auto`` stagger: a third of that margin, so every worker is gone at least two thirds of
+    the margin before SLURM would kill it. ``null`` lifetime: workers stay until the job ends.
+
+    >>> lifetime_args("04:00:00")
+    ['--lifetime', '13500s', '--lifetime-stagger', '300s']
+    >>> lifetime_args("00:10:00", "8m", "30s")
+    ['--lifetime', '480s', '--lifetime-stagger', '30s']
+    """
+    if lifetime is None:
+        return []
+    total = walltime_seconds(walltime)
+    margin = min(max(total / 10, 60), 900, total / 2)
+    if str(lifetime) == "auto":
+        seconds = total - margin
+    else:
+        seconds = _duration("cluster.worker_lifetime", lifetime)
+    spread = (
+        margin / 3
+        if str(stagger) == "auto"
+        else (0 if stagger is None else _duration("cluster.lifetime_stagger", stagger))
+    )
+    if not 0 < seconds + spread < total:
+        raise ConfigError(
+            f"cluster.worker_lifetime ({lifetime}) plus cluster.lifetime_stagger ({stagger}) must end before "
+            f"cluster.walltime ({walltime}): {seconds:.0f} s + {spread:.0f} s, walltime {total} s"
+        )
+    return ["--lifetime", f"{seconds:.0f}s", "--lifetime-stagger", f"{spread:.0f}s"]
+
+
+def _duration(name: str, value) -> float:
+    try:
+        return float(dask.utils.parse_timedelta(value, default="s"))
+    except (ValueError, TypeError, KeyError):
+        raise ConfigError(f"{name} must be 'auto', null or a duration like '230m' or '90s', got {value!r}") from None
+
+
+def import_jobqueue():
+    """``dask_jobqueue``, imported with this process's own Ctrl-C handling kept.
+
+    Importing it installs a SIGINT handler (``sys.exit``), which Python allows only on the main thread: on any
+    other thread the import raises ``ValueError: signal only works in main thread``. On the main thread the
+    handler would replace the command's own (which stops the stage and closes the cluster), so it is put back.
+    :meth:`LazyClient.start_soon` imports it here, on the main thread, before starting the cluster on its own.
+    """
+    import sys
+
+    if "dask_jobqueue" in sys.modules:
+        return sys.modules["dask_jobqueue"]
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError(
+            "dask_jobqueue must first be imported on the main thread (pipeline.runtime.cluster.import_jobqueue)"
+        )
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        import dask_jobqueue
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return dask_jobqueue
 
 
 def address(address: str) -> str:
@@ -151,6 +246,12 @@ def validate(cfg) -> None:
         raise ConfigError(
             f"cluster.adapt_max ({settings['adapt_max']}) must be >= cluster.adapt_min ({settings['adapt_min']})"
         )
+    if fn is slurm:
+        lifetime_args(
+            settings.get("walltime", "04:00:00"),
+            settings.get("worker_lifetime", "auto"),
+            settings.get("lifetime_stagger", "auto"),
+        )
     if fn is address and "://" not in str(settings["address"]):
         raise ConfigError(
             f"cluster.address must be a scheduler address like tcp://host:8786, got {settings['address']!r}"
@@ -192,6 +293,9 @@ class LazyClient:
     def start_soon(self) -> None:
         """Start the cluster now on a thread of its own, while this one goes on (imports, model checks).
 
+        SLURM clusters: dask-jobqueue is imported first, on this (main) thread (see :func:`import_jobqueue`);
+        building the scheduler and submitting the jobs (``sbatch``) then happen on the background thread.
+
         Local worker processes must ignore Ctrl-C, which only this (main) thread can arrange: the forkserver they
         fork from is started here, ignoring SIGINT, and they inherit that. Local workers started by ``spawn``
         would not: that cluster starts on first use, as without this call.
@@ -199,6 +303,8 @@ class LazyClient:
         if self.started:
             return
         fn, settings = _settings(self._cfg)
+        if fn is slurm:
+            import_jobqueue()  # here, on the main thread: see import_jobqueue
         if fn is local and settings.get("processes", True):
             if settings.get("start_method", "forkserver") != "forkserver":
                 return
@@ -271,6 +377,12 @@ def open_client(cfg, lazy: bool = False):
         client = LazyClient(cfg)
         try:
             yield client
+        except Exception as err:
+            real = client._stack is not None and client._real
+            lost = real and scheduler_lost(real, err)
+            if lost:
+                raise lost from None
+            raise
         finally:
             client.close()
         return
@@ -285,18 +397,61 @@ def open_client(cfg, lazy: bool = False):
         with children_ignore_sigint():
             made = fn(**settings)
         cluster = None if isinstance(made, str) else made
-        client = Client(made)
+        client = connect(made)
         try:
             if isinstance(cluster, LocalCluster):
                 log.info("Dask cluster: %d local worker(s)", len(cluster.workers))
             if client.dashboard_link:
                 log.info("Dask dashboard: %s", client.dashboard_link)
-            yield client
+            try:
+                yield client
+            except Exception as err:
+                lost = scheduler_lost(client, err)
+                if lost:
+                    raise lost from None
+                raise
         finally:
             client.close()
             if cluster is not None:
                 close_workers(cluster)
                 cluster.close()
+
+
+class SchedulerLost(UserError):
+    """The Dask scheduler went away during a stage (``cluster=address``: its process ended, its node was lost)."""
+
+
+#: seconds to wait for a running scheduler (``cluster=address``) to answer before saying it does not
+CONNECT_SECONDS = 30
+
+
+def connect(cluster_or_address) -> Client:
+    """A client of a cluster object, or of a running scheduler's address (one line naming it if none answers)."""
+    if not isinstance(cluster_or_address, str):
+        return Client(cluster_or_address)
+    try:
+        return Client(cluster_or_address, timeout=CONNECT_SECONDS)
+    except (OSError, TimeoutError) as err:
+        raise ConfigError(
+            f"cluster.address={cluster_or_address}: no Dask scheduler answers there ({type(err).__name__}); "
+            "start one (dask scheduler) or fix the address"
+        ) from None
+
+
+def scheduler_lost(client: Client, err: Exception) -> SchedulerLost | None:
+    """What to say when ``err`` ended a stage because ``client``'s scheduler is gone (None when it still answers:
+    ``err`` is then the stage's own). The client's own reconnection tracebacks are silenced: the one line says it."""
+    if client.status == "running":
+        try:
+            client.scheduler_info()
+            return None
+        except Exception:
+            pass
+    logging.getLogger("distributed.client").setLevel(logging.CRITICAL)
+    return SchedulerLost(
+        f"lost the Dask scheduler at {client.scheduler.address} ({type(err).__name__}) during the stage; the "
+        "shards finished are kept: start the scheduler again and rerun the same command to resume"
+    )
 
 
 def uses_ddp(cfg) -> bool:

@@ -34,10 +34,14 @@ def in_process_setting(cfg):
 
 
 def wants_in_process(cfg, clips_left: int) -> bool:
-    """Whether the extract stage runs its shards in this process (``execution``)."""
+    """Whether the extract stage runs its shards in this process (``execution``). ``auto`` never does on a
+    cluster the command names (``cluster=slurm``, ``cluster=address``): the driver may be a login node, and the
+    user asked for those workers."""
+    from pipeline.runtime.cluster import is_local
+
     setting = in_process_setting(cfg)
     if setting == "auto":
-        return str(cfg.trainer.accelerator) == "cpu" and clips_left <= AUTO_MAX_CLIPS
+        return str(cfg.trainer.accelerator) == "cpu" and clips_left <= AUTO_MAX_CLIPS and is_local(cfg.cluster)
     return bool(setting)
 
 

@@ -256,7 +256,15 @@ class SlurmCluster:
     _target_: str = "pipeline.runtime.cluster.slurm"
     queue: str | None = setting(None, "the partition")
     account: str | None = setting(None, "the account charged")
-    walltime: str = setting("04:00:00", "per job")
+    walltime: str = setting("04:00:00", "per job (SLURM's -t); the workers retire before it, see worker_lifetime")
+    worker_lifetime: str | None = setting(
+        "auto",
+        "Dask's --lifetime: auto = walltime less a tenth (1 to 15 min) | a duration like 230m | null (until "
+        "the job ends)",
+    )
+    lifetime_stagger: str | None = setting(
+        "auto", "Dask's --lifetime-stagger: auto = a third of that margin | a duration | null"
+    )
     cores: int = setting(8, "per job; DataLoader workers decode on these", at_least=1)
     memory: str = setting("32GB", "per job")
     gpus_per_job: int = setting(0, "adds --gres=gpu:N; N workers per job, one per GPU", at_least=0)
