@@ -181,7 +181,11 @@ def aggregate_all(prepared: dd.DataFrame) -> dict[str, pd.DataFrame]:
     tables = {}
     for name, (means, counts) in computed.items():
         table = (
+            # copy(): consolidated first. A mean computed on distributed workers comes back with one block per
+            # column (hundreds: the expanded list statistics), and reset_index's insert then warns (pandas
+            # PerformanceWarning, once per grouping and part) on a highly fragmented frame
             means.join(counts.rename("clips"))
+            .copy()
             .reset_index()
             .rename(columns={"correct": "accuracy", "target_prob": "mean_target_prob", "pred_prob": "mean_pred_prob"})
         )
