@@ -366,5 +366,10 @@ def test_the_journal_keeps_every_entry_of_concurrent_writers_and_ignores_a_line_
     assert len((tmp_path / "ledger" / "extract" / "share-1-of-2.jsonl").read_text().splitlines()) == 100
     assert again.is_done(7, "d7") and not again.is_done(7, "other") and 500 not in again.entries
     again.close()
+    resumed = Ledger(tmp_path, "extract", "share-0-of-2", config_hash="c")  # the journal cut short by the kill
+    resumed.finish(501, "d501", rows=1)
+    resumed.close()
+    assert sorted(read_ledger(tmp_path, "extract", "done")) == [*range(200), 501]
+    assert not list((tmp_path / "ledger" / "extract").glob("*.unreadable-*"))
     with pytest.raises(ConfigError, match=r"another configuration .*choose a new run_name"):
         Ledger(tmp_path, "extract", config_hash="other")

@@ -127,7 +127,8 @@ class Ledger:
         own = journals.get(writer, [])
         mine = {e.shard: e for e in own}
         self.path = self.folder / f"{writer}.jsonl"
-        if len(mine) < len(own) or not self.path.is_file():  # compacted: one line per shard this journal knows
+        if len(mine) < len(own) or not _ends_a_line(self.path):  # compacted: one line per shard it knows (a line
+            # cut short by a kill is dropped, so the next line does not continue it)
             with atomic_write(self.path) as tmp:
                 tmp.write_text("".join(_line(e) for e in sorted(mine.values(), key=lambda e: e.shard)))
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
@@ -174,6 +175,19 @@ class Ledger:
         before = self.entries.get(shard)
         if before is not None and before.state == "done":
             self._append(Entry(shard, "open", before.digest))
+
+
+def _ends_a_line(path: Path) -> bool:
+    """Whether ``path`` exists and is empty or ends with a newline."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            if handle.tell() == 0:
+                return True
+            handle.seek(-1, os.SEEK_END)
+            return handle.read(1) == b"\n"
+    except FileNotFoundError:
+        return False
 
 
 def _line(entry: Entry) -> str:
