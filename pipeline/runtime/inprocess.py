@@ -27,7 +27,7 @@ AUTO_MAX_CLIPS = 256
 def in_process_setting(cfg, stage: str):
     """``<stage>.in_process`` (index, extract, evaluate): ``"auto"``, True or False; any other value is one line
     naming it."""
-    setting = cfg[stage].get("in_process", "auto")
+    setting = cfg[stage].in_process
     if setting not in ("auto", True, False):
         raise ConfigError(f"{stage}.in_process must be auto, true or false, got {setting!r}")
     return setting

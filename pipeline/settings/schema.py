@@ -104,9 +104,7 @@ class Trainer:
 
 @dataclass
 class Stats:
-    boxes: str | None = setting(
-        None, "ground-truth boxes CSV (video_id,frame,x0,y0,x1,y1); null = the dataset's own"
-    )
+    boxes: str | None = setting(None, "ground-truth boxes CSV (video_id,frame,x0,y0,x1,y1); null = the dataset's own")
     pointing_tolerance: float = setting(0.0, "source pixels added around a box for the pointing game", at_least=0.0)
     compare_runs: list[str] = setting([], "other runs over the same index (e.g. [gradcam]): agreement, side by side")
 

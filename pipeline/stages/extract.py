@@ -122,9 +122,9 @@ def check_settings(cfg, upstream: tuple[str, ...] = ()) -> None:
             and int(cfg.extract[key]) < least
         ):
             raise ConfigError(f"extract.{key} must be >= {least}, got {cfg.extract[key]}")
-    if cfg.extract.get("resize", "auto") not in ("auto", "loader", "device"):
+    if cfg.extract.resize not in ("auto", "loader", "device"):
         raise ConfigError(f"extract.resize must be auto, loader or device, got {cfg.extract.resize!r}")
-    if cfg.extract.get("concurrent", "wait") not in POLICIES:
+    if cfg.extract.concurrent not in POLICIES:
         raise ConfigError(f"extract.concurrent must be one of {POLICIES}, got {cfg.extract.concurrent!r}")
     in_process_setting(cfg, "extract")
     threads = cfg.extract.torch_threads
@@ -184,7 +184,7 @@ def run(cfg, run_dir: Path, client=None) -> dict:
             return run(cfg, run_dir, own)
     if uses_ddp(cfg):  # every rank is a driver of its own share: Lightning coordinates them
         return _run_locked(cfg, run_dir, client)
-    with run_lock(run_dir, str(cfg.extract.get("concurrent", "wait"))):
+    with run_lock(run_dir, str(cfg.extract.concurrent)):
         return _run_locked(cfg, run_dir, client)
 
 
