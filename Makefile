@@ -6,6 +6,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
+# pip says nothing but errors: no version check, no root-user or upgrade notices
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+export PIP_ROOT_USER_ACTION := ignore
+export PIP_NO_WARN_SCRIPT_LOCATION := 1
 
 .PHONY: help install lint demo test test-fast bench index extract stats evaluate report all train clean slurm-up slurm-down slurm-array
 
@@ -16,8 +20,8 @@ install: $(VENV)/.installed ## create .venv and install the package with its dev
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --quiet --upgrade pip
+	$(PY) -m pip install --quiet --quiet -e '.[dev]'
 	touch $@
 
 demo: install ## synthetic data + demo model (if missing), the whole pipeline, then a summary

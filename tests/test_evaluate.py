@@ -221,7 +221,9 @@ def test_bad_settings_are_named(tmp_path, override, message):
     ],
 )
 def test_bad_stats_and_report_settings_are_named(tmp_path, override, message):
-    with pytest.raises(ValueError, match=message):
+    from hydra.errors import ConfigCompositionException  # a string for a list is refused by the schema itself
+
+    with pytest.raises((ValueError, ConfigCompositionException), match=message):
         run(make_cfg(tmp_path, ["stage=[stats,report]", override]))
 
 

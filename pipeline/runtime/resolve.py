@@ -68,5 +68,5 @@ def prefetch_factor(cfg, workers: int) -> int | None:
 def resize_on_device(cfg) -> bool:
     """Whether clips are resized on the model's device: ``extract.resize``; ``auto`` = on GPUs, where the
     loader then pins and copies uint8 frames (a quarter of float32's bytes) and the resize leaves its cores."""
-    setting = str(cfg.extract.get("resize", "auto"))
+    setting = str(cfg.extract.resize)
     return setting == "device" or (setting == "auto" and str(cfg.trainer.accelerator) != "cpu")

@@ -96,9 +96,9 @@ def check_settings(cfg, upstream: tuple[str, ...] = ()) -> None:
             and int(cfg.extract[key]) < least
         ):
             raise ConfigError(f"extract.{key} must be >= {least}, got {cfg.extract[key]}")
-    if cfg.extract.get("resize", "auto") not in ("auto", "loader", "device"):
+    if cfg.extract.resize not in ("auto", "loader", "device"):
         raise ConfigError(f"extract.resize must be auto, loader or device, got {cfg.extract.resize!r}")
-    if cfg.extract.get("concurrent", "wait") not in POLICIES:
+    if cfg.extract.concurrent not in POLICIES:
         raise ConfigError(f"extract.concurrent must be one of {POLICIES}, got {cfg.extract.concurrent!r}")
     parse_share(cfg.extract.get("share"))
     threads = cfg.extract.torch_threads
@@ -164,7 +164,7 @@ def run(cfg, run_dir: Path, client=None) -> StageResult:
 def _run(cfg, run: RunDir, share: Share | None, client) -> StageResult:
     if uses_ddp(cfg):  # every rank is a driver of its own share: Lightning coordinates them
         return _run_locked(cfg, run, share, client)
-    with run_lock(run, str(cfg.extract.get("concurrent", "wait")), share.name if share else None):
+    with run_lock(run, str(cfg.extract.concurrent), share.name if share else None):
         return _run_locked(cfg, run, share, client)
 
 

@@ -37,7 +37,7 @@ def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
     instantiate(cfg.sampler)
     if int(cfg.index.clips_per_shard) < 1:
         raise ConfigError(f"index.clips_per_shard must be >= 1, got {cfg.index.clips_per_shard}")
-    if int(cfg.index.get("probe_batch", 32)) < 1:
+    if int(cfg.index.probe_batch) < 1:
         raise ConfigError(f"index.probe_batch must be >= 1, got {cfg.index.probe_batch}")
     driver_max(cfg)
 
@@ -51,12 +51,12 @@ def run(cfg, run_dir: Path, client=None) -> StageResult:
     reader: DatasetReader = instantiate(cfg.dataset)
     sampler: ClipSampler = instantiate(cfg.sampler)
     records, errors = reader.records()
-    cache = Path(cfg.index.probe_cache) if cfg.index.get("probe_cache") else None
+    cache = Path(cfg.index.probe_cache) if cfg.index.probe_cache else None
     probes = probe_all(
         [r.source for r in records],
         client,
         cache=cache,
-        batch_size=int(cfg.index.get("probe_batch", 32)),
+        batch_size=int(cfg.index.probe_batch),
         driver_max=driver_max(cfg),
     )
     readable = sum(not isinstance(probes[r.source], Exception) for r in records)

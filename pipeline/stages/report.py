@@ -225,7 +225,7 @@ def _build(cfg, run_dir: Path, out: Path) -> dict:
     faith = _optional(stats / "faithfulness.parquet")
     agreement = _optional(stats / "agreement_per_class.parquet")
     failures = read_failures(run_dir)
-    others = list(cfg.stats.get("compare_runs") or [])
+    others = list(cfg.stats.compare_runs)
 
     with readable(tube_files(run_dir), REPAIR["tubes"]):
         summary = read_summary(run_dir)
@@ -247,7 +247,7 @@ def _build(cfg, run_dir: Path, out: Path) -> dict:
     featured = gallery[gallery["role"] == "confident"].groupby(["method", "label_name"]).head(1)
     other_tubes = _other_tubes(run_dir, others, featured)
 
-    renderer = ClipRenderer(assets, BoxTable(boxes, float(cfg.stats.get("pointing_tolerance") or 0.0)))
+    renderer = ClipRenderer(assets, BoxTable(boxes, float(cfg.stats.pointing_tolerance)))
     pages: dict[tuple[str, str], dict] = {}
     for g in tqdm(list(gallery.itertuples()), desc="report", unit="clip"):
         row = first[(g.clip_id, g.method)]

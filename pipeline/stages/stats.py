@@ -334,7 +334,7 @@ def validate(cfg, upstream: tuple[str, ...] = ()) -> None:
     """Settings of this stage, checked before any work starts."""
     if float(cfg.stats.pointing_tolerance) < 0:
         raise ConfigError(f"stats.pointing_tolerance must be >= 0, got {cfg.stats.pointing_tolerance}")
-    others = cfg.stats.get("compare_runs") or []
+    others = cfg.stats.compare_runs
     if isinstance(others, str) or not all(isinstance(name, str) and name and "/" not in name for name in others):
         raise ConfigError(f"stats.compare_runs must be a list of run names (folders beside this run), got {others!r}")
     if cfg.run_name in others:
@@ -388,7 +388,7 @@ def _aggregate(cfg, run_dir: Path, files: list[Path]) -> dict:
     per_class, overall = tables["per_class"], tables["overall"]
     per_split = pd.concat([tables["per_split"], tables["split_totals"]], ignore_index=True)
 
-    others = list(cfg.stats.get("compare_runs") or [])
+    others = list(cfg.stats.compare_runs)
     if others:
         clips, by_class = agreement(run_dir, others)
         write_table_atomic(pa.Table.from_pandas(clips, preserve_index=False), out / "agreement.parquet")
