@@ -12,8 +12,9 @@ from torch import nn
 
 from helpers.zoo import zoo_model
 from pipeline.explain.explainer import TubeExplainer
+from pipeline.explain.fusion import Combiner
 from pipeline.explain.levels import choose_layers, find_levels
-from pipeline.explain.methods import Fusion, GradCAM, LayerCAM
+from pipeline.explain.methods import GradCAM, LayerCAM
 from pipeline.models import ModelError
 
 #: model -> (clip, {level grid: the layer that represents it}, the layers fused), worked out from the source:
@@ -85,7 +86,7 @@ def test_levels_of_the_zoo_match_the_architectures(name):
     cfg, net = zoo_model(name, clip)
     found = find_levels(net, (3, *clip), cfg.layout)
     assert {level.grid: level.layer for level in found} == levels
-    assert choose_layers(net, (3, *clip), cfg.layout) == chosen
+    assert choose_layers(net, (3, *clip), cfg.layout, 3) == chosen
     if name.startswith("mvit"):
         assert found[-1].modules[-1] == f"blocks.{len(net.blocks) - 1}"  # a map of the level, without evidence
 
@@ -94,8 +95,11 @@ def test_levels_of_the_zoo_match_the_architectures(name):
 def test_auto_fusion_equals_the_same_layers_named_by_hand(name):
     clip, _, chosen = CASES[name]
     cfg, net = zoo_model(name, clip)
-    auto = TubeExplainer(copy.deepcopy(net), Fusion(LayerCAM(), "auto"), (3, *clip), layout=cfg.layout)
-    named = TubeExplainer(copy.deepcopy(net), Fusion(LayerCAM(), chosen), (3, *clip), layout=cfg.layout)
+    rule = Combiner("weighted")
+    auto = TubeExplainer(
+        copy.deepcopy(net), LayerCAM(), (3, *clip), layer="auto", layout=cfg.layout, combiner=rule, levels=3
+    )
+    named = TubeExplainer(copy.deepcopy(net), LayerCAM(), (3, *clip), layer=chosen, layout=cfg.layout, combiner=rule)
     assert auto.layer_names == chosen and auto.layer_name == "+".join(chosen)
     torch.manual_seed(2)
     x = torch.randn(2, 3, *clip)
@@ -105,13 +109,14 @@ def test_auto_fusion_equals_the_same_layers_named_by_hand(name):
     assert [t.shape[2:] for t in a.layer_tubes] == [t.shape[2:] for t in b.layer_tubes]
     for mine, theirs in zip(a.layer_tubes, b.layer_tubes):
         torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
-    assert torch.equal(Fusion(LayerCAM(), chosen).fuse_tubes(a.layer_tubes), a.tubes)
+    assert torch.equal(rule(a.layer_tubes), a.tubes)
 
 
 def test_levels_setting_picks_more_or_fewer_levels():
     clip, _, _ = CASES["r3d_18"]
     cfg, net = zoo_model("r3d_18", clip)
-    assert TubeExplainer(net, Fusion(GradCAM(), "auto", levels=2), (3, *clip)).layer_names == ["layer3", "layer4"]
+    two = TubeExplainer(net, GradCAM(), (3, *clip), layer="auto", combiner=Combiner("max"), levels=2)
+    assert two.layer_names == ["layer3", "layer4"]
     assert choose_layers(net, (3, *clip), "ncthw", count=9) == ["layer1", "layer2", "layer3", "layer4"]
 
 
@@ -130,4 +135,4 @@ def test_a_model_with_one_level_gets_one_clear_message():
         match=r"Sequential has 1 resolution level.*8x16x16.*\(maps found: 2 8x16x16\).*"
         r"single-layer method .*or name method.layers",
     ):
-        TubeExplainer(net, Fusion(GradCAM(), "auto"), (3, 8, 16, 16))
+        TubeExplainer(net, GradCAM(), (3, 8, 16, 16), layer="auto", combiner=Combiner("mean"), levels=3)

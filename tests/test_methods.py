@@ -18,7 +18,8 @@ from torch import nn
 
 from helpers.oracles import assert_tubes_close, oracle_scorecam, oracle_tube, oracle_tubes, reference_evidence
 from pipeline.explain.explainer import TubeExplainer
-from pipeline.explain.methods import CAM, Fusion, GradCAM, GradCAMPlusPlus, LayerCAM, MethodError, ScoreCAM, XGradCAM
+from pipeline.explain.fusion import Combiner, Fusion
+from pipeline.explain.methods import CAM, GradCAM, GradCAMPlusPlus, LayerCAM, MethodError, ScoreCAM, XGradCAM
 from pipeline.explain.upsample import upsample
 from pipeline.models import DemoNet3D
 
@@ -156,7 +157,8 @@ def test_gradients_flow_only_above_the_layer(net, clips):
 @pytest.mark.parametrize("combine", ["product", "weighted", "mean", "max"])
 def test_fusion_of_two_layers(net, clips, combine):
     layers = ["features.block2", "features.block3"]
-    out = TubeExplainer(copy.deepcopy(net), Fusion(LayerCAM(), layers, combine), SHAPE)(clips, top2)
+    explainer = TubeExplainer(copy.deepcopy(net), LayerCAM(), SHAPE, layer=layers, combiner=Combiner(combine))
+    out = explainer(clips, top2)
     block2, block3 = (
         reference_evidence(net, net.features.get_submodule(name.split(".")[1]), clips, out.targets) for name in layers
     )
@@ -182,9 +184,13 @@ def test_fusion_of_two_layers(net, clips, combine):
 
 def test_fusion_settings_are_checked():
     with pytest.raises(MethodError, match="at least two layers"):
-        Fusion(GradCAM(), ["features"])
-    with pytest.raises(MethodError, match="combine"):
-        Fusion(GradCAM(), ["a", "b"], combine="median")
+        Fusion(GradCAM(), ["features"], "mean", 3)
+    with pytest.raises(MethodError, match="method.combine must be one of product, weighted, mean, max; got 'median'"):
+        Fusion(GradCAM(), ["a", "b"], "median", 3)
+    with pytest.raises(MethodError, match="levels"):
+        Fusion(GradCAM(), "auto", "mean", 1)
+    with pytest.raises(MethodError, match="need a combine rule"):
+        TubeExplainer(DemoNet3D(num_classes=4), GradCAM(), SHAPE, layer=["features.block2", "features.block3"])
 
 
 def test_bf16_autocast_keeps_tube_math_in_fp32(net, clips):

@@ -15,9 +15,9 @@ from helpers.config import make_cfg
 from helpers.oracles import assert_tubes_close, oracle_scorecam, oracle_tubes, reference_evidence, to_ncthw
 from helpers.zoo import CLIP, CLIPS, SMALL, zoo_model
 from pipeline.explain.explainer import TubeExplainer, classifier_weight
+from pipeline.explain.fusion import Combiner, Fusion
 from pipeline.explain.methods import (
     CAM,
-    Fusion,
     GradCAM,
     GradCAMPlusPlus,
     LayerCAM,
@@ -95,8 +95,8 @@ def test_fusion_of_the_last_two_stages(name):
     """Each layer is read in its own geometry (MViT's token grid shrinks between the two stages)."""
     cfg, net = zoo_model(name)
     clip = CLIPS.get(name, CLIP)
-    method = Fusion(GradCAM(), list(cfg.fusion_layers))
-    explainer = TubeExplainer(copy.deepcopy(net), method, (3, *clip), layout=cfg.layout)
+    layers, rule = list(cfg.fusion_layers), Combiner("product")
+    explainer = TubeExplainer(copy.deepcopy(net), GradCAM(), (3, *clip), layer=layers, layout=cfg.layout, combiner=rule)
     torch.manual_seed(1)
     x = torch.randn(2, 3, *clip)
     out = explainer(x, lambda logits: logits.topk(2, dim=1).indices)
@@ -222,15 +222,11 @@ def test_method_configs_instantiate(tmp_path):
     from hydra.utils import instantiate
 
     default = instantiate(make_cfg(tmp_path, ["model=r3d_18", "method=fusion"]).method)
-    assert (default.layers, default.levels, default.combine, default.name) == ("auto", 3, "weighted", "fusion-layercam")
+    assert (default.layers, default.levels, default.combiner) == ("auto", 3, Combiner("weighted"))
+    assert isinstance(default.method, LayerCAM)
     overrides = ["model=r3d_18", "method=fusion", "method.combine=max", "method.layers=${model.fusion_layers}"]
     fusion = instantiate(make_cfg(tmp_path, overrides).method)
-    assert (
-        isinstance(fusion, Fusion)
-        and fusion.layers == ["layer3", "layer4"]
-        and fusion.combine == "max"
-        and fusion.name == "fusion-layercam"
-    )
+    assert isinstance(fusion, Fusion) and fusion.layers == ["layer3", "layer4"] and fusion.combine == "max"
     gradcam = instantiate(
         make_cfg(
             tmp_path,

@@ -13,7 +13,7 @@ from helpers.config import make_cfg
 from pipeline import settings
 from pipeline.errors import ConfigError
 from pipeline.explain.faithfulness import BASELINES
-from pipeline.explain.methods import Fusion
+from pipeline.explain.fusion import RULES
 from pipeline.runtime.job import TARGET_MODES
 from pipeline.runtime.lock import POLICIES
 from pipeline.settings.groups import COMBINE, FusionSettings, ModelSettings
@@ -37,7 +37,7 @@ def test_allowed_values_match_the_code():
     assert set(spec["baseline"]["choices"]) == set(BASELINES)
     extract = {f.name: f.metadata for f in __import__("dataclasses").fields(Extract)}
     assert set(extract["concurrent"]["choices"]) == set(POLICIES)
-    assert set(COMBINE) == set(Fusion.COMBINE)
+    assert set(COMBINE) == set(RULES)
     fields = {f.name: f for f in __import__("dataclasses").fields(Settings)}
     assert fields["target"].default_factory().mode in TARGET_MODES and set(CODECS) == {"float16", "float32"}
 

@@ -96,7 +96,8 @@ def test_progress_counts_clips_and_fail_fast_stops_at_a_bad_clip(tmp_path):
 def test_a_fusion_stores_each_layers_tube_and_read_tubes_decodes_it(tmp_path):
     """method=fusion with automatic layers: the row names the layers, and layer_volumes holds each layer's own
     tube (the codec's float16 of the explainer's), decoded and upsampled by read_tubes; one-layer rows: null."""
-    from pipeline.explain.methods import Fusion, GradCAM
+    from pipeline.explain.fusion import Combiner
+    from pipeline.explain.methods import GradCAM
     from pipeline.explain.upsample import upsample
     from pipeline.store import read_tubes
 
@@ -119,17 +120,20 @@ def test_a_fusion_stores_each_layers_tube_and_read_tubes_decodes_it(tmp_path):
     batch = dict(
         positions=torch.arange(2), video=torch.rand(2, 3, 8, 64, 64), crop_box=torch.tensor([[0.0, 0, 64, 64]] * 2)
     )
-    for method, run in ((Fusion(GradCAM(), "auto"), "fused"), (CAM(), "cam")):
-        module = TubeModule(TubeExplainer(net, method, (3, 8, 64, 64)), [0.45] * 3, [0.225] * 3, target="topk", k=2)
+    fused_layers = dict(layer="auto", combiner=Combiner("weighted"), levels=3)
+    for method, run, layers in ((GradCAM(), "fused", fused_layers), (CAM(), "cam", {})):
+        explainer = TubeExplainer(net, method, (3, 8, 64, 64), **layers)
+        module = TubeModule(explainer, [0.45] * 3, [0.225] * 3, target="topk", k=2)
         job = ShardJob(tmp_path / run, 0, rows, list("ABCD"), "x")
-        writer = TubeWriter(job, rows, method.name, module.explainer.layer_name)
+        writer = TubeWriter(job, rows, explainer.method_name, explainer.layer_name)
         prediction = module.predict_step(dict(batch, failures=[]), 0)
         writer.write_on_batch_end(None, module, prediction, None, batch, 0)
         writer.on_predict_end(None, module)
     fused = read_tubes(tmp_path / "fused", columns=["clip_id", "target", "layer", "layer_volumes"])
     assert (fused["layer"] == "features.block1+features").all() and len(fused) == 4
     explained = module.explainer  # the cam explainer; recompute the fusion's layer tubes independently
-    fusion = TubeExplainer(net, Fusion(GradCAM(), ["features.block1", "features"]), (3, 8, 64, 64))
+    named = ["features.block1", "features"]
+    fusion = TubeExplainer(net, GradCAM(), (3, 8, 64, 64), layer=named, combiner=Combiner("weighted"))
     x = (batch["video"] - 0.45) / 0.225
     expected = fusion(x, lambda logits: logits.topk(2, dim=1).indices).layer_tubes
     for i, cell in enumerate(fused["layer_volumes"]):

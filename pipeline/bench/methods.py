@@ -28,7 +28,8 @@ import torch
 
 from pipeline.bench._user_loop import user_loop
 from pipeline.explain.explainer import TubeExplainer
-from pipeline.explain.methods import CAM, Fusion, GradCAM, GradCAMPlusPlus, LayerCAM, ScoreCAM, XGradCAM
+from pipeline.explain.fusion import Combiner
+from pipeline.explain.methods import CAM, GradCAM, GradCAMPlusPlus, LayerCAM, ScoreCAM, XGradCAM
 from pipeline.explain.upsample import upsample
 from pipeline.models import DemoNet3D
 from pipeline.store import dequantise, quantise
@@ -85,8 +86,11 @@ def _build(label: str):
 
 def _ours(net, name: str, layer: str, classifier: str, fusion_layers, shape):
     """A callable explaining a batch the way the extract stage does (cam under inference_mode)."""
-    method = Fusion(GradCAM(), fusion_layers) if name == "fusion" else OURS[name]()
-    explainer = TubeExplainer(net, method, shape, layer=layer, classifier=classifier)
+    if name == "fusion":  # Grad-CAM on the fusion layers, their tubes multiplied
+        method, layer, combiner = GradCAM(), fusion_layers, Combiner("product")
+    else:
+        method, combiner = OURS[name](), None
+    explainer = TubeExplainer(net, method, shape, layer=layer, classifier=classifier, combiner=combiner)
     pred = lambda logits: logits.argmax(1, keepdim=True)
 
     def run(x):

@@ -38,6 +38,7 @@ from pipeline.data.video import ResizeCrop
 from pipeline.explain import faithfulness as fm
 from pipeline.explain.clipstats import clip_statistics
 from pipeline.explain.explainer import TubeExplainer
+from pipeline.explain.fusion import explainer_options
 from pipeline.explain.methods import CAM, GradCAM, GradCAMPlusPlus, LayerCAM, ScoreCAM
 from pipeline.explain.upsample import upsample
 from pipeline.models import build_model
@@ -100,7 +101,10 @@ def score(cfg, methods: dict, quick: bool) -> tuple[list[dict], dict]:
         rows, videos, crops = rows.head(16), videos[:16], crops[:16]
     x_all = Normalise(cfg.model.input.mean, cfg.model.input.std)(videos)
     shape = tuple(x_all.shape[1:])
-    explainers = {name: TubeExplainer(net, make(), shape, layout=cfg.model.layout) for name, make in methods.items()}
+    explainers = {
+        name: TubeExplainer(net, input_shape=shape, layout=cfg.model.layout, **explainer_options(make()))
+        for name, make in methods.items()
+    }
     seconds = dict.fromkeys(methods, 0.0)
     threads = torch.get_num_threads()
     torch.set_num_threads(TIMING_THREADS)

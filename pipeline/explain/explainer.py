@@ -16,13 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.explain.fusion import AUTO, Combiner
 from pipeline.explain.layouts import LayerOutput, read_output, replace_output
 from pipeline.explain.levels import choose_layers
-from pipeline.explain.methods import (
-    Evidence,
-    Fusion,
-    SaliencyMethod,
-)
+from pipeline.explain.methods import Evidence, MethodError, SaliencyMethod
 from pipeline.models import ModelError, find_classifier, find_layer, get_module, is_linear_head
 from pipeline.models.adapters import ModelAdapter, describe, model_grid, unwrap
 from pipeline.models.adapters import token_order as model_token_order
@@ -31,7 +28,7 @@ from pipeline.models.adapters import token_order as model_token_order
 @dataclass
 class Explanation:
     """What one batch yields: logits ``(N, K)``, targets ``(N, k)`` and native tubes ``(N, k, t, h, w)``;
-    for a fusion, each fused layer's own tube too (``layer_tubes``, in the order of ``layer_names``)."""
+    for several layers (combined), each layer's own tube too (``layer_tubes``, in the order of ``layer_names``)."""
 
     logits: torch.Tensor
     targets: torch.Tensor
@@ -75,23 +72,36 @@ def combine_pathways(tubes: list[torch.Tensor]) -> torch.Tensor:
 
 
 class TubeExplainer(nn.Module):
-    """A model with its explained layer(s) and classifier resolved, and a saliency method.
+    """A model with its explained layer(s) and classifier resolved, a saliency method run on each layer, and
+    (for several layers) the rule that combines their tubes.
 
     Args:
         net: the classifier (eval mode), taking ``(N, 3, T, H, W)`` and returning ``(N, K)`` logits: a plain network
             or a :class:`~pipeline.models.adapters.ModelAdapter` (whose inner network's names are used); its
             parameters are frozen here.
-        method: a :class:`~pipeline.explain.methods.SaliencyMethod`; a :class:`~pipeline.explain.methods.Fusion` names its own layers.
+        method: a :class:`~pipeline.explain.methods.SaliencyMethod`, run on each explained layer.
         input_shape: ``(3, T, H, W)``, used to find and check the layer(s) with one probe clip.
-        layer: dotted name of the explained layer; ``None`` finds the last module with a 5-D output. A fusion
-            names its own layers, or finds them (``layers=auto``, :func:`pipeline.explain.levels.choose_layers`).
+        layer: dotted name of the explained layer, or a list of several (their tubes merged by ``combiner``), or
+            ``auto``: the deepest ``levels`` resolution levels with class evidence
+            (:func:`pipeline.explain.levels.choose_layers`); ``None`` finds the last module with a 5-D output.
         classifier: dotted name of the linear classifier (``cam`` only); ``None`` takes the last linear one.
         layout: how the layer's output is laid out (:mod:`pipeline.explain.layouts`).
         grid: ``(t, h, w)`` of a token layer that returns no grid; ``None``: the model's own (HF config).
         token_order: ``thw`` or ``hwt``; ``None``: the model's own (TimeSformer: ``hwt``).
+        combiner: the :class:`~pipeline.explain.fusion.Combiner` of several layers' tubes (needed for several).
+        levels: resolution levels ``layer=auto`` chooses.
 
     Attributes:
         num_classes: the number of logits the model returns (from the probe clip).
+        method_name: the rows' ``method``: the method's name, ``fusion-<name>`` for several layers.
+
+    Example:
+        >>> from pipeline.models import DemoNet3D
+        >>> from pipeline.explain.methods import GradCAM
+        >>> explainer = TubeExplainer(DemoNet3D(num_classes=4), GradCAM(), (3, 8, 64, 64), layer="auto",
+        ...                           combiner=Combiner("weighted"), levels=3)
+        >>> explainer.layer_name, explainer.method_name
+        ('features.block1+features', 'fusion-gradcam')
     """
 
     def __init__(
@@ -104,6 +114,8 @@ class TubeExplainer(nn.Module):
         layout: str | None = "auto",
         grid=None,
         token_order: str | None = None,
+        combiner: Combiner | None = None,
+        levels: int | None = None,
     ):
         super().__init__()
         self.net = net.eval().requires_grad_(False)
@@ -112,15 +124,21 @@ class TubeExplainer(nn.Module):
         root = unwrap(net)
         self.grid = tuple(int(g) for g in grid) if grid else model_grid(net, input_shape[1:])
         self.token_order = token_order or model_token_order(net)
-        if isinstance(method, Fusion) and method.layers == Fusion.AUTO:
+        if layer == AUTO:
+            if levels is None:
+                raise MethodError("method.layers=auto needs method.levels (resolution levels to combine)")
             self.layer_names = choose_layers(
-                net, input_shape, self.layout, method.levels, root=root, grid=self.grid, order=self.token_order
+                net, input_shape, self.layout, levels, root=root, grid=self.grid, order=self.token_order
             )
-        elif method.layers:
-            self.layer_names = list(method.layers)
-        else:
+        elif isinstance(layer, str) or layer is None:
             self.layer_names = [layer or find_layer(net, input_shape, root)]
+        else:
+            self.layer_names = [str(name) for name in layer]
+        if len(self.layer_names) > 1 and combiner is None:
+            raise MethodError(f"layers {self.layer_names} need a combine rule (method.combine)")
+        self.combiner = combiner if len(self.layer_names) > 1 else None
         self.layer_name = "+".join(self.layer_names)
+        self.method_name = method.name if self.combiner is None else f"fusion-{method.name}"
         self.layers = [get_module(root, name, "model.layer") for name in self.layer_names]
         device = next(net.parameters()).device
         generator = torch.Generator().manual_seed(0)  # a random clip: a zero one may hide a non-linear head
@@ -249,14 +267,13 @@ class TubeExplainer(nn.Module):
         weight = None
         if self.classifier is not None:
             weight = classifier_weight(self.classifier, self.classifier_name)[self.head_rows].float()
-        method = self.method.method if isinstance(self.method, Fusion) else self.method
         with torch.no_grad(), torch.autocast(device, enabled=False):
             per_layer = []
             for parts, part_grads in zip(outputs, grads):
                 acts = [part.as_ncthw(part.tensor.detach()).float() for part in parts]
                 bounds = torch.tensor([0] + [a.shape[1] for a in acts]).cumsum(0).tolist()
                 tubes = [
-                    method.tubes(
+                    self.method.tubes(
                         Evidence(
                             acts=a,
                             targets=targets,
@@ -269,8 +286,6 @@ class TubeExplainer(nn.Module):
                     for i, (a, g) in enumerate(zip(acts, part_grads))
                 ]
                 per_layer.append(combine_pathways(tubes))
-            if isinstance(self.method, Fusion):
-                fused = self.method.fuse_tubes(per_layer)
-                return Explanation(logits.detach().float(), targets, fused, per_layer)
-            tubes = per_layer[0]
-        return Explanation(logits.detach().float(), targets, tubes)
+            if self.combiner is not None:
+                return Explanation(logits.detach().float(), targets, self.combiner(per_layer), per_layer)
+        return Explanation(logits.detach().float(), targets, per_layer[0])

@@ -18,7 +18,7 @@ The rule (``method=fusion`` with ``method.layers: auto``), the same for every mo
    module whose input is a map of this level and whose output is a map of the next one (pre-activation
    networks such as MFNet run the next stage's first BN-ReLU at this level's grid; ``conv2`` rather than
    ``conv3.B01.conv_m1.relu`` then represents the level). A level without evidence is dropped.
-4. **Choice.** The deepest ``count`` levels (default 3: the coarsest layer says *which* thing, the finer ones
+4. **Choice.** The deepest ``count`` levels (``method.levels``; conf/method/fusion.yaml takes 3: the coarsest layer says *which* thing, the finer ones
    say *where*). At least two levels are needed; a model with a single one gets a :class:`ModelError`.
 
 On torchvision's R3D-18 this gives ``layer2, layer3, layer4``; on the demo network ``features.block1,
@@ -37,9 +37,6 @@ from pipeline.errors import ModelError
 from pipeline.explain.layouts import LayerOutput, read_output, replace_output
 
 log = logging.getLogger(__name__)
-
-#: resolution levels fused when ``method.layers: auto``
-DEFAULT_LEVELS = 3
 
 
 @dataclass(frozen=True)
@@ -160,8 +157,8 @@ def find_levels(
 def choose_layers(
     net: nn.Module,
     input_shape: tuple[int, int, int, int],
-    layout: str = "auto",
-    count: int = DEFAULT_LEVELS,
+    layout: str,
+    count: int,
     root: nn.Module | None = None,
     grid=None,
     order: str = "thw",

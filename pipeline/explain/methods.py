@@ -3,12 +3,13 @@
 Each method turns the :class:`Evidence` of one explained layer (activations ``A`` of shape ``(N, C, t, h, w)``,
 the targets ``(N, k)`` and, where the method needs them, gradients, classifier weights or a way to score masked
 inputs) into one tube per clip and target, ``(N, k, t, h, w)``, at the layer's own resolution. The class
-attributes ``needs_grad`` / ``needs_classifier`` tell the explainer what to collect.
+attributes ``needs_grad`` / ``needs_classifier`` tell the explainer what to collect. A method sees one layer only:
+several layers' tubes are combined by :mod:`pipeline.explain.fusion`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -55,7 +56,6 @@ class SaliencyMethod:
     name: str
     needs_grad: bool = False
     needs_classifier: bool = False
-    layers: Sequence[str] | None = None  # several layers (fusion); None = the model's explained layer
 
     def tubes(self, evidence: Evidence) -> torch.Tensor:
         """``(N, k, t, h, w)`` tubes of ``evidence``."""
@@ -203,87 +203,3 @@ class ScoreCAM(SaliencyMethod):
             gain = probs.gather(1, targets[clip]) - baseline[targets[clip]]  # (B, k)
             weights[clip, :, chan] = gain
         return torch.relu(weighted_sum(weights, acts))
-
-
-class Fusion(SaliencyMethod):
-    """One method on several layers (e.g. the last stages), fused into one sharper tube.
-
-    Each layer's tube is brought to the finest layer's ``(t, h, w)`` (trilinear), divided by its own maximum
-    (so layers of different scale count alike) and the layers are combined voxel-wise: ``product`` (the tube is
-    high only where every layer agrees: the deep layer says which part, the shallow one sharpens it),
-    ``weighted`` (a weighted geometric product ``prod_i tube_i ** (2 ** -i)``, layers ranked from the finest,
-    ``i = 0``, to the coarsest, ties in the order given: the coarse layers still select the object, but their
-    blurred peaks pull the fine layer's peak less than in a plain product), ``mean`` or ``max``. Fused tubes are normalised to [0, 1] per clip and target. Gradient methods get every layer's
-    gradients from one backward pass.
-
-    Args:
-        method: the method run on each layer (``cam`` needs a classifier over every layer, so usually a
-            gradient method).
-        layers: dotted module names, at least two; or ``auto``: the explainer picks the deepest ``levels``
-            resolution levels that carry class evidence (:mod:`pipeline.explain.levels`).
-        combine: ``product`` | ``weighted`` | ``mean`` | ``max``.
-        levels: how many resolution levels ``layers=auto`` fuses (at least 2).
-
-    Example:
-        >>> from pipeline.models import DemoNet3D
-        >>> from pipeline.explain.explainer import TubeExplainer
-        >>> explainer = TubeExplainer(DemoNet3D(num_classes=4), Fusion(GradCAM(), "auto"), (3, 8, 64, 64))
-        >>> explainer.layer_name
-        'features.block1+features'
-    """
-
-    COMBINE = ("product", "weighted", "mean", "max")
-    AUTO = "auto"
-
-    def __init__(
-        self,
-        method: SaliencyMethod,
-        layers: Sequence[str] | str | None = AUTO,
-        combine: str = "product",
-        levels: int = 3,
-    ):
-        if isinstance(method, Fusion):
-            raise MethodError("method.method of a fusion cannot be a fusion itself")
-        if layers != self.AUTO and (not layers or isinstance(layers, str) or len(layers) < 2):
-            raise MethodError(
-                f"method=fusion needs at least two layers (method.layers, e.g. ${{model.fusion_layers}}) or "
-                f"method.layers=auto, got {layers!r}"
-            )
-        if combine not in self.COMBINE:
-            raise MethodError(f"method.combine must be one of {self.COMBINE}, got {combine!r}")
-        if int(levels) < 2:
-            raise MethodError(f"method.levels must be >= 2 (resolution levels fused), got {levels!r}")
-        self.method, self.combine, self.levels = method, combine, int(levels)
-        self.layers = self.AUTO if layers == self.AUTO else [str(name) for name in layers]
-        self.name = f"fusion-{method.name}"
-        self.needs_grad, self.needs_classifier = method.needs_grad, method.needs_classifier
-
-    def tubes(self, evidence):
-        raise MethodError("a fusion tube is made of several layers' evidence; call fuse()")
-
-    def layer_tubes(self, per_layer: Sequence[Evidence]) -> list[torch.Tensor]:
-        """Each layer's own ``(N, k, t, h, w)`` tube at its native resolution (raw scale)."""
-        return [self.method.tubes(evidence) for evidence in per_layer]
-
-    def fuse_tubes(self, tubes: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The fused ``(N, k, t, h, w)`` tube of the layers' own tubes (:meth:`layer_tubes`)."""
-        size = max((tube.shape[2:] for tube in tubes), key=lambda s: s.numel())
-        scaled = []
-        for tube in tubes:
-            tube = upsample(tube, size).clamp(min=0)
-            scaled.append(tube / tube.amax(dim=SPACE, keepdim=True).clamp(min=1e-12))
-        if self.combine == "weighted":  # finest first (most voxels; ties keep their order), weights 1, 1/2, ...
-            ranked = sorted(range(len(tubes)), key=lambda i: -tubes[i].shape[2:].numel())
-            scaled = [scaled[i] ** (0.5**rank) for rank, i in enumerate(ranked)]
-        stacked = torch.stack(scaled)
-        if self.combine in ("product", "weighted"):
-            fused = stacked.prod(0)
-        elif self.combine == "mean":
-            fused = stacked.mean(0)
-        else:
-            fused = stacked.amax(0)
-        return fused / fused.amax(dim=SPACE, keepdim=True).clamp(min=1e-12)
-
-    def fuse(self, per_layer: Sequence[Evidence]) -> torch.Tensor:
-        """The fused ``(N, k, t, h, w)`` tube of the layers' evidence (in the order of the layers)."""
-        return self.fuse_tubes(self.layer_tubes(per_layer))

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from pipeline.data.clips import ClipDataset, collate_clips
 from pipeline.data.video import ResizeCrop
 from pipeline.explain.explainer import TubeExplainer
+from pipeline.explain.fusion import explainer_options
 from pipeline.models import build_model
 from pipeline.models.adapters import adapt
 from pipeline.runtime.cluster import worker_gpu
@@ -40,9 +41,8 @@ def build_explainer(cfg, model_cfg=None) -> TubeExplainer:
         shape = (3, model_cfg.input.clip_len, *model_cfg.input.size)
         _cache.explainer = TubeExplainer(
             net,
-            instantiate(cfg.method),
-            shape,
-            layer=model_cfg.layer,
+            input_shape=shape,
+            **explainer_options(instantiate(cfg.method), model_cfg.layer),
             classifier=model_cfg.classifier,
             layout=model_cfg.get("layout", "auto"),
             grid=model_cfg.get("grid"),

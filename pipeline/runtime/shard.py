@@ -108,7 +108,7 @@ def shard_job(cfg, job: ShardJob, *, progress=None, log=None) -> tuple[TubeModul
     writer = TubeWriter(
         replace(job, classes=model_classes),  # tube rows name targets and predictions with the model's classes
         rows,
-        method=explainer.method.name,
+        method=explainer.method_name,
         layer=explainer.layer_name,
         failures=failures,
         progress=progress,

@@ -191,7 +191,7 @@ class ScoreCAMSettings(MethodSettings):
 
 @dataclass
 class FusionSettings(MethodSettings):
-    _target_: str = "pipeline.explain.methods.Fusion"
+    _target_: str = "pipeline.explain.fusion.Fusion"
     method: Any = setting({"_target_": "pipeline.explain.methods.LayerCAM"}, "the method run on each layer")
     layers: Any = setting("auto", "the layers fused: auto (the model's resolution levels) or a list of names")
     levels: int = setting(3, "resolution levels fused by layers=auto", at_least=1)
