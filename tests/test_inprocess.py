@@ -103,7 +103,7 @@ def test_an_extract_on_workers_starts_its_cluster_before_its_checks(indexed, tmp
     small = make_cfg(tmp_path, [*overrides, "stage=extract"])
     on_workers = make_cfg(tmp_path, [*overrides, "stage=extract", "extract.in_process=false"])
     assert not cluster_pays_off(small, run_dir) and cluster_pays_off(on_workers, run_dir)
-    with pytest.raises(ConfigError, match="extract.batch_size must be >= 1"):  # a bad setting: nothing started
+    with pytest.raises(ConfigError, match="extract.batch_size=0: not allowed; extract.batch_size takes an integer >= 1"):  # a bad setting: nothing started
         run(make_cfg(tmp_path, [*overrides, "stage=extract", "extract.in_process=false", "extract.batch_size=0"]))
     assert events == []
     run(on_workers)
@@ -145,5 +145,5 @@ def test_a_small_dataset_is_probed_in_the_driver(pipeline_overrides, tmp_path, m
     here, _ = read_index(tmp_path / "outputs" / "driver")
     there, _ = read_index(tmp_path / "outputs" / "cluster")
     assert len(here) > 0 and here.equals(there)
-    with pytest.raises(ConfigError, match="index.in_process must be auto, true or false, got 'sometimes'"):
+    with pytest.raises(ConfigError, match="index.in_process=sometimes: not allowed; index.in_process takes auto | true | false"):
         run(make_cfg(tmp_path, [*overrides, "run_name=bad", "index.in_process=sometimes"]))
