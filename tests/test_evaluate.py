@@ -156,7 +156,7 @@ def test_threads_of_the_driver_give_the_clusters_numbers(evaluated, monkeypatch)
         ("evaluate.baseline=zeros", "evaluate.baseline"),
         ("evaluate.steps=0", "evaluate.steps"),
         ("evaluate.iou_level=2", "evaluate.iou_level"),
-        ("evaluate.in_process=sometimes", "evaluate.in_process=sometimes: not allowed; evaluate.in_process takes auto"),
+        ("evaluate.in_process=sometimes", "evaluate.in_process must be auto, true or false"),
     ],
 )
 def test_bad_settings_are_named(tmp_path, override, message):
