@@ -21,11 +21,11 @@ def test_dataloader_workers_decode_the_same_clips(tmp_path):
     dataset = ClipDataset(rows, ResizeCrop(48, (48, 48)))
     serial = collate_clips([dataset[i] for i in range(len(dataset))])
     batches = list(DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=collate_clips))
-    assert batches[-1]["video"] is None  # the last batch holds only the failure
-    batches, failures = batches[:-1], batches[-1]["failures"]
-    assert torch.equal(torch.cat([b["positions"] for b in batches]), serial["positions"])
-    assert torch.equal(torch.cat([b["video"] for b in batches]), serial["video"])
-    assert torch.equal(torch.cat([b["crop_box"] for b in batches]), serial["crop_box"])
-    assert failures == serial["failures"]
-    assert serial["positions"].tolist() == [0, 1, 2, 3] and serial["failures"][0][0] == 4
-    assert "gone.mp4: no such file" in serial["failures"][0][2]
+    assert batches[-1].video is None  # the last batch holds only the failure
+    batches, failures = batches[:-1], batches[-1].failures
+    assert torch.equal(torch.cat([b.positions for b in batches]), serial.positions)
+    assert torch.equal(torch.cat([b.video for b in batches]), serial.video)
+    assert torch.equal(torch.cat([b.crop_box for b in batches]), serial.crop_box)
+    assert failures == serial.failures
+    assert serial.positions.tolist() == [0, 1, 2, 3] and serial.failures[0][0] == 4
+    assert "gone.mp4: no such file" in serial.failures[0][2]

@@ -328,10 +328,8 @@ def test_gpu_loaders_pin_uint8_frames_and_prefetch_eight_batches(tmp_path, synth
     transform = ResizeCrop(32, (32, 32))
     raw = collate_clips([ClipDataset(rows, transform, raw=True)[0]])
     done = collate_clips([ClipDataset(rows, transform)[0]])
-    assert raw["video"] is None and raw["frames"][0].dtype == torch.uint8 and raw["frames"][0].shape[0] == 8
-    assert torch.equal(transform_batch(raw, transform), done["video"]) and torch.equal(
-        raw["crop_box"], done["crop_box"]
-    )
+    assert raw.video is None and raw.frames[0].dtype == torch.uint8 and raw.frames[0].shape[0] == 8
+    assert torch.equal(transform_batch(raw, transform), done.video) and torch.equal(raw.crop_box, done.crop_box)
 
 
 def test_local_workers_keep_glibc_memory_thresholds():

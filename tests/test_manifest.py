@@ -182,8 +182,8 @@ def test_every_bad_input_is_a_failure_row(media, tmp_path):
     # the unreadable JPEG is found when the clip is decoded: a failure item naming the file, the batch goes on
     items = [ClipDataset(rows, ResizeCrop(32, (32, 32)))[i] for i in range(len(rows))]
     batch = collate_clips(items)
-    assert batch["video"].shape[0] == 1
-    [(position, error_type, message)] = batch["failures"]
+    assert batch.video.shape[0] == 1
+    [(position, error_type, message)] = batch.failures
     assert rows.iloc[position]["video_id"] == "broken_frames" and error_type == "VideoError"
     assert "frame_0000000005.jpg: unreadable JPEG" in message
 

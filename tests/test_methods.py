@@ -217,11 +217,12 @@ def test_lightning_bf16_mixed_predict(net, name):
     gradient methods need inference_mode=False, cam runs under inference mode."""
     import pytorch_lightning as pl
 
+    from pipeline.data.clips import ClipBatch
     from pipeline.runtime.module import TubeModule
 
     torch.manual_seed(5)
     batches = [
-        dict(
+        ClipBatch(
             video=torch.rand(2, *SHAPE),
             positions=torch.arange(2) + 2 * i,
             failures=[],

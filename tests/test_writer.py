@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from pipeline.data.clips import ClipBatch
 from pipeline.explain.explainer import TubeExplainer
 from pipeline.explain.methods import CAM
 from pipeline.models import DemoNet3D
@@ -32,7 +33,7 @@ def test_unlabelled_clips_are_written_with_null_labels(tmp_path):
         )
     )
     module = TubeModule(TubeExplainer(DemoNet3D(num_classes=4).eval(), CAM(), (3, 8, 64, 64)), [0.45] * 3, [0.225] * 3)
-    batch = dict(
+    batch = ClipBatch(
         positions=torch.arange(2),
         video=torch.rand(2, 3, 8, 64, 64),
         crop_box=torch.tensor([[16.0, 0, 112, 96]] * 2),
@@ -65,7 +66,7 @@ def test_progress_counts_clips_and_fail_fast_stops_at_a_bad_clip(tmp_path):
         )
     )
     module = TubeModule(TubeExplainer(DemoNet3D(num_classes=4).eval(), CAM(), (3, 8, 64, 64)), [0.45] * 3, [0.225] * 3)
-    batch = dict(
+    batch = ClipBatch(
         positions=torch.tensor([0, 2]),
         video=torch.rand(2, 3, 8, 64, 64),
         crop_box=torch.tensor([[16.0, 0, 112, 96]] * 2),
@@ -117,8 +118,11 @@ def test_a_fusion_stores_each_layers_tube_and_read_tubes_decodes_it(tmp_path):
         )
     )
     net = DemoNet3D(num_classes=4).eval()
-    batch = dict(
-        positions=torch.arange(2), video=torch.rand(2, 3, 8, 64, 64), crop_box=torch.tensor([[0.0, 0, 64, 64]] * 2)
+    batch = ClipBatch(
+        positions=torch.arange(2),
+        failures=[],
+        video=torch.rand(2, 3, 8, 64, 64),
+        crop_box=torch.tensor([[0.0, 0, 64, 64]] * 2),
     )
     fused_layers = dict(layer="auto", combiner=Combiner("weighted"), levels=3)
     for method, run, layers in ((GradCAM(), "fused", fused_layers), (CAM(), "cam", {})):
@@ -126,7 +130,7 @@ def test_a_fusion_stores_each_layers_tube_and_read_tubes_decodes_it(tmp_path):
         module = TubeModule(explainer, [0.45] * 3, [0.225] * 3, target="topk", k=2)
         job = ShardJob(tmp_path / run, 0, rows, list("ABCD"), "x")
         writer = TubeWriter(job, rows, explainer.method_name, explainer.layer_name)
-        prediction = module.predict_step(dict(batch, failures=[]), 0)
+        prediction = module.predict_step(batch, 0)
         writer.write_on_batch_end(None, module, prediction, None, batch, 0)
         writer.on_predict_end(None, module)
     fused = read_tubes(tmp_path / "fused", columns=["clip_id", "target", "layer", "layer_volumes"])
@@ -134,7 +138,7 @@ def test_a_fusion_stores_each_layers_tube_and_read_tubes_decodes_it(tmp_path):
     explained = module.explainer  # the cam explainer; recompute the fusion's layer tubes independently
     named = ["features.block1", "features"]
     fusion = TubeExplainer(net, GradCAM(), (3, 8, 64, 64), layer=named, combiner=Combiner("weighted"))
-    x = (batch["video"] - 0.45) / 0.225
+    x = (batch.video - 0.45) / 0.225
     expected = fusion(x, lambda logits: logits.topk(2, dim=1).indices).layer_tubes
     for i, cell in enumerate(fused["layer_volumes"]):
         assert list(cell) == ["features.block1", "features"]

@@ -152,7 +152,7 @@ def bound(frame: pd.DataFrame, checkpoint: Path, limit: int) -> dict:
                 t0 = time.perf_counter()
                 batch = collate_clips([dataset[i] for i in range(start, min(start + BATCH, len(dataset)))])
                 t1 = time.perf_counter()
-                net((batch["video"] - mean) / std)
+                net((batch.video - mean) / std)
                 t2 = time.perf_counter()
                 decode, forward = decode + t1 - t0, forward + t2 - t1
         cpu = time.process_time() - cpu

@@ -115,7 +115,7 @@ def measure(cfg, rows, classes, run_dir: Path, cuda: bool) -> dict:
         torch.set_num_threads(1)  # as the extract stage's default torch_threads
     module, loader, writer = shard_job(cfg, ShardJob(run_dir, 0, rows, classes, "bench"))
     started = time.perf_counter()
-    clips = sum(len(batch["positions"]) for batch in loader)
+    clips = sum(len(batch.positions) for batch in loader)
     decode_rate = clips / (time.perf_counter() - started)
     warm, loader_warm, writer_warm = shard_job(
         cfg, ShardJob(run_dir, 0, rows.head(4 * loader.batch_size), classes, "bench")

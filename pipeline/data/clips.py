@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pandas as pd
 import torch
 from torch.utils.data import Dataset
@@ -44,7 +46,25 @@ class ClipDataset(Dataset):
         return dict(position=i, ok=True, video=self.transform(frames), crop_box=crop_box)
 
 
-def collate_clips(items: list[dict]) -> dict:
+@dataclass
+class ClipBatch:
+    """A batch of decoded clips, as the DataLoader hands it to the model's step (Lightning moves its tensors to the
+    device).
+
+    ``positions`` index the shard's rows of the clips that decoded; ``failures`` are ``(position, error_type,
+    message)`` of those that did not. ``video`` holds the transformed clips ``(N, 3, T, H, W)``, or None while they
+    are still raw uint8 ``frames`` (one ``(T, H, W, 3)`` tensor per clip) for the device to resize; every tensor
+    is None when no clip of the batch decoded.
+    """
+
+    positions: torch.Tensor
+    failures: list[tuple[int, str, str]]
+    video: torch.Tensor | None = None
+    frames: list[torch.Tensor] | None = None
+    crop_box: torch.Tensor | None = None
+
+
+def collate_clips(items: list[dict]) -> ClipBatch:
     """Batch the decoded clips; failures ride along as ``(position, error_type, message)`` tuples.
 
     Transformed clips are stacked as ``video``; raw ones (:class:`ClipDataset` with ``raw``) stay a list of
@@ -53,7 +73,7 @@ def collate_clips(items: list[dict]) -> dict:
     """
     good = [item for item in items if item["ok"]]
     raw = bool(good) and "frames" in good[0]
-    return dict(
+    return ClipBatch(
         positions=torch.tensor([item["position"] for item in good], dtype=torch.long),
         video=torch.stack([item["video"] for item in good]) if good and not raw else None,
         frames=[item["frames"] for item in good] if raw else None,
@@ -62,9 +82,9 @@ def collate_clips(items: list[dict]) -> dict:
     )
 
 
-def transform_batch(batch: dict, transform: ResizeCrop) -> torch.Tensor | None:
+def transform_batch(batch: ClipBatch, transform: ResizeCrop) -> torch.Tensor | None:
     """The batch's float ``(N, 3, T, h, w)`` clips: ``video``, or ``transform`` applied to each clip's raw
     ``frames`` where they are (on the model's device after the batch's copy); None when no clip decoded."""
-    if batch.get("frames"):
-        return torch.stack([transform(frames) for frames in batch["frames"]])
-    return batch["video"]
+    if batch.frames:
+        return torch.stack([transform(frames) for frames in batch.frames])
+    return batch.video

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytorch_lightning as pl
 import torch
 
-from pipeline.data.clips import transform_batch
+from pipeline.data.clips import ClipBatch, transform_batch
 from pipeline.data.video import ResizeCrop
 from pipeline.errors import ConfigError
 from pipeline.explain.clipstats import clip_statistics
@@ -58,28 +58,28 @@ class TubeModule(pl.LightningModule):
         labels = self.labels[positions.cpu()].to(self.device)[:, None]
         return lambda logits: labels
 
-    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> Prediction:
+    def predict_step(self, batch: ClipBatch, batch_idx: int, dataloader_idx: int = 0) -> Prediction:
         with torch.autocast(self.device.type, enabled=False):  # the input in float32, whatever the precision
             video = transform_batch(batch, self.transform)
             if video is None:
-                return Prediction(positions=batch["positions"], failures=batch["failures"])
+                return Prediction(positions=batch.positions, failures=batch.failures)
             x = self.normalise(video)
-        explanation = self.explainer(x, self._selector(batch["positions"]))
+        explanation = self.explainer(x, self._selector(batch.positions))
         n, k = explanation.targets.shape
         stored, scale = quantise(explanation.tubes, self.codec)
         decoded = dequantise(stored, scale)
         size = tuple(x.shape[2:])
         up = upsample(decoded.reshape(n * k, *decoded.shape[2:]), size)
-        stats = clip_statistics(up, batch["crop_box"].repeat_interleave(k, dim=0))
+        stats = clip_statistics(up, batch.crop_box.repeat_interleave(k, dim=0))
         layer_tubes = None  # method=fusion: each fused layer's own tube, stored beside the fused one
         if explanation.layer_tubes is not None:
             layer_tubes = [tuple(v.cpu() for v in quantise(tube, self.codec)) for tube in explanation.layer_tubes]
         probs = explanation.logits.softmax(1)
         pred_prob, pred = probs.max(1)
         return Prediction(
-            positions=batch["positions"].cpu(),
-            failures=batch["failures"],
-            crop_box=batch["crop_box"].cpu(),
+            positions=batch.positions.cpu(),
+            failures=batch.failures,
+            crop_box=batch.crop_box.cpu(),
             input_size=size,
             targets=explanation.targets.cpu(),
             target_logit=explanation.logits.gather(1, explanation.targets).cpu(),

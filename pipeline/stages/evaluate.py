@@ -245,23 +245,23 @@ def evaluate_shard(
     loader = clip_loader(cfg, rows, int(ev.batch_size))
     normalise = Normalise(cfg.model.input.mean, cfg.model.input.std).to(device)
     for batch in loader:  # pass 1: the randomised model's tubes (the explainer cache holds one model)
-        if batch["video"] is not None:  # (no inference_mode: a gradient method needs autograd)
-            x = normalise(batch["video"].to(device))
-            targets = torch.tensor(rows["target"].to_numpy()[batch["positions"].numpy()], device=device)
+        if batch.video is not None:  # (no inference_mode: a gradient method needs autograd)
+            x = normalise(batch.video.to(device))
+            targets = torch.tensor(rows["target"].to_numpy()[batch.positions.numpy()], device=device)
             tubes = random_explainer(x, lambda logits, t=targets: t[:, None]).tubes[:, 0].detach().cpu()
-            random_tubes.update(zip(batch["positions"].tolist(), tubes))
+            random_tubes.update(zip(batch.positions.tolist(), tubes))
     explainer = build_explainer(cfg).to(device)
     generator = torch.Generator().manual_seed(int(ev.seed) + shard)
     all_boxes = clip_boxes(rows, boxes)
     results, failures = [], []
     with torch.inference_mode():
         for batch in loader:
-            for position, error_type, message in batch["failures"]:
+            for position, error_type, message in batch.failures:
                 failures.append(Failure(rows.clip_id[position], rows.source[position], "evaluate", error_type, message))
-            if batch["video"] is None:
+            if batch.video is None:
                 continue
-            pos = batch["positions"].numpy()
-            x = normalise(batch["video"].to(device))
+            pos = batch.positions.numpy()
+            x = normalise(batch.video.to(device))
             nat = torch.stack([torch.from_numpy(native[c]) for c in rows["clip_id"].to_numpy()[pos]]).to(device)
             metrics = evaluate_batch(
                 explainer.net,
@@ -271,7 +271,7 @@ def evaluate_shard(
                 torch.stack([random_tubes[p] for p in pos]).to(device),
                 torch.tensor(rows["target"].to_numpy()[pos], device=device),
                 all_boxes[pos].to(device),
-                batch["crop_box"].to(device),
+                batch.crop_box.to(device),
                 ev,
                 generator,
             )
