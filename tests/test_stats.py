@@ -72,17 +72,27 @@ def test_per_split(runs):
 
 def test_pointing_game_per_class_by_a_loop(runs):
     run_dir = runs / "a"
-    tubes = read_tubes(run_dir, columns=["label_name", "video_id", "frame_indices", "frame_peak_x", "frame_peak_y"])
+    tubes = read_tubes(
+        run_dir, columns=["label_name", "video_id", "frame_indices", "frame_peak_x", "frame_peak_y", "crop_box"]
+    )
     boxes = pd.read_csv(run_dir / "boxes.csv").set_index(["video_id", "frame"])
     hits: dict[str, list[bool]] = {}
+    li_hits: dict[str, list[bool]] = {}  # Li et al.: 7 px at 112 (7/112 of the view), bounds included
     for row in tubes.itertuples():
+        cx0, cy0, cx1, cy1 = row.crop_box
+        tx, ty = 7 / 112 * (cx1 - cx0), 7 / 112 * (cy1 - cy0)
         for frame, x, y in zip(row.frame_indices, row.frame_peak_x, row.frame_peak_y):
             b = boxes.loc[(row.video_id, int(frame))]
             hits.setdefault(row.label_name, []).append(b.x0 <= x < b.x1 and b.y0 <= y < b.y1)
+            li_hits.setdefault(row.label_name, []).append(b.x0 - tx <= x <= b.x1 + tx and b.y0 - ty <= y <= b.y1 + ty)
     per_class = pd.read_parquet(run_dir / "stats" / "per_class.parquet").set_index("label_name")
     for name, values in hits.items():
         assert per_class.loc[name, "pointing_game"] == pytest.approx(np.mean(values))
         assert per_class.loc[name, "pointing_frames"] == len(values)
+        assert per_class.loc[name, "pointing_game_li2021"] == pytest.approx(np.mean(li_hits[name]))
+    overall = pd.read_parquet(run_dir / "stats" / "overall.parquet").iloc[0]
+    assert overall["pointing_game"] == pytest.approx(np.mean(sum(hits.values(), [])))  # over frames
+    assert overall["pointing_game_li2021"] == pytest.approx(np.mean([np.mean(v) for v in li_hits.values()]))
     steps = pd.read_parquet(run_dir / "stats" / "pointing.parquet")
     assert len(steps) == sum(len(v) for v in hits.values())
 

@@ -31,7 +31,7 @@ def test_summary_shows_faithfulness_totals_and_failures_by_reason(tmp_path):
     summary.show(tmp_path, {}, 2.0, console=console)
     text = console.export_text()
     assert (
-        "faithfulness of cam: deletion AUC 0.250 (random tube 0.500" in text
+        "faithfulness of cam (project protocol): deletion AUC 0.250 (random tube" in text
         and "insertion AUC 0.750 (random 0.500" in text
     )
     assert "Spearman 0.125" in text and "0.900" not in text  # the totals row only, not the class rows

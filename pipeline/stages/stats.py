@@ -90,6 +90,8 @@ COLUMNS = [
     *SCALAR_STATS,
 ]
 GROUP = ["method", "label", "label_name"]
+#: Li et al.'s pointing tolerance: 7 px at a 112 px input, as a share of the model's view
+LI2021_TOLERANCE = 7 / 112
 POINTING_SCHEMA = pa.schema(
     [
         ("method", pa.string()),
@@ -100,6 +102,7 @@ POINTING_SCHEMA = pa.schema(
         ("frame", pa.int64()),
         ("step", pa.int64()),
         ("hit", pa.float64()),
+        ("hit_li2021", pa.float64()),
         ("chance", pa.float64()),
     ]
 )
@@ -149,11 +152,23 @@ def pointing_rows(part: pd.DataFrame, boxes: pd.DataFrame, tolerance: float) -> 
     x0, y0 = merged["x0"] - tolerance, merged["y0"] - tolerance
     x1, y1 = merged["x1"] + tolerance, merged["y1"] + tolerance
     hit = peak_in_box(merged["px"], merged["py"], merged["x0"], merged["y0"], merged["x1"], merged["y1"], tolerance)
+    # Li et al. (WACV 2021): the box grown by 7 px at a 112 px input, scaled with the input (7/112 of the model's
+    # view on each axis, here in source pixels), bounds included
+    tol_x, tol_y = (
+        LI2021_TOLERANCE * (merged["cx1"] - merged["cx0"]),
+        LI2021_TOLERANCE * (merged["cy1"] - merged["cy0"]),
+    )
+    hit_li = (
+        (merged["px"] >= merged["x0"] - tol_x)
+        & (merged["px"] <= merged["x1"] + tol_x)
+        & (merged["py"] >= merged["y0"] - tol_y)
+        & (merged["py"] <= merged["y1"] + tol_y)
+    )
     inter_w = (np.minimum(x1, merged["cx1"]) - np.maximum(x0, merged["cx0"])).clip(lower=0)
     inter_h = (np.minimum(y1, merged["cy1"]) - np.maximum(y0, merged["cy0"])).clip(lower=0)
     chance = inter_w * inter_h / ((merged["cx1"] - merged["cx0"]) * (merged["cy1"] - merged["cy0"]))
     return merged[["method", "label", "label_name", "split", "clip_id", "frame", "step"]].assign(
-        hit=hit.astype("float64"), chance=chance.astype("float64")
+        hit=hit.astype("float64"), hit_li2021=hit_li.astype("float64"), chance=chance.astype("float64")
     )
 
 
@@ -205,15 +220,25 @@ STEP_GROUPINGS = {"per_step": ([*GROUP, "step"], False), "step_totals": ([*GROUP
 
 def pointing_all(steps: dd.DataFrame) -> dict[str, pd.DataFrame]:
     """Pointing game and chance for every grouping of :data:`GROUPINGS` and :data:`STEP_GROUPINGS`, in one Dask
-    computation."""
+    computation: ``pointing_game`` (this project's: hits over all boxed frames, ``stats.pointing_tolerance``) and
+    ``pointing_game_li2021`` (Li et al.: 7/112 of the view's tolerance; over several classes, the mean of the
+    per-class accuracies)."""
     lazy = {
-        name: _grouped(steps, keys, everyone).agg({"hit": ["count", "mean"], "chance": "mean"})
+        name: _grouped(steps, keys, everyone).agg({"hit": ["count", "mean"], "hit_li2021": "mean", "chance": "mean"})
         for name, (keys, everyone) in {**GROUPINGS, **STEP_GROUPINGS}.items()
     }
     tables = {}
     for name, agg in dask.compute(lazy)[0].items():
-        agg.columns = ["pointing_frames", "pointing_game", "pointing_chance"]
+        agg.columns = ["pointing_frames", "pointing_game", "pointing_game_li2021", "pointing_chance"]
         tables[name] = agg.reset_index()
+    for total, per_class, keys in (
+        ("overall", "per_class", ["method"]),
+        ("split_totals", "per_split", ["split", "method"]),
+        ("step_totals", "per_step", ["method", "step"]),
+    ):
+        means = tables[per_class].groupby(keys)["pointing_game_li2021"].mean()
+        table = tables[total].drop(columns="pointing_game_li2021")
+        tables[total] = table.merge(means.reset_index(), on=keys, how="left")
     return tables
 
 
