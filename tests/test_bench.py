@@ -53,3 +53,21 @@ def test_bench_ledger_plans_records_and_resumes(tmp_path):
     table = ledger.run(tmp_path, quick=True)
     assert "10,000 shards" in table and "1,001 parts adopted on resume" in table
     assert "| record 10,000 finished shards" in table and not (tmp_path / "ledger-run").exists()
+
+
+def test_bench_host_table_has_every_part_and_the_parts_add_up(tmp_path):
+    import re
+
+    from pipeline.bench import host
+
+    text = host.run(tmp_path, quick=True)
+    ms = {m[0]: float(m[1]) for m in re.findall(r"^\| \**([a-z +]+?)\** \| \**([\d.]+)\** \|$", text, re.M)}
+    assert set(host.PARTS) <= set(ms)
+    assert abs(sum(ms[p] for p in host.PARTS) - ms["all"]) <= 0.01 * len(host.PARTS)
+    assert abs(ms["all"] - ms["decode"] - ms["beyond decode"]) <= 0.02
+    feed = dict(re.findall(r"^\| (\d+) \| (\d+) \|$", text, re.M))
+    assert sorted(map(int, feed)) == list(host.PROCESSES)
+    for n, rate in feed.items():
+        bound = min(1000 * int(n) / ms["decode"], 1000 / ms["beyond decode"])
+        assert abs(int(rate) - bound) <= 0.02 * bound + 1
+    assert all(ms[p] >= 0 for p in host.PARTS) and ms["decode"] > 0 and ms["explain"] > 0

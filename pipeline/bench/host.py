@@ -1,0 +1,184 @@
+"""The host's cost per clip, split by part, with a model that costs nothing: what a GPU node's CPU must do per clip.
+
+One process, one thread (``torch.set_num_threads(1)``), the project's own ``shard_job`` (ClipDataset, TubeModule,
+TubeWriter) over synthetic 16 x 112 x 112 clips, ``method=cam``, with :class:`PoolNet` (the input average-pooled
+to ``(t, 7, 7)``, a 5-D layer CAM explains, then a linear head): the model's own time is next to nothing, so what
+is left is the host's work. Parts, in ms per clip:
+
+- **decode**: ``ClipDataset[i]`` (PyAV decode of the clip's frames + resize / crop);
+- **transfer**: ``collate_clips`` (plus pin and copy to the device where one exists);
+- **explain**: ``TubeModule.predict_step`` less its statistics (forward, tube, codec, upsampling);
+- **statistics**: ``pipeline.explain.clipstats.clip_statistics``;
+- **encode + write**: ``TubeWriter.write_on_batch_end`` (the rows' table, Parquet row groups) and its publish;
+- **loop**: Lightning's ``Trainer.predict`` over the same clips (``num_workers=0``), less all of the above.
+
+The feed rate of one GPU with N decode processes is ``min(N / decode, 1 / beyond)`` clips/s, where ``beyond`` is
+every part but decode (the one process that drives the GPU does those). ``python -m pipeline.bench host``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
+from torch import nn
+
+from pipeline.data.clips import collate_clips
+from pipeline.data.datasets.synthetic import SyntheticSpec, generate
+
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+PARTS = ("decode", "transfer", "explain", "statistics", "encode + write", "loop")
+PROCESSES = (1, 2, 4, 8, 16)
+
+
+class PoolNet(nn.Module):
+    """A network that costs nothing: ``(N, 3, T, H, W)`` average-pooled to ``(N, 3, T, 7, 7)`` (the explained
+    5-D layer ``features``), mean over the rest, then ``Linear(3, num_classes)``."""
+
+    def __init__(self, num_classes: int = 4):
+        super().__init__()
+        self.features = nn.AdaptiveAvgPool3d((None, 7, 7))
+        self.fc = nn.Linear(3, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).mean((2, 3, 4)))
+
+
+def config(root: Path, data: Path):
+    overrides = [
+        f"paths.root={root}",
+        "run_name=host",
+        f"dataset.root={data}",
+        "dataset.generate_if_missing=false",
+        "dataset.split=all",
+        "sampler=uniform",
+        "sampler.num_clips=4",
+        "model=demo",
+        "model.checkpoint=null",
+        "model.net._target_=pipeline.bench.host.PoolNet",
+        "~model.net.width",
+        "model.input.clip_len=16",
+        "model.input.frame_stride=1",
+        "model.input.short_side=112",
+        "model.input.size=[112,112]",
+        "method=cam",
+        "extract.num_workers=0",
+        "trainer.accelerator=cpu",
+        "cluster.n_workers=1",
+    ]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def measure(cfg, rows, classes, run_dir: Path) -> dict[str, float]:
+    """Seconds per part over ``rows`` (see the module docstring), and the clip count."""
+    import pipeline.runtime.module as module_mod
+    from pipeline.runtime.builders import make_trainer, quiet_lightning
+    from pipeline.runtime.job import ShardJob
+    from pipeline.runtime.shard import shard_job
+
+    quiet_lightning()
+    torch.set_num_threads(1)
+    cuda = torch.cuda.is_available()
+    seconds = dict.fromkeys(PARTS, 0.0)
+    original = module_mod.clip_statistics
+
+    def timed_stats(*args, **kwargs):
+        started = time.perf_counter()
+        out = original(*args, **kwargs)
+        seconds["statistics"] += time.perf_counter() - started
+        return out
+
+    def loop() -> float:
+        module, loader, writer = shard_job(cfg, ShardJob(run_dir, 0, rows, classes, "bench"))
+        trainer = make_trainer(cfg, [writer], inference_mode=True)
+        started = time.perf_counter()
+        trainer.predict(module, loader, return_predictions=False)
+        return time.perf_counter() - started
+
+    loop()  # warm-up: first calls of every part
+    module, loader, writer = shard_job(cfg, ShardJob(run_dir, 0, rows, classes, "bench"))
+    dataset, size = loader.dataset, loader.batch_size
+    started = time.perf_counter()
+    items = [dataset[i] for i in range(len(dataset))]
+    seconds["decode"] = time.perf_counter() - started
+    module_mod.clip_statistics = timed_stats
+    try:
+        with torch.inference_mode():
+            for b, first in enumerate(range(0, len(items), size)):
+                t0 = time.perf_counter()
+                batch = collate_clips(items[first : first + size])
+                if cuda:
+                    batch["video"] = batch["video"].pin_memory().to("cuda", non_blocking=True)
+                t1 = time.perf_counter()
+                prediction = module.predict_step(batch, b)
+                t2 = time.perf_counter()
+                writer.write_on_batch_end(None, module, prediction, None, batch, b)
+                t3 = time.perf_counter()
+                seconds["transfer"] += t1 - t0
+                seconds["explain"] += t2 - t1
+                seconds["encode + write"] += t3 - t2
+            t0 = time.perf_counter()
+            writer.on_predict_end(None, module)
+            seconds["encode + write"] += time.perf_counter() - t0
+        seconds["explain"] -= seconds["statistics"]
+        parts = sum(seconds.values())
+    finally:
+        module_mod.clip_statistics = original
+    wall = loop()
+    seconds["loop"] = max(wall - parts, 0.0)
+    return dict(seconds, clips=len(rows), wall=wall)
+
+
+def table(r: dict) -> tuple[list[str], list[str]]:
+    """The parts' rows (ms per clip) and the feed rows (clips/s per N decode processes)."""
+    ms = {part: 1000 * r[part] / r["clips"] for part in PARTS}
+    beyond = sum(ms.values()) - ms["decode"]
+    parts = [f"| {part} | {ms[part]:.2f} |" for part in PARTS]
+    parts += [f"| **beyond decode** | **{beyond:.2f}** |", f"| **all** | **{sum(ms.values()):.2f}** |"]
+    feed = [f"| {n} | {min(1000 * n / ms['decode'], 1000 / beyond):.0f} |" for n in PROCESSES]
+    return parts, feed
+
+
+def run(out_dir: Path, quick: bool) -> str:
+    from pipeline.bench.gpu import cfg_with_stage
+
+    root = Path(out_dir).resolve() / "host"
+    spec = SyntheticSpec(groups=2 if quick else 10, clips_per_group=2 if quick else 6, width=150, height=112)
+    data = generate(root / "data", spec, False)
+    cfg = config(root, data)
+    from pipeline.__main__ import run as run_stages
+    from pipeline.store import read_index
+
+    run_dir = Path(cfg.paths.run_dir)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_stages(cfg_with_stage(cfg, "index"))
+    rows, meta = read_index(run_dir)
+    limit = 48 if quick else 480
+    rows = rows.iloc[np.linspace(0, len(rows) - 1, min(limit, len(rows))).round().astype(int)].reset_index(drop=True)
+    r = measure(cfg, rows, meta["classes"], run_dir)
+    parts, feed = table(r)
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (no CUDA device: no copy)"
+    return "\n".join(
+        [
+            "## The host's cost per clip (`host`)",
+            "",
+            f"{r['clips']} clips of 16 x 112 x 112, `method=cam`, a model that costs nothing (PoolNet), one process, "
+            f"one thread, {device}; Trainer.predict wall {r['wall']:.2f} s.",
+            "",
+            "| part | ms / clip |",
+            "|---|---:|",
+            *parts,
+            "",
+            "Clips/s one GPU can at most be fed with N decode processes: min(N / decode, 1 / beyond decode).",
+            "",
+            "| decode processes | clips/s |",
+            "|---:|---:|",
+            *feed,
+            "",
+        ]
+    )
