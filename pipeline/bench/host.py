@@ -103,17 +103,17 @@ def measure(cfg, rows, classes, run_dir: Path) -> dict[str, float]:
     loop()  # warm-up: first calls of every part
     module, loader, writer = shard_job(cfg, ShardJob(run_dir, 0, rows, classes, "bench"))
     dataset, size = loader.dataset, loader.batch_size
-    started = time.perf_counter()
-    items = [dataset[i] for i in range(len(dataset))]
-    seconds["decode"] = time.perf_counter() - started
     module_mod.clip_statistics = timed_stats
     try:
         with torch.inference_mode():
-            for b, first in enumerate(range(0, len(items), size)):
+            for b, first in enumerate(range(0, len(dataset), size)):  # batch by batch, as the loop holds them
+                started = time.perf_counter()
+                items = [dataset[i] for i in range(first, min(first + size, len(dataset)))]
                 t0 = time.perf_counter()
-                batch = collate_clips(items[first : first + size])
+                seconds["decode"] += t0 - started
+                batch = collate_clips(items)
                 if cuda:
-                    batch["video"] = batch["video"].pin_memory().to("cuda", non_blocking=True)
+                    batch.video = batch.video.pin_memory().to("cuda", non_blocking=True)
                 t1 = time.perf_counter()
                 prediction = module.predict_step(batch, b)
                 t2 = time.perf_counter()
