@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import ConfigError, UserError
+from pipeline.store.run_dir import RunDir
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -44,7 +45,7 @@ class ArrayRun:
         folder = self.run_dir / "slurm"
         folder.mkdir(parents=True, exist_ok=True)
         array = name == "extract"
-        log = self.run_dir / "logs" / (f"slurm-{name}-%A_%a.out" if array else f"slurm-{name}-%j.out")
+        log = RunDir(self.run_dir).logs / (f"slurm-{name}-%A_%a.out" if array else f"slurm-{name}-%j.out")
         log.parent.mkdir(parents=True, exist_ok=True)
         command = [self.python, "-m", "pipeline", f"stage={stage}", *extra, *self.overrides]
         text = "\n".join(
@@ -97,7 +98,7 @@ def launch(overrides: list[str], sbatch: list[str]) -> dict[str, str]:
         raise ConfigError("ARGS of make slurm-array set stage and extract.share themselves; leave them out")
     array = ArrayRun(run_folder(overrides), list(overrides), list(sbatch))
     jobs: dict[str, str] = {}
-    if not (array.run_dir / "index.parquet").is_file():
+    if not RunDir(array.run_dir).index.is_file():
         jobs["index"] = submit(array.script("index", "index"), array.others)
     extract = array.script("extract", "extract", ["extract.share=auto", "execution=driver"])
     jobs["extract"] = submit(extract, array.sbatch, jobs.get("index"))

@@ -200,14 +200,14 @@ def run(cfg, run_dir: Path, client=None) -> dict:
     for left in run_dir.glob(".report.*"):  # what an interrupted build left
         shutil.rmtree(left, ignore_errors=True)
     check_tubes_made_by(run_dir, cfg, "report")
-    out = run_dir / "report"
-    building = run_dir / f".report.tmp-{os.getpid()}"
+    out = RunDir(run_dir).report
+    building = RunDir(run_dir).report.with_name(f".report.tmp-{os.getpid()}")
     try:
         result = _build(cfg, run_dir, building)
         replace_folder(building, out)  # rebuilt whole, so no picture of an older run lingers
     finally:
         shutil.rmtree(building, ignore_errors=True)
-    log.info("report: %s (%d pages, %.1f MB)", out / "index.html", result["pages"], result["bytes"] / 1e6)
+    log.info("report: %s (%d pages, %.1f MB)", RunDir(run_dir).report_page, result["pages"], result["bytes"] / 1e6)
     return StageResult("report", clips=result["clips"], figures=dict(pages=result["pages"], bytes=result["bytes"]))
 
 
@@ -216,14 +216,14 @@ def _build(cfg, run_dir: Path, out: Path) -> dict:
     assets = out / "assets"
     assets.mkdir(parents=True)
     _, meta = read_index(run_dir)
-    stats = run_dir / "stats"
-    if not (stats / "per_class.parquet").is_file():
-        raise MissingInput(f"{stats / 'per_class.parquet'}: no statistics; run the stats stage first (stage=stats)")
-    per_class = read_table(stats / "per_class.parquet", REPAIR["stats"])
-    overall = read_table(stats / "overall.parquet", REPAIR["stats"])
-    per_split = _optional(stats / "per_split.parquet")
-    faith = _optional(stats / "faithfulness.parquet")
-    agreement = _optional(stats / "agreement_per_class.parquet")
+    run = RunDir(run_dir)
+    if not run.table("per_class").is_file():
+        raise MissingInput(f"{run.table('per_class')}: no statistics; run the stats stage first (stage=stats)")
+    per_class = read_table(run.table("per_class"), REPAIR["stats"])
+    overall = read_table(run.table("overall"), REPAIR["stats"])
+    per_split = _optional(run.table("per_split"))
+    faith = _optional(run.table("faithfulness"))
+    agreement = _optional(run.table("agreement_per_class"))
     failures = read_failures(run_dir)
     others = list(cfg.stats.compare_runs)
 
@@ -241,7 +241,7 @@ def _build(cfg, run_dir: Path, out: Path) -> dict:
     boxes = read_boxes(box_file) if box_file else None
     if boxes is not None:
         boxes = boxes[boxes["video_id"].isin(set(details["video_id"]))]
-    steps = _optional(stats / "pointing_steps.parquet") if boxes is not None else None
+    steps = _optional(run.table("pointing_steps")) if boxes is not None else None
     first = {(r.clip_id, r.method): r for r in details[details["target_rank"] == 0].itertuples()}
     by_target = {(r.clip_id, r.method, int(r.target)): r for r in details.itertuples()}
     featured = gallery[gallery["role"] == "confident"].groupby(["method", "label_name"]).head(1)
@@ -346,7 +346,7 @@ def _build(cfg, run_dir: Path, out: Path) -> dict:
                 agree_columns=agree_columns,
             )
         )
-    (out / "index.html").write_text(
+    (out / run.report_page.name).write_text(
         env.get_template("overview.html").render(
             **common,
             overall=_records(overall),

@@ -56,6 +56,7 @@ from pipeline.store import (
     write_table_atomic,
 )
 from pipeline.store.provenance import check_tubes_made_by
+from pipeline.store.run_dir import RunDir
 from pipeline.store.schema import CLIP_STATISTICS
 
 log = logging.getLogger(__name__)
@@ -282,7 +283,7 @@ def tube_agreement(part_file: Path, other_dir: Path, other_run: str) -> pd.DataF
     )
     if mine.empty:
         return empty
-    same = other_dir / "tubes" / part_file.name
+    same = RunDir(other_dir).tubes / part_file.name
     sources = [same] if same.is_file() else tube_files(other_dir)
     wanted = [("clip_id", "in", mine["clip_id"].tolist())]
     theirs = (
@@ -331,7 +332,7 @@ def agreement(run_dir: Path, others: list[str]) -> tuple[pd.DataFrame, pd.DataFr
         other_dir = run_dir.parent / str(name)
         if not tube_files(other_dir):
             raise MissingInput(
-                f"stats.compare_runs: {other_dir / 'tubes'} has no tube files; extract run {name!r} first"
+                f"stats.compare_runs: {RunDir(other_dir).tubes} has no tube files; extract run {name!r} first"
             )
         frames += dask.compute(*[dask.delayed(tube_agreement)(f, other_dir, str(name)) for f in tube_files(run_dir)])
     clips = pd.concat(frames, ignore_index=True)
@@ -386,7 +387,7 @@ def _aggregate(cfg, run_dir: Path, files: list[Path]) -> dict:
         failures = read_failures(run_dir)
         reasons = failures["error_type"].value_counts().to_dict() if len(failures) else {}
         raise StageFailed(
-            f"{run_dir}: no clip has a tube, so there is nothing to aggregate; failures by reason: {reasons} (see {run_dir / 'failures'})"
+            f"{run_dir}: no clip has a tube, so there is nothing to aggregate; failures by reason: {reasons} (see {RunDir(run_dir).failures})"
         )
     lengths = _list_lengths(files)
     present = set(pq.read_schema(files[0]).names)
@@ -394,37 +395,36 @@ def _aggregate(cfg, run_dir: Path, files: list[Path]) -> dict:
     prepared = tubes.map_partitions(_prepare, lengths, meta=_prepare(tubes._meta, lengths))
     tables = aggregate_all(prepared)
 
-    out = run_dir / "stats"
+    run = RunDir(run_dir)
+    out = run.stats
     out.mkdir(parents=True, exist_ok=True)
     _, meta = read_index(run_dir)
     path = boxes_path(cfg, meta)
     if path:
-        steps = write_pointing(tubes, read_boxes(path), float(cfg.stats.pointing_tolerance), out / "pointing.parquet")
+        steps = write_pointing(tubes, read_boxes(path), float(cfg.stats.pointing_tolerance), run.table("pointing"))
         points = pointing_all(steps)
         for name, (keys, _) in GROUPINGS.items():
             tables[name] = tables[name].merge(points[name], on=keys, how="left")
         per_step = pd.concat([points["per_step"], points["step_totals"]], ignore_index=True)
         write_table_atomic(
             pa.Table.from_pandas(per_step.sort_values([*GROUP, "step"]), preserve_index=False),
-            out / "pointing_steps.parquet",
+            run.table("pointing_steps"),
         )
     else:  # a table of an earlier run with boxes must not outlive them
-        (out / "pointing_steps.parquet").unlink(missing_ok=True)
+        run.table("pointing_steps").unlink(missing_ok=True)
     per_class, overall = tables["per_class"], tables["overall"]
     per_split = pd.concat([tables["per_split"], tables["split_totals"]], ignore_index=True)
 
     others = list(cfg.stats.compare_runs)
     if others:
         clips, by_class = agreement(run_dir, others)
-        write_table_atomic(pa.Table.from_pandas(clips, preserve_index=False), out / "agreement.parquet")
-        write_table_atomic(pa.Table.from_pandas(by_class, preserve_index=False), out / "agreement_per_class.parquet")
+        write_table_atomic(pa.Table.from_pandas(clips, preserve_index=False), run.table("agreement"))
+        write_table_atomic(pa.Table.from_pandas(by_class, preserve_index=False), run.table("agreement_per_class"))
 
+    write_table_atomic(pa.Table.from_pandas(per_class.sort_values(GROUP), preserve_index=False), run.table("per_class"))
+    write_table_atomic(pa.Table.from_pandas(overall, preserve_index=False), run.table("overall"))
     write_table_atomic(
-        pa.Table.from_pandas(per_class.sort_values(GROUP), preserve_index=False), out / "per_class.parquet"
-    )
-    write_table_atomic(pa.Table.from_pandas(overall, preserve_index=False), out / "overall.parquet")
-    write_table_atomic(
-        pa.Table.from_pandas(per_split.sort_values(["split", *GROUP]), preserve_index=False), out / "per_split.parquet"
+        pa.Table.from_pandas(per_split.sort_values(["split", *GROUP]), preserve_index=False), run.table("per_split")
     )
     log.info("stats: %d classes -> %s", len(per_class), out)
     return json.loads(
