@@ -124,7 +124,7 @@ def test_a_cluster_that_fails_to_start_in_the_background_fails_where_it_is_used(
     with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
         lazy.start_soon()
         assert lazy.started
-        with pytest.raises(OSError):
+        with pytest.raises(ConfigError, match="no Dask scheduler answers there"):
             lazy.scheduler_info()
     lazy.close()
 
