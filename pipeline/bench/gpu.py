@@ -29,6 +29,7 @@ import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
 
+import pipeline.settings  # noqa: F401  (registers the settings schema Hydra composes with)
 from pipeline.data.datasets.synthetic import SyntheticSpec, generate
 from pipeline.runtime.builders import make_trainer, quiet_lightning
 from pipeline.runtime.job import ShardJob

@@ -27,6 +27,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch import nn
 
+import pipeline.settings  # noqa: F401  (registers the settings schema Hydra composes with)
 from pipeline.data.clips import collate_clips
 from pipeline.data.datasets.synthetic import SyntheticSpec, generate
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import pipeline.settings  # noqa: F401  (registers the settings schema Hydra composes with)
 from pipeline.bench._user_loop import user_loop
 from pipeline.explain.explainer import TubeExplainer
 from pipeline.explain.fusion import Combiner

@@ -19,6 +19,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pipeline.settings  # noqa: F401  (registers the settings schema Hydra composes with)
 from pipeline.errors import ConfigError, UserError
 from pipeline.store.run_dir import RunDir
 
