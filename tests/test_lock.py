@@ -95,5 +95,7 @@ def test_a_killed_holder_leaves_no_lock(tmp_path):
 
 
 def test_unknown_policy_is_a_setting_error(pipeline_overrides, tmp_path):
-    with pytest.raises(ValueError, match="extract.concurrent=maybe: not allowed; extract.concurrent takes wait \\| refuse"):
+    with pytest.raises(
+        ValueError, match="extract.concurrent=maybe: not allowed; extract.concurrent takes wait \\| refuse"
+    ):
         run(make_cfg(tmp_path, [*pipeline_overrides, "stage=extract", "extract.concurrent=maybe"]))
