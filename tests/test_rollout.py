@@ -165,3 +165,73 @@ def test_rollout_runs_end_to_end(synthetic_root, random_checkpoint, tmp_path):
     tubes = read_tubes(run_dir, columns=["clip_id", "method", "volume"])
     assert len(tubes) > 0 and set(tubes["method"]) == {"rollout"}
     assert (run_dir / "report" / "index.html").is_file()
+
+
+def numpy_divided(temporal, spatial, grid):
+    """A TimeSformer block's head-reduced temporal ``(N*hw, t, t)`` and spatial ``(N*t, 1+hw, 1+hw)`` maps as
+    L x L maps over (class token, then patches in h, w, t order), written out with loops."""
+    t, h, w = grid
+    hw = h * w
+    n, length = temporal.shape[0] // hw, 1 + t * hw
+
+    def at(p, f):
+        return 1 + p * t + f
+
+    tm, sm = np.zeros((n, length, length)), np.zeros((n, length, length))
+    for i in range(n):
+        for p in range(hw):
+            for f in range(t):
+                for g in range(t):
+                    tm[i, at(p, f), at(p, g)] = temporal[i * hw + p, f, g]
+        for f in range(t):
+            s = spatial[i * t + f]
+            sm[i, 0, 0] += s[0, 0] / t
+            for p in range(hw):
+                sm[i, at(p, f), 0] = s[1 + p, 0]
+                sm[i, 0, at(p, f)] = s[0, 1 + p] / t
+                for q in range(hw):
+                    sm[i, at(p, f), at(q, f)] = s[1 + p, 1 + q]
+    return tm, sm
+
+
+def test_timesformer_rollouts_compose_temporal_then_spatial_attention():
+    torch.manual_seed(0)
+    config = transformers.TimesformerConfig(patch_size=16, num_labels=3, **TINY)
+    net = transformers.TimesformerForVideoClassification(config).eval()
+    drops = [
+        m
+        for b in net.timesformer.encoder.layer
+        for m in (b.temporal_attention.attention.attn_drop, b.attention.attention.attn_drop)
+    ]
+    x = torch.randn(2, 3, 4, 32, 32, generator=torch.Generator().manual_seed(5))
+    kept = []
+    handles = [d.register_forward_hook(lambda m, i, o: kept.append(o)) for d in drops]
+    net.requires_grad_(True)
+    logits = net(x.permute(0, 2, 1, 3, 4)).logits
+    for handle in handles:
+        handle.remove()
+    targets = torch.tensor([[2], [1]])
+    grads = torch.autograd.grad(logits.gather(1, targets).sum(), kept)
+    probs = [p.detach().double().numpy() for p in kept]
+    grid = (4, 2, 2)
+    expected = {}
+    for name, maps in [
+        ("rollout", [p.mean(1) for p in probs]),
+        ("gradrollout", [np.maximum(g.double().numpy() * p, 0).mean(1) for p, g in zip(probs, grads)]),
+    ]:
+        result = np.stack([np.eye(17)] * 2)
+        for b in range(0, len(maps), 2):
+            for m in numpy_divided(maps[b], maps[b + 1], grid):  # temporal first, then spatial
+                block = m + np.eye(17)
+                if name == "rollout":
+                    block = block / block.sum(-1, keepdims=True)
+                result = np.einsum("nij,njk->nik", block, result)
+        expected[name] = result[:, 0, 1:].reshape(2, 2, 2, 4).transpose(0, 3, 1, 2)  # hwt -> thw
+    from omegaconf import OmegaConf
+
+    adapter = adapt(net, OmegaConf.create(MODEL_CFG))
+    for name, method in [("rollout", AttentionRollout()), ("gradrollout", GradRollout())]:
+        exp = TubeExplainer(adapter, method, (3, 4, 32, 32), layer="timesformer.encoder.layer.1", layout="tokens")
+        tubes = exp(x, lambda _: targets).tubes
+        assert tubes.shape == (2, 1, 4, 2, 2)
+        np.testing.assert_allclose(tubes[:, 0].double().numpy(), expected[name], rtol=1e-4, atol=1e-6)

@@ -39,8 +39,6 @@ JOINT_ATTENTION = {
     "VivitForVideoClassification": "VivitAttention",
 }
 REFUSED = {
-    "TimesformerForVideoClassification": "divided space-time attention (a temporal and a spatial map per block) "
-    "is not composed into one token-to-token map yet",
     "MViT": "its pooling attention changes the token count between blocks, so the blocks' maps do not multiply",
 }
 
@@ -54,6 +52,7 @@ class AttentionRecord:
     logits: torch.Tensor | None = None
     grid: tuple[int, int, int] = (1, 1, 1)
     order: str = "thw"
+    divided: bool = False
 
     def grads(self, targets: torch.Tensor) -> list[torch.Tensor]:
         """Per block ``(N, k, heads, L, L)`` gradients of each target logit (``targets`` ``(N, k)``) w.r.t. the
@@ -71,19 +70,22 @@ class AttentionRecord:
 class AttentionCapture:
     """Records the attention probabilities of ``modules`` (one per block, in order) of the HF model ``root``."""
 
-    def __init__(self, root: nn.Module, modules: list[nn.Module], grid, order: str, grad: bool):
+    def __init__(self, root: nn.Module, modules: list[nn.Module], grid, order: str, grad: bool, divided=False):
         self.root, self.modules, self.grid, self.order, self.grad = root, modules, tuple(grid), order, grad
+        self.divided = divided
 
     @contextmanager
     def recording(self):
         """A context in which one forward pass fills the yielded :class:`AttentionRecord` (``logits`` are set
         by the caller, who has them)."""
-        record = AttentionRecord(grid=self.grid, order=self.order)
+        record = AttentionRecord(grid=self.grid, order=self.order, divided=self.divided)
         config = self.root.config
         before = config._attn_implementation
 
-        def keep(_module, _inputs, output):
-            record.probs.append(output[1])
+        record.probs = [None] * len(self.modules)
+
+        def keep(_module, _inputs, output, at):
+            record.probs[at] = output if isinstance(output, torch.Tensor) else output[1]
 
         def leaf(_module, args, kwargs):
             torch.set_grad_enabled(True)  # restored when the caller's no_grad block ends
@@ -92,7 +94,10 @@ class AttentionCapture:
             hidden = kwargs["hidden_states"].detach().requires_grad_(True)
             return args, {**kwargs, "hidden_states": hidden}
 
-        handles = [module.register_forward_hook(keep) for module in self.modules]
+        handles = [
+            module.register_forward_hook(lambda m, i, o, at=at: keep(m, i, o, at))
+            for at, module in enumerate(self.modules)
+        ]
         if self.grad:
             handles.append(self.modules[0].register_forward_pre_hook(leaf, with_kwargs=True))
         config._attn_implementation = "eager"
@@ -111,13 +116,21 @@ def attention_modules(net: nn.Module, method: str) -> tuple[nn.Module, list[nn.M
     kind = type(root).__name__
     if kind in REFUSED:
         raise ModelError(f"method={method} does not support {kind}: {REFUSED[kind]}")
+    if kind == "TimesformerForVideoClassification":
+        if root.config.attention_type != "divided_space_time":
+            raise ModelError(f"method={method} needs TimeSformer's divided_space_time attention")
+        blocks = root.timesformer.encoder.layer
+        modules = [
+            m for b in blocks for m in (b.temporal_attention.attention.attn_drop, b.attention.attention.attn_drop)
+        ]
+        return root, modules, True
     if kind not in JOINT_ATTENTION:
         raise ModelError(
-            f"method={method} needs a transformer with joint space-time attention (HF VideoMAE or ViViT); "
-            f"{kind} has none; use a CAM method"
+            f"method={method} needs a transformer with joint space-time attention (HF VideoMAE, ViViT) or "
+            f"TimeSformer's divided attention; {kind} has none; use a CAM method"
         )
     modules = [m for m in root.modules() if type(m).__name__ == JOINT_ATTENTION[kind]]
-    return root, modules
+    return root, modules, False
 
 
 def token_tube(rows: torch.Tensor, grid, order: str) -> torch.Tensor:
@@ -156,28 +169,64 @@ class AttentionRollout(SaliencyMethod):
     needs_layer_grads = False
 
     def attach(self, net: nn.Module, grid, order: str) -> AttentionCapture:
-        root, modules = attention_modules(net, self.name)
-        return AttentionCapture(root, modules, grid, order, grad=self.needs_grad)
+        root, modules, divided = attention_modules(net, self.name)
+        return AttentionCapture(root, modules, grid, order, grad=self.needs_grad, divided=divided)
 
     def tubes(self, evidence: Evidence) -> torch.Tensor:
         record = evidence.attention
-        rows = read_rollout(rollout_matrix([p.detach().float() for p in record.probs]), record.grid)
+        grid = record.grid if record.divided else None
+        rows = read_rollout(rollout_matrix([p.detach().float() for p in record.probs], grid=grid), record.grid)
         tube = token_tube(rows[:, None], record.grid, record.order)
         return tube.expand(-1, evidence.targets.shape[1], -1, -1, -1).contiguous()
 
 
-def rollout_matrix(probs: list[torch.Tensor], grads: list[torch.Tensor] | None = None) -> torch.Tensor:
+def divided_map(temporal: torch.Tensor, spatial: torch.Tensor, grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(N, k, L, L)`` token-to-token maps (spatial, temporal) of a TimeSformer block (tokens: the class
+    token, then ``hwt``) from its head-reduced temporal ``(N*h*w, k, t, t)`` and spatial ``(N*t, k, 1+h*w, 1+h*w)``
+    maps.
+
+    The temporal map moves each patch token along its own location's frames (the class token has no entry: it
+    passes by the residual only); the spatial map mixes the tokens of one frame and the class token, whose row is
+    the mean over the frames' class rows (TimeSformer averages the per-frame class outputs). Each gets its
+    identity added separately (:func:`rollout_matrix`); the block is the spatial map times the temporal one.
+    """
+    t, h, w = grid
+    hw = h * w
+    temporal = temporal.unflatten(0, (-1, hw)).movedim(1, 2)  # (N, k, hw, t, t)
+    spatial = spatial.unflatten(0, (-1, t)).movedim(1, 2)  # (N, k, t, 1+hw, 1+hw)
+    n, k = temporal.shape[:2]
+    length = 1 + t * hw
+    eye_p = torch.eye(hw, dtype=temporal.dtype, device=temporal.device)
+    eye_f = torch.eye(t, dtype=temporal.dtype, device=temporal.device)
+    tm = temporal.new_zeros(n, k, length, length)
+    tm[..., 1:, 1:] = torch.einsum("pq,nkpfg->nkpfqg", eye_p, temporal).reshape(n, k, t * hw, t * hw)
+    sm = temporal.new_zeros(n, k, length, length)
+    patches = spatial[..., 1:, 1:]  # (N, k, t, hw, hw): frame f, patch p -> patch q
+    sm[..., 1:, 1:] = torch.einsum("fg,nkfpq->nkpfqg", eye_f, patches).reshape(n, k, t * hw, t * hw)
+    sm[..., 1:, 0] = spatial[..., 1:, 0].movedim(2, 3).reshape(n, k, t * hw)  # (p, f) -> class token
+    sm[..., 0, 0] = spatial[..., 0, 0].mean(2)
+    sm[..., 0, 1:] = (spatial[..., 0, 1:] / t).movedim(2, 3).reshape(n, k, t * hw)
+    return sm, tm
+
+
+def rollout_matrix(probs: list[torch.Tensor], grads: list[torch.Tensor] | None = None, grid=None) -> torch.Tensor:
     """``(N, L, L)`` rollout of per-block ``(N, heads, L, L)`` probabilities (Abnar & Zuidema); with ``grads``
-    (per block ``(N, k, heads, L, L)``) the gradient rollout ``(N, k, L, L)`` (Chefer et al.)."""
-    eye = torch.eye(probs[0].shape[-1], dtype=probs[0].dtype, device=probs[0].device)
+    (per block ``(N, k, heads, L, L)``) the gradient rollout ``(N, k, L, L)`` (Chefer et al.). With ``grid``,
+    ``probs`` alternate a TimeSformer block's temporal and spatial maps (:func:`divided_map`)."""
+    if grads is None:
+        maps = [a.mean(1)[:, None] for a in probs]
+    else:
+        maps = [(g * a[:, None]).clamp(min=0).mean(2) for a, g in zip(probs, grads)]
+    if grid is not None:
+        maps = [m for b in range(0, len(maps), 2) for m in divided_map(maps[b], maps[b + 1], grid)[::-1]]
+    eye = torch.eye(maps[0].shape[-1], dtype=maps[0].dtype, device=maps[0].device)
     result = None
-    for b, a in enumerate(probs):
+    for m in maps:
+        block = m + eye
         if grads is None:
-            block = (a.mean(1) + eye) / 2  # rows of a sum to 1: (A + I) renormalised
-        else:
-            block = (grads[b] * a[:, None]).clamp(min=0).mean(2) + eye
+            block = block / block.sum(-1, keepdim=True)  # (A + I) renormalised
         result = block if result is None else block @ result
-    return result
+    return result if grads is not None else result[:, 0]
 
 
 class GradRollout(AttentionRollout):
@@ -201,5 +250,7 @@ class GradRollout(AttentionRollout):
     def tubes(self, evidence: Evidence) -> torch.Tensor:
         record = evidence.attention
         grads = record.grads(evidence.targets)
-        rows = read_rollout(rollout_matrix([p.detach().float() for p in record.probs], grads), record.grid)
+        grid = record.grid if record.divided else None
+        probs = [p.detach().float() for p in record.probs]
+        rows = read_rollout(rollout_matrix(probs, grads, grid), record.grid)
         return token_tube(rows, record.grid, record.order)
