@@ -1,6 +1,7 @@
-"""method=rollout / gradrollout on tiny HF VideoMAE and ViViT (random weights): the tubes against rollouts written
-out here from the model's own ``output_attentions=True`` attentions, logits unchanged by the capture, models that
-do not fit refused in one line, and one stage=all run."""
+"""method=rollout / gradrollout on tiny HF VideoMAE, ViViT and TimeSformer (random weights): the tubes against
+rollouts written out here from the models' own attentions (``output_attentions=True``, or hooks for TimeSformer's
+two maps per block), logits unchanged by the capture, models that do not fit refused in one line, and one
+stage=all run."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Attention rollout and gradient-weighted rollout of video transformers with joint space-time attention.
+"""Attention rollout and gradient-weighted rollout of HF video transformers (VideoMAE, ViViT, TimeSformer).
 
 Both methods read the attention probabilities of every block, not one layer's activations. They fit the
 explainer's design through two hooks every :class:`~pipeline.explain.methods.SaliencyMethod` has: ``attach``
@@ -8,16 +8,21 @@ capture's context around the explainer's forward pass). The explainer names no m
 context the method attached. The tube is ``(N, k, t, h, w)`` on the model's token grid, like every other
 method's, so the writer, stats, report and evaluate stages take it unchanged.
 
-Capture: the HF attention modules (VideoMAE's ``VideoMAESelfAttention``, ViViT's ``VivitAttention``) return
+Capture: the joint attention modules (VideoMAE's ``VideoMAESelfAttention``, ViViT's ``VivitAttention``) return
 ``(output, probabilities)``; while recording, the model runs its eager attention (``config._attn_implementation``
 set to ``eager`` and restored afterwards: SDPA never materialises the probabilities) and forward hooks keep the
 second element. The hooks return nothing, so the logits are the model's own (eager's, equal to SDPA's up to
 rounding). For gradients, a forward pre-hook on the first attention module makes its input a leaf that requires
 grad, so the graph holds every block's probabilities and nothing below.
 
-Not supported (one :class:`~pipeline.errors.ModelError` line when the explainer is built): CNNs (no attention),
-TimeSformer (divided space-time attention: two maps per block, not composed here yet) and torchvision's MViT
-(pooling attention changes the token count between blocks, so the per-block maps do not multiply).
+TimeSformer's divided space-time attention gives two maps per block (hooks on each attention's ``attn_drop``,
+whose output is the probabilities): its temporal map (each location's patches over the frames) and its spatial
+map (each frame's patches and a copy of the class token, whose rows are averaged over the frames) are each
+written as one ``L x L`` token-to-token map (:func:`divided_map`), each gets its identity (the residual), and the
+block is spatial times temporal, the order they run in.
+
+Not supported (one :class:`~pipeline.errors.ModelError` line when the explainer is built): CNNs (no attention)
+and torchvision's MViT (pooling attention changes the token count between blocks, so the maps do not multiply).
 """
 
 from __future__ import annotations
