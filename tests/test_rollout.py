@@ -137,6 +137,14 @@ def test_models_that_do_not_fit_are_refused_in_one_line():
         GradRollout().attach(net, (2, 8, 8), "thw")
 
 
+def test_a_rollout_is_not_fused():
+    from pipeline.explain.fusion import Fusion
+    from pipeline.explain.methods import MethodError
+
+    with pytest.raises(MethodError, match="method.method=rollout reads every block's attention"):
+        Fusion(AttentionRollout(), ["a", "b"], "mean", 3)
+
+
 @pytest.mark.slow
 def test_rollout_runs_end_to_end(synthetic_root, random_checkpoint, tmp_path):
     """stage=all with method=rollout on the zoo's VideoMAE at test size: tubes on the token grid, a report."""
