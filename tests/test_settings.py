@@ -88,7 +88,7 @@ def _cli(tmp_path, *args):
         (["extract.batch_size=abc"], "extract.batch_size=abc: not allowed; extract.batch_size takes an integer >= 1"),
         (
             ["method=fusionn"],
-            "method=fusionn: no such option; did you mean method=fusion? (options: cam, fusion, gradcam, gradcampp, layercam, scorecam, xgradcam)",
+            "method=fusionn: no such option; did you mean method=fusion? (options: cam, fusion, gradcam, gradcampp, gradrollout, layercam, rollout, scorecam, xgradcam)",
         ),
         (
             ["stage=index", "method=fusion", "method.combine=prod"],

@@ -10,6 +10,7 @@ w.r.t. the explained activations only: no parameter gradients, nothing retained.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -140,6 +141,7 @@ class TubeExplainer(nn.Module):
         self.layer_name = "+".join(self.layer_names)
         self.method_name = method.name if self.combiner is None else f"fusion-{method.name}"
         self.layers = [get_module(root, name, "model.layer") for name in self.layer_names]
+        self.capture = method.attach(net, self.grid, self.token_order)  # a model that does not fit fails here
         device = next(net.parameters()).device
         generator = torch.Generator().manual_seed(0)  # a random clip: a zero one may hide a non-linear head
         clip = torch.randn((1, *input_shape), generator=generator).to(device)
@@ -254,9 +256,13 @@ class TubeExplainer(nn.Module):
             raise ModelError(
                 f"method={self.method.name} needs gradients: run it outside torch.inference_mode() (Trainer(inference_mode=False))"
             )
-        logits, outputs = self._capture(x, cut=needs_grad)
+        layer_grads = self.method.needs_layer_grads
+        with self.capture.recording() if self.capture is not None else nullcontext() as attention:
+            logits, outputs = self._capture(x, cut=layer_grads)
+        if attention is not None:
+            attention.logits = logits
         targets = select_targets(logits.detach())
-        grads = self._gradients(logits, outputs, targets) if needs_grad else [[None] * len(p) for p in outputs]
+        grads = self._gradients(logits, outputs, targets) if layer_grads else [[None] * len(p) for p in outputs]
         device = x.device.type
         ambient = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
 
@@ -281,6 +287,7 @@ class TubeExplainer(nn.Module):
                             weight=None if weight is None else weight[:, bounds[i] : bounds[i + 1]],
                             inputs=x,
                             score=score,
+                            attention=attention,
                         )
                     )
                     for i, (a, g) in enumerate(zip(acts, part_grads))

@@ -103,6 +103,10 @@ class Fusion:
     def __post_init__(self):
         if isinstance(self.method, Fusion):
             raise MethodError("method.method of a fusion cannot be a fusion itself")
+        if type(self.method).attach is not SaliencyMethod.attach:
+            raise MethodError(
+                f"method.method={self.method.name} reads every block's attention, not one layer: it cannot be fused"
+            )
         layers = self.layers
         if layers != AUTO and (not layers or isinstance(layers, str) or len(layers) < 2):
             raise MethodError(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -40,6 +41,8 @@ class Evidence:
         weight: ``(K, C)`` classifier weights (``cam``).
         inputs: ``(N, 3, T, H, W)`` the normalised clips (``scorecam``).
         score: maps a batch of clips to logits without capturing anything (``scorecam``).
+        attention: what the method's own capture recorded during the forward pass (the rollouts:
+            :class:`pipeline.explain.rollout.AttentionRecord`); ``None`` for a method that attaches none.
     """
 
     acts: torch.Tensor
@@ -48,14 +51,29 @@ class Evidence:
     weight: torch.Tensor | None = None
     inputs: torch.Tensor | None = None
     score: Callable[[torch.Tensor], torch.Tensor] | None = None
+    attention: Any = None
 
 
 class SaliencyMethod:
-    """A way to weight activation maps into a tube."""
+    """A way to weight activation maps into a tube.
+
+    ``needs_grad``: the method needs autograd (no inference mode); ``needs_layer_grads`` (default: the same)
+    whether the explainer computes the target's gradients w.r.t. the explained layer. ``attach`` lets a method
+    that reads more than one layer's output (the attention rollouts) check the model and return a capture whose
+    ``recording()`` context the explainer enters around its forward pass; what it yields is ``Evidence.attention``.
+    """
 
     name: str
     needs_grad: bool = False
     needs_classifier: bool = False
+
+    @property
+    def needs_layer_grads(self) -> bool:
+        return self.needs_grad
+
+    def attach(self, net, grid, order):
+        """A capture for ``net`` (token ``grid`` and ``order``), or ``None``: the default reads one layer only."""
+        return None
 
     def tubes(self, evidence: Evidence) -> torch.Tensor:
         """``(N, k, t, h, w)`` tubes of ``evidence``."""

@@ -190,6 +190,20 @@ class ScoreCAMSettings(MethodSettings):
 
 
 @dataclass
+class RolloutSettings(MethodSettings):
+    """Attention rollout (Abnar & Zuidema): nothing to set."""
+
+    _target_: str = "pipeline.explain.rollout.AttentionRollout"
+
+
+@dataclass
+class GradRolloutSettings(MethodSettings):
+    """Gradient-weighted attention rollout (Chefer et al.): nothing to set."""
+
+    _target_: str = "pipeline.explain.rollout.GradRollout"
+
+
+@dataclass
 class FusionSettings(MethodSettings):
     _target_: str = "pipeline.explain.fusion.Fusion"
     method: Any = setting({"_target_": "pipeline.explain.methods.LayerCAM"}, "the method run on each layer")
@@ -310,6 +324,8 @@ OPTIONS: dict[str, dict[str, type]] = {
         "layercam": GradCAMFamily,
         "scorecam": ScoreCAMSettings,
         "fusion": FusionSettings,
+        "rollout": RolloutSettings,
+        "gradrollout": GradRolloutSettings,
     },
     "sampler": {"center": SamplerSettings, "sliding": SlidingSampler, "uniform": UniformSampler},
     "cluster": {"local": LocalCluster, "slurm": SlurmCluster, "address": AddressCluster},
