@@ -120,6 +120,23 @@ def malformed(where: str, message: str) -> RowError:
     return RowError(where, "MalformedRow", message)
 
 
+def records_of_rows(rows, split: str, record) -> tuple[list[VideoRecord], list[RecordError]]:
+    """The records of CSV ``rows`` (``(where, row)`` pairs) whose ``split`` column is ``split`` (``all``: every row;
+    an empty column counts as ``all``), made by ``record(where, row, split)``; a row it raises
+    :class:`RowError` for becomes that row's error."""
+    records: list[VideoRecord] = []
+    errors: list[RecordError] = []
+    for where, row in rows:
+        row_split = (row.get("split") or "").strip() or "all"
+        if split != "all" and row_split != split:
+            continue
+        try:
+            records.append(record(where, row, row_split))
+        except RowError as err:
+            errors.append(err.error)
+    return records, errors
+
+
 #: file name endings of the video files a folder-based reader lists (lower case)
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp", ".ts")
 

@@ -26,6 +26,7 @@ from pipeline.data.datasets.base import (
     malformed,
     read_class_file,
     read_csv_rows,
+    records_of_rows,
 )
 
 #: the containers the downloaders write, in the order a name is looked for
@@ -62,17 +63,7 @@ class Kinetics(DatasetReader):
         self._files = _video_files(self.root)
 
     def records(self) -> tuple[list[VideoRecord], list[RecordError]]:
-        records: list[VideoRecord] = []
-        errors: list[RecordError] = []
-        for where, row in self.rows:
-            split = (row.get("split") or "").strip() or "all"
-            if self.split != "all" and split != self.split:
-                continue
-            try:
-                records.append(self._record(where, row, split))
-            except RowError as err:
-                errors.append(err.error)
-        return records, errors
+        return records_of_rows(self.rows, self.split, self._record)
 
     def _record(self, where: str, row: dict, split: str) -> VideoRecord:
         youtube_id = (row["youtube_id"] or "").strip()

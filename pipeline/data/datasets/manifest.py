@@ -31,6 +31,7 @@ from pipeline.data.datasets.base import (
     malformed,
     read_class_file,
     read_csv_rows,
+    records_of_rows,
 )
 
 #: the columns a manifest may have (see the module notes)
@@ -74,17 +75,7 @@ class Manifest(DatasetReader):
         return sorted(labels)
 
     def records(self) -> tuple[list[VideoRecord], list[RecordError]]:
-        records: list[VideoRecord] = []
-        errors: list[RecordError] = []
-        for where, row in self.rows:
-            split = (row.get("split") or "").strip() or "all"
-            if self.split != "all" and split != self.split:
-                continue
-            try:
-                records.append(self._record(where, row, split))
-            except RowError as err:
-                errors.append(err.error)
-        return records, errors
+        return records_of_rows(self.rows, self.split, self._record)
 
     def _record(self, where: str, row: dict, split: str) -> VideoRecord:
         if None in row:
