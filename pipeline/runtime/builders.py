@@ -26,8 +26,24 @@ from pipeline.runtime.resolve import loader_workers, prefetch_factor
 _cache = threading.local()
 
 
+def make_explainer(cfg, model_cfg=None) -> TubeExplainer:
+    """The explainer of ``cfg.method`` for ``cfg.model`` (or ``model_cfg``): the network built, its weights
+    loaded and seen through the model's interface settings."""
+    model_cfg = cfg.model if model_cfg is None else model_cfg
+    net = adapt(build_model(model_cfg), model_cfg)  # (N, 3, T, H, W) in, (N, K) logits out
+    return TubeExplainer(
+        net,
+        input_shape=(3, model_cfg.input.clip_len, *model_cfg.input.size),
+        **explainer_options(instantiate(cfg.method), model_cfg.layer),
+        classifier=model_cfg.classifier,
+        layout=model_cfg.get("layout", "auto"),
+        grid=model_cfg.get("grid"),
+        token_order=model_cfg.get("token_order"),
+    )
+
+
 def build_explainer(cfg, model_cfg=None) -> TubeExplainer:
-    """The explainer for ``cfg.model`` (or ``model_cfg``) and ``cfg.method``, built and loaded once per thread.
+    """:func:`make_explainer`, built once per thread.
 
     A worker reuses it for every shard. It is kept per thread because hooks capture activations on the
     model's own modules: two threads of one process (``cluster.processes=false``) must not share a model.
@@ -37,17 +53,7 @@ def build_explainer(cfg, model_cfg=None) -> TubeExplainer:
         [OmegaConf.to_container(model_cfg, resolve=True), OmegaConf.to_container(cfg.method, resolve=True)]
     )
     if getattr(_cache, "key", None) != key:
-        net = adapt(build_model(model_cfg), model_cfg)  # (N, 3, T, H, W) in, (N, K) logits out
-        shape = (3, model_cfg.input.clip_len, *model_cfg.input.size)
-        _cache.explainer = TubeExplainer(
-            net,
-            input_shape=shape,
-            **explainer_options(instantiate(cfg.method), model_cfg.layer),
-            classifier=model_cfg.classifier,
-            layout=model_cfg.get("layout", "auto"),
-            grid=model_cfg.get("grid"),
-            token_order=model_cfg.get("token_order"),
-        )
+        _cache.explainer = make_explainer(cfg, model_cfg)
         _cache.key = key
     return _cache.explainer
 

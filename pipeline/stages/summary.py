@@ -19,7 +19,8 @@ def show(run_dir: Path, results: dict[str, StageResult], seconds: float, console
     run = RunDir(run_dir)
     overall_path = run.table("overall")
     table = Table(title=f"Saliency Tubes run: {run_dir}", show_header=True)
-    for column in ("method", "clips", "accuracy", "mean confidence", "top-10% mass", "pointing game", "chance"):
+    columns = ("method", "clips", "accuracy", "confidence", "top-10% mass", "pointing", "pointing (Li 2021)", "chance")
+    for column in columns:
         table.add_column(column, justify="right" if column != "method" else "left")
     if overall_path.is_file():
         for row in pd.read_parquet(overall_path).itertuples():
@@ -32,6 +33,7 @@ def show(run_dir: Path, results: dict[str, StageResult], seconds: float, console
                 _pct(row.mean_pred_prob),
                 _pct(row.top10_mass),
                 _pct(pointing),
+                _pct(getattr(row, "pointing_game_li2021", None)),
                 _pct(chance),
             )
     console.print(table)

@@ -20,6 +20,7 @@ from pipeline.data.clips import ClipDataset
 from pipeline.data.probing import probe_all
 from pipeline.data.sampling import CenterSampler, UniformSampler
 from pipeline.data.video import ResizeCrop
+from pipeline.models.adapters import adapt
 from pipeline.models.inputs import Normalise
 from pipeline.runtime.builders import quiet_lightning
 from pipeline.stages.result import StageResult
@@ -29,12 +30,14 @@ log = logging.getLogger(__name__)
 
 
 class Classifier(pl.LightningModule):
-    """Cross-entropy training of a clip classifier on ``[0, 1]`` clips normalised on the device."""
+    """Cross-entropy training of a clip classifier on ``[0, 1]`` clips normalised on the device; ``net`` is
+    seen through the model's interface settings (:func:`~pipeline.models.adapters.adapt`: input layout, pathways,
+    where the logits are), so any ``model=`` option trains, a HuggingFace transformer as well as a 3D CNN."""
 
-    def __init__(self, net: torch.nn.Module, mean, std, lr: float, epochs: int):
+    def __init__(self, net: torch.nn.Module, model_cfg, lr: float, epochs: int):
         super().__init__()
-        self.net, self.lr, self.epochs = net, lr, epochs
-        self.normalise = Normalise(mean, std)
+        self.net, self.lr, self.epochs = adapt(net, model_cfg).train(), lr, epochs
+        self.normalise = Normalise(model_cfg.input.mean, model_cfg.input.std)
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         return self.net(self.normalise(video))
@@ -90,7 +93,7 @@ def run(cfg, run_dir=None, client=None) -> dict:
     )
     test = load_clips(cfg, "test", CenterSampler(int(inp.clip_len), int(inp.frame_stride)))
     net = instantiate(cfg.model.net)
-    model = Classifier(net, list(inp.mean), list(inp.std), float(cfg.train.lr), int(cfg.train.epochs))
+    model = Classifier(net, cfg.model, float(cfg.train.lr), int(cfg.train.epochs))
     trainer = pl.Trainer(
         max_epochs=int(cfg.train.epochs),
         accelerator="cpu",
