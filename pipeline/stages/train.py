@@ -114,5 +114,5 @@ def run(cfg, run_dir=None, client=None) -> dict:
         accuracy["test"],
         checkpoint,
     )
-    print(f"demo model: accuracy train {accuracy['train']:.1%}, test {accuracy['test']:.1%} (saved to {checkpoint})")
+    print(f"model trained: accuracy train {accuracy['train']:.1%}, test {accuracy['test']:.1%} (saved to {checkpoint})")
     return StageResult("train", clips=len(train), figures={f"{k}_accuracy": v for k, v in accuracy.items()})
