@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -15,6 +16,9 @@ from markupsafe import escape
 from PIL import Image
 
 from pipeline.bench.report import config, write_synthetic_run
+from pipeline.data.video import probe, read_frames, write_video
+from pipeline.report.gallery import ClipRenderer
+from pipeline.report.marks import BoxTable
 from pipeline.stages import report, stats
 from pipeline.store import read_tubes
 
@@ -83,10 +87,10 @@ def test_galleries_pick_the_right_clips(built):
 
 
 def test_size_is_bounded_by_classes_not_clips(built):
+    """One animation per gallery clip (the featured clip's MP4 is its gallery animation)."""
     run_dir, result = built
-    gifs = list((run_dir / "report" / "assets").glob("*.gif"))
-    assert result.clips <= 3 * PER_CLASS * len(CLASSES) and len(gifs) == result.clips
-    assert len(list((run_dir / "report" / "assets").glob("*.mp4"))) == len(CLASSES)
+    animations = list((run_dir / "report" / "assets").glob("*.mp4"))
+    assert result.clips <= 3 * PER_CLASS * len(CLASSES) and len(animations) == result.clips
 
 
 def _chromium() -> str:
@@ -199,19 +203,15 @@ def fused(tmp_path_factory):
     return run_dir, cfg
 
 
-def _white(gif) -> int:
-    """Near-white pixels over all frames of a GIF: only a drawn box is white (frames are grey and red, the heat
-    map is jet)."""
-    image, count = Image.open(gif), 0
-    for i in range(image.n_frames):
-        image.seek(i)
-        count += int((np.asarray(image.convert("RGB")).min(2) > 235).sum())
-    return count
+def _white(video) -> int:
+    """Near-white pixels over all frames of an animation: only a drawn box is white (frames are grey and red, the
+    heat map is jet)."""
+    return int((read_frames(video, list(range(probe(video).num_frames))).min(3) > 235).sum())
 
 
 def _items(html: str) -> list[tuple[str, str, str]]:
-    """(clip id, its meta text, its GIF) of every gallery item of a page."""
-    return re.findall(r'<div class="meta"><b>(clip\d+)</b>(.*?)</div>\s*<img class="gif" src="([^"]+)"', html, re.S)
+    """(clip id, its meta text, its animation) of every gallery item of a page."""
+    return re.findall(r'<div class="meta"><b>(clip\d+)</b>(.*?)</div>\s*<video class="anim" src="([^"]+)"', html, re.S)
 
 
 def test_boxes_are_drawn_where_the_dataset_has_them_and_nowhere_else(fused):
@@ -220,11 +220,11 @@ def test_boxes_are_drawn_where_the_dataset_has_them_and_nowhere_else(fused):
     boxes = pd.read_csv(run_dir / "boxes.csv").set_index(["video_id", "frame"])
     seen = {"boxed": 0, "unboxed": 0}
     for page in (run_dir / "report").glob("c-*.html"):
-        for clip_id, meta, gif in _items(page.read_text()):
+        for clip_id, meta, animation in _items(page.read_text()):
             row = tubes[tubes["clip_id"] == clip_id].iloc[0]
             if row.video_id == "video002":
                 seen["unboxed"] += 1
-                assert "peak on the box" not in meta and _white(run_dir / "report" / gif) == 0
+                assert "peak on the box" not in meta and _white(run_dir / "report" / animation) == 0
                 continue
             seen["boxed"] += 1
             hits = sum(  # the pointing game by hand: each step's peak (source pixels) inside that frame's box
@@ -233,7 +233,7 @@ def test_boxes_are_drawn_where_the_dataset_has_them_and_nowhere_else(fused):
                 for f, x, y in zip(row.frame_indices, row.frame_peak_x, row.frame_peak_y)
             )
             assert f"peak on the box in {hits} of {len(row.frame_indices)} steps" in meta
-            assert _white(run_dir / "report" / gif) > 10 * len(row.frame_indices)
+            assert _white(run_dir / "report" / animation) > 10 * len(row.frame_indices)
     assert seen["boxed"] and seen["unboxed"]
 
 
@@ -268,4 +268,40 @@ def test_without_boxes_nothing_is_drawn(fused):
     for page in (run_dir / "report").glob("c-*.html"):
         html = page.read_text()
         assert "Pointing game per time step" not in html and "peak on the box" not in html
-        assert all(_white(run_dir / "report" / gif) == 0 for _, _, gif in _items(html))
+        assert all(_white(run_dir / "report" / animation) == 0 for _, _, animation in _items(html))
+
+
+def test_gallery_animations_are_mp4s_at_most_320_wide(built, tmp_path):
+    """A 1280 x 720 source is shown at 320 pixels wide, aspect kept, the box still drawn after the shrink; the
+    featured clip's MP4 is its gallery animation; a report has no GIF and no animation wider than 320."""
+    frames = np.full((8, 720, 1280, 3), 90, np.uint8)
+    frames[:, 200:500, 600:800] = (220, 40, 40)
+    write_video(tmp_path / "wide.mp4", frames, fps=25)
+    boxes = pd.DataFrame([dict(video_id="v", frame=f, x0=560, y0=160, x1=840, y1=540) for f in range(8)])
+    (tmp_path / "assets").mkdir()
+    renderer = ClipRenderer(tmp_path / "assets", BoxTable(boxes))
+    tube = np.zeros((8, 32, 32), np.float32)
+    tube[:, 12:20, 14:18] = 1.0
+    for crop, size in (([0.0, 0.0, 1280.0, 720.0], (320, 180)), ([280.0, 0.0, 1000.0, 720.0], (320, 320))):
+        row = SimpleNamespace(
+            clip_id=f"clip{int(crop[0])}",
+            method="cam",
+            target=0,
+            target_name="x",
+            volume=tube,
+            source=str(tmp_path / "wide.mp4"),
+            frame_indices=list(range(8)),
+            crop_box=crop,
+            video_id="v",
+        )
+        shown = renderer.overlay(row)
+        info = probe(tmp_path / shown["animation"])
+        assert shown["animation"].endswith(".mp4") and (info.width, info.height, info.num_frames) == (*size, 8)
+        assert _white(tmp_path / shown["animation"]) > 8 * 100  # the box's outline, at least 100 pixels a frame
+    assert renderer.featured(row, {})["mp4"] == shown["animation"]
+
+    assets = built[0] / "report" / "assets"
+    assert not list(assets.glob("*.gif"))
+    animations = {a for html in _pages(built[0]).values() for a in re.findall(r'<video[^>]* src="([^"]+)"', html)}
+    assert animations and all(a.endswith(".mp4") for a in animations)
+    assert all(probe(built[0] / "report" / a).width <= 320 for a in animations)
