@@ -11,6 +11,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from markupsafe import escape
 from PIL import Image
@@ -42,7 +44,7 @@ def _pages(run_dir):
 
 
 def _section(html: str, title: str) -> str:
-    return html.split(f"<h2>{title} clips</h2>")[1].split("<h2>")[0]
+    return html.split(f"<h2>{title}</h2>")[1].split("<h2>")[0]
 
 
 def test_pages_links_and_assets(built):
@@ -76,21 +78,21 @@ def test_galleries_pick_the_right_clips(built):
     for name, mine in tubes.groupby("label_name"):
         page = next(html for html in pages.values() if f"<h1>{escape(name)} " in html)
         shown = lambda title, page=page: re.findall(r"<b>(clip\d+)</b>", _section(page, title))
-        assert shown("Most confident") == mine["clip_id"].head(PER_CLASS).tolist()
-        assert shown("Least confident") == mine["clip_id"].tail(PER_CLASS).iloc[::-1].tolist()
+        assert shown("Most confident clips") == mine["clip_id"].head(PER_CLASS).tolist()
+        assert shown("Least confident clips") == mine["clip_id"].tail(PER_CLASS).iloc[::-1].tolist()
         wrong = mine[mine["pred"] != mine["label"]]
-        assert shown("Misclassified") == wrong["clip_id"].head(PER_CLASS).tolist()
+        assert shown("Misclassified clips") == wrong["clip_id"].head(PER_CLASS).tolist()
         if len(wrong):  # target.mode=pred: the true class's tube does not exist, and the page says so
-            assert "did not explain the true class" in _section(page, "Misclassified")
+            assert "did not explain the true class" in _section(page, "Misclassified clips")
         featured = re.search(r"The most confident clip in depth: (clip\d+)", page).group(1)
         assert featured == mine["clip_id"].iloc[0]
 
 
 def test_size_is_bounded_by_classes_not_clips(built):
-    """One animation per gallery clip (the featured clip's MP4 is its gallery animation)."""
+    """One animation per gallery clip (the featured clip's MP4 is its gallery animation), four roles at most."""
     run_dir, result = built
     animations = list((run_dir / "report" / "assets").glob("*.mp4"))
-    assert result.clips <= 3 * PER_CLASS * len(CLASSES) and len(animations) == result.clips
+    assert result.clips <= 4 * PER_CLASS * len(CLASSES) and len(animations) == result.clips
 
 
 def _chromium() -> str:
@@ -269,6 +271,96 @@ def test_without_boxes_nothing_is_drawn(fused):
         html = page.read_text()
         assert "Pointing game per time step" not in html and "peak on the box" not in html
         assert all(_white(run_dir / "report" / animation) == 0 for _, _, animation in _items(html))
+
+
+def _blob(y: float, x: float) -> np.ndarray:
+    """One time step of an 8 x 8 native tube: a Gaussian centred on native pixel (y, x)."""
+    yy, xx = np.meshgrid(np.arange(8), np.arange(8), indexing="ij")
+    return np.exp(-((yy - y) ** 2 + (xx - x) ** 2)).astype(np.float32)
+
+
+#: Sit clips (even ids) whose tube misses the box; every other tube is a blob on the box, in the frame's centre
+OFF_BOX = {"clip0000002": "interior", "clip0000004": "late", "clip0000006": "corner", "clip0000008": "corner"}
+
+
+def _off_box_volumes(rng, n):
+    centre, corner = _blob(3.5, 3.5), _blob(0, 0)
+    volumes = np.stack([np.stack([centre] * 4)] * n)
+    volumes[2] = np.stack([_blob(3.5, 6.0)] * 4)  # beside the box, inside the frame: border mass about 25%
+    volumes[4] = np.stack([centre, corner, corner, corner])  # on the box in its first 2 of 8 steps only
+    volumes[6] = volumes[8] = np.stack([corner] * 4)  # in the top-left corner: off the box and on the border
+    return volumes
+
+
+def _off_box_run(run_dir, boxes: bool = True):
+    """40 clips of 2 classes, with a fixed box in the frame's centre or no boxes, stats and report made; clip 8 is
+    misclassified (seed 3) and the others of ``OFF_BOX`` are right."""
+    write_synthetic_run(run_dir, 40, ["Sit", "Wave"], clips_per_part=40, videos=2, seed=3, volumes=_off_box_volumes)
+    fixed = [dict(video_id=f"video{v:03d}", frame=f, x0=14, y0=10, x1=34, y1=30) for v in range(2) for f in range(24)]
+    pd.DataFrame(fixed).to_csv(run_dir / "boxes.csv", index=False)
+    if not boxes:
+        (run_dir / "boxes.csv").unlink()
+    cfg = config(clips_per_class=3)
+    stats.run(cfg, run_dir)
+    report.run(cfg, run_dir)
+    tubes = read_tubes(run_dir, columns=["clip_id", "label", "pred"]).set_index("clip_id")
+    assert [tubes.loc[c, "pred"] == tubes.loc[c, "label"] == 0 for c in OFF_BOX] == [True, True, True, False]
+    assert (tubes["pred"] != tubes["label"]).sum() == 3  # clip 8 and two clips with tubes on the box
+    return run_dir, cfg
+
+
+@pytest.fixture(scope="module")
+def off_box(tmp_path_factory):
+    return _off_box_run(tmp_path_factory.mktemp("reasons") / "run")
+
+
+def _class_page(run_dir, name: str) -> str:
+    return next(p.read_text() for p in (run_dir / "report").glob("c-*.html") if f"<h1>{name} " in p.read_text())
+
+
+def _reasons(html: str) -> list[str]:
+    return re.findall(r"<b>(clip\d+)</b>", _section(html, "Right for the wrong reasons"))
+
+
+def test_right_for_the_wrong_reasons_ranks_correct_clips_off_the_box(off_box):
+    """With boxes: the correct clips whose peak is off the box in most steps, by miss rate then border mass
+    (corner: 8 of 8 steps off, border 89%; interior: 8 of 8, 25%; late: 6 of 8, 57%); not the misclassified
+    corner clip, and no clip whose tube is on the box."""
+    run_dir, _ = off_box
+    sit = _class_page(run_dir, "Sit")
+    assert _reasons(sit) == ["clip0000006", "clip0000002", "clip0000004"]
+    section = _section(sit, "Right for the wrong reasons")
+    assert "off the ground-truth box in more than 50.0% of the clip's boxed steps" in section
+    assert "peak on the box in 0 of 8 steps" in section and "peak on the box in 2 of 8 steps" in section
+    assert _reasons(_class_page(run_dir, "Wave")) == []
+    assert "None." in _section(_class_page(run_dir, "Wave"), "Right for the wrong reasons")
+
+
+def test_without_boxes_wrong_reasons_go_by_border_mass(tmp_path):
+    run_dir, _ = _off_box_run(tmp_path / "run", boxes=False)
+    assert not (run_dir / "stats" / "pointing.parquet").exists()
+    sit = _class_page(run_dir, "Sit")
+    assert _reasons(sit) == ["clip0000006", "clip0000004"]  # the interior clip has 25% on the border: kept out
+    assert "Ranked by border mass." in _section(sit, "Right for the wrong reasons")
+    assert "ground-truth box" not in _section(sit, "Right for the wrong reasons")
+
+
+def test_without_labels_the_wrong_reasons_section_says_why_it_is_empty(off_box, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(off_box[0], run_dir)
+    for part in (run_dir / "tubes").glob("part-*.parquet"):
+        table = pq.read_table(part)
+        for name in ("label", "label_name", "model_label"):
+            table = table.set_column(
+                table.schema.get_field_index(name), name, pa.nulls(len(table), table.schema.field(name).type)
+            )
+        pq.write_table(table, part, compression="zstd")
+    stats.run(off_box[1], run_dir)
+    report.run(off_box[1], run_dir)
+    page = _class_page(run_dir, "(unlabelled)")
+    section = _section(page, "Right for the wrong reasons")
+    assert "no prediction is known to be right" in section and _reasons(page) == []
+    assert len(re.findall(r"<b>(clip\d+)</b>", _section(page, "Most confident clips"))) == 3
 
 
 def test_gallery_animations_are_mp4s_at_most_320_wide(built, tmp_path):
