@@ -33,20 +33,24 @@ def test_overlay_leaves_frames_where_the_tube_is_zero(clip):
     assert (render.overlay(frames, -tube) == frames).all()  # the negative part is not drawn
 
 
-def test_mp4_and_gif_decode_back(clip, tmp_path):
+def test_mp4_decodes_back_enlarged_no_wider_than_its_cap(clip, tmp_path):
     frames, tube = clip
     render.save_mp4(render.overlay(frames, tube), tmp_path / "a.mp4", fps=4, scale=2)
     info = probe(tmp_path / "a.mp4")
     assert (info.num_frames, info.width, info.height) == (8, 96, 80)
     decoded = read_frames(tmp_path / "a.mp4", list(range(8)))
     assert abs(float(decoded[:, -20:, -20:].mean()) - 100) < 4  # the grey survives the codec
-    render.save_gif(render.overlay(frames, tube), tmp_path / "a.gif", scale=2)
-    gif = Image.open(tmp_path / "a.gif")
-    durations = []
-    for i in range(gif.n_frames):  # Pillow merges identical neighbours into one longer frame
-        gif.seek(i)
-        durations.append(gif.info["duration"])
-    assert sum(durations) == 8 * 250 and gif.size == (96, 80)
+    render.save_mp4(frames, tmp_path / "b.mp4", scale=2, max_width=60)  # doubling would pass the cap: not enlarged
+    assert (probe(tmp_path / "b.mp4").width, probe(tmp_path / "b.mp4").height) == (48, 40)
+    with pytest.raises(ValueError, match="fit_width them first"):
+        render.save_mp4(frames, tmp_path / "c.mp4", max_width=40)
+
+
+def test_fit_width_shrinks_keeping_the_aspect(clip):
+    frames, _ = clip
+    assert render.fit_width(frames, 48) is frames
+    small = render.fit_width(frames, 24)
+    assert small.shape == (8, 20, 24, 3) and (small == 100).all()
 
 
 def test_pictures_are_drawn(clip, tmp_path):

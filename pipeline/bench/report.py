@@ -215,9 +215,9 @@ def run(out_dir: Path, quick: bool) -> str:
         "| stage | seconds | output |",
         "|---|---:|---|",
         f"| stats | {t_stats:.1f} | per class / split / overall tables, pointing rows |",
-        f"| report | {t_report:.1f} | {result['pages']} pages, {result['clips']} gallery clips, {result['bytes'] / 1e6:.1f} MB on disk, largest page {largest / 1e3:.0f} kB |",
+        f"| report | {t_report:.1f} | {result.figures['pages']} pages, {result.clips} gallery clips, {result.figures['bytes'] / 1e6:.1f} MB on disk, largest page {largest / 1e3:.0f} kB |",
         "",
         "Report time and size grow with the number of classes (gallery clips and pictures per class), not with the",
-        f"number of clips: {t_report / len(classes):.2f} s and {result['bytes'] / 1e6 / len(classes):.2f} MB per class here.",
+        f"number of clips: {t_report / len(classes):.2f} s and {result.figures['bytes'] / 1e6 / len(classes):.2f} MB per class here.",
     ]
     return "\n".join(lines) + "\n"

@@ -101,12 +101,7 @@ def clip_statistics(tubes: torch.Tensor, crop_boxes: torch.Tensor) -> dict[str, 
     rows_in, cols_in = _bins(h, DENSITY_GRID, tubes.device), _bins(w, DENSITY_GRID, tubes.device)
     density = torch.einsum("gy,nyx,hx->ngh", rows_in, spatial, cols_in).reshape(n, -1)
 
-    per_frame = tubes.reshape(n, t, h * w).argmax(2)
-    fy, fx = (per_frame // w).float(), (per_frame % w).float()
-    x0, y0, x1, y1 = crop_boxes.float().unbind(1)
-    # pixel centres: input pixel i covers [i, i+1) -> centre i + 0.5, mapped through the crop's scale
-    frame_peak_x = x0[:, None] + (fx + 0.5) * ((x1 - x0) / w)[:, None]
-    frame_peak_y = y0[:, None] + (fy + 0.5) * ((y1 - y0) / h)[:, None]
+    frame_peak_x, frame_peak_y = frame_peaks(tubes, crop_boxes)
     return dict(
         mass=mass,
         peak_t=peak_t.int(),
@@ -123,6 +118,17 @@ def clip_statistics(tubes: torch.Tensor, crop_boxes: torch.Tensor) -> dict[str, 
         border_mass=border_mass,
         density=density,
     )
+
+
+def frame_peaks(tubes: torch.Tensor, crop_boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(N, T)`` x and y of each time step's maximum of ``tubes`` ``(N, T, H, W)``, in source pixels (the centre
+    of the peak's input pixel mapped through ``crop_boxes``); ``frame_peak_x/y`` of :func:`clip_statistics`."""
+    n, t, h, w = tubes.shape
+    per_frame = tubes.float().reshape(n, t, h * w).argmax(2)
+    fy, fx = (per_frame // w).float(), (per_frame % w).float()
+    x0, y0, x1, y1 = crop_boxes.float().unbind(1)
+    # pixel centres: input pixel i covers [i, i+1) -> centre i + 0.5, mapped through the crop's scale
+    return x0[:, None] + (fx + 0.5) * ((x1 - x0) / w)[:, None], y0[:, None] + (fy + 0.5) * ((y1 - y0) / h)[:, None]
 
 
 def peak_in_box(px, py, x0, y0, x1, y1, tolerance: float = 0.0):

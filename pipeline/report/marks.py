@@ -1,6 +1,6 @@
 """Ground truth on the report's pictures: a drawn clip's boxes, its tube's peak in every frame, hit or miss.
 
-The peak of each time step is found as the extractor found it (:func:`pipeline.explain.clipstats.clip_statistics`
+The peak of each time step is found as the extractor found it (:func:`pipeline.explain.clipstats.frame_peaks`
 on the tube at input size, mapped to source pixels) and a hit is the pointing game's
 (:func:`pipeline.explain.clipstats.peak_in_box`), so a picture shows exactly what the stats stage counted.
 Everything is then moved into the pixels of the shown frames (the crop of the source frame the model saw).
@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.explain.clipstats import clip_statistics, peak_in_box
+from pipeline.explain.clipstats import frame_peaks, peak_in_box
 from pipeline.report.render import Marks
 
 
@@ -45,8 +45,9 @@ class BoxTable:
         if not has_box.any():
             return None
         crop = torch.tensor(np.array(crop_box, dtype=np.float32))[None]
-        stats = clip_statistics(torch.from_numpy(np.ascontiguousarray(volume)).float()[None], crop)
-        px, py = stats["frame_peak_x"][0].double().numpy(), stats["frame_peak_y"][0].double().numpy()
+        px, py = (
+            v[0].double().numpy() for v in frame_peaks(torch.from_numpy(np.ascontiguousarray(volume))[None], crop)
+        )
         x0, y0, x1, y1 = boxes.T
         hits = np.where(has_box, peak_in_box(px, py, x0, y0, x1, y1, self.tolerance).astype(float), np.nan)
         # shown frames are the crop of the source frame (render.crop_frames): shift by its rounded corner

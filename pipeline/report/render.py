@@ -1,4 +1,4 @@
-"""Pictures of tubes: overlays on frames (GIF, MP4), the tube over time (PNG strip), the paper-style tube
+"""Pictures of tubes: overlays on frames (MP4), the tube over time (PNG strip), the paper-style tube
 (frames stacked in depth with the saliency drawn through them), an isosurface view, methods side by side, and
 the per-class plots of the report (temporal profiles, spatial density, deletion / insertion curves).
 
@@ -40,6 +40,10 @@ class Marks:
     boxes: np.ndarray
     peaks: np.ndarray
     hits: np.ndarray
+
+    def scaled(self, sx: float, sy: float) -> Marks:
+        """The same marks on frames resized ``sx`` times in width and ``sy`` times in height."""
+        return Marks(boxes=self.boxes * [sx, sy, sx, sy], peaks=self.peaks * [sx, sy], hits=self.hits)
 
 
 def draw_marks(frames: np.ndarray, marks: Marks | None) -> np.ndarray:
@@ -88,22 +92,26 @@ def overlay(frames: np.ndarray, tube: np.ndarray, alpha: float = 0.45) -> np.nda
     return (frames * (1 - weight) + colour * weight).clip(0, 255).astype(np.uint8)
 
 
-def save_gif(frames: np.ndarray, path: Path, fps: float = 4.0, scale: int = 2) -> None:
-    # palettes by fast octree quantisation: Pillow's default (median cut) takes most of a gallery clip's time
-    images = [
-        Image.fromarray(f)
-        .resize((f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST)
-        .quantize(method=Image.Quantize.FASTOCTREE)
-        for f in frames
-    ]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+def fit_width(frames: np.ndarray, width: int) -> np.ndarray:
+    """Frames ``(T, H, W, 3)`` made at most ``width`` pixels wide, aspect kept (returned as they are when narrower)."""
+    h, w = frames.shape[1:3]
+    if w <= width:
+        return frames
+    size = (width, max(1, round(h * width / w)))
+    return np.stack([np.asarray(Image.fromarray(f).resize(size, Image.BILINEAR)) for f in frames])
 
 
-def save_mp4(frames: np.ndarray, path: Path, fps: float = 4.0, scale: int = 2) -> None:
-    """Frames ``(T, H, W, 3)`` as an H.264 MP4, enlarged ``scale`` times (sizes made even for yuv420p)."""
+def save_mp4(frames: np.ndarray, path: Path, fps: float = 4.0, scale: int = 2, max_width: int = 320) -> None:
+    """Frames ``(T, H, W, 3)`` as an H.264 MP4, enlarged by a whole ``scale`` (pixels kept sharp) as far as
+    ``max_width`` allows; sizes made even for yuv420p. Frames wider than ``max_width`` are refused: shrink them
+    (:func:`fit_width`) before drawing on them, so that thin marks survive."""
+    width = frames.shape[2]
+    if width > max_width:
+        raise ValueError(f"frames {width} pixels wide, more than max_width={max_width}: fit_width them first")
+    scale = max(1, min(scale, max_width // width))
     big = frames.repeat(scale, axis=1).repeat(scale, axis=2)
     big = big[:, : big.shape[1] // 2 * 2, : big.shape[2] // 2 * 2]
-    write_video(path, np.ascontiguousarray(big), fps=fps)
+    write_video(path, np.ascontiguousarray(big), fps=fps, preset="veryfast")
 
 
 def _resize_tube(tube: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:

@@ -4,15 +4,17 @@ model needed: ``make report`` rebuilds it from the run's files and the source vi
 The overview has the run's totals, faithfulness against the random baseline, a class table sortable by any
 column, temporal profiles, results per split, agreement with other runs, the failures and the configuration.
 A class page has the class's profile and spatial density against the dataset's, its deletion / insertion
-curves, galleries of its most and least confident clips and of its misclassified clips (with the tube of the
-predicted class and, when the run stored it, of the true class), and for its most confident clip an MP4, the
+curves, galleries of its most and least confident clips, of its misclassified clips (with the tube of the
+predicted class and, when the run stored it, of the true class) and of its clips that are right for the wrong
+reasons (see :func:`wrong_reasons`), and for its most confident clip an MP4, the
 paper-style tube picture, an isosurface view, the tube of every compared run side by side and, for a fused
 run, each fused layer's own tube beside the fused one. Where the dataset has ground-truth boxes, the frames
 show them with the tube's peak marked as a hit or a miss, and the class page gives the pointing game per time
 step.
 
-Scale: plots come from the aggregate tables; galleries are picked from a projection of a few small columns,
-and only the picked clips' volumes and frames are read, so the report's time and size grow with the number of
+Scale: plots come from the aggregate tables; galleries are picked from a projection of a few small columns
+(and, with boxes, each clip's pointing game from ``stats/pointing.parquet``, one part at a time), and only the
+picked clips' volumes and frames are read, so the report's time and size grow with the number of
 classes, not of clips.
 """
 
@@ -25,12 +27,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from jinja2 import Environment, PackageLoader, select_autoescape
 from tqdm import tqdm
 
 from pipeline.data.video import VideoError
 from pipeline.errors import ConfigError, MissingInput
+from pipeline.explain.clipstats import BORDER
 from pipeline.report import render
 from pipeline.report.gallery import ClipRenderer, asset_name
 from pipeline.report.marks import BoxTable
@@ -54,7 +58,7 @@ from pipeline.store.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
-SUMMARY_COLUMNS = ["clip_id", "method", "label", "label_name", "model_label", "pred", "pred_prob"]
+SUMMARY_COLUMNS = ["clip_id", "method", "label", "label_name", "model_label", "pred", "pred_prob", "border_mass"]
 DETAIL_COLUMNS = [
     "clip_id",
     "video_id",
@@ -74,11 +78,20 @@ DETAIL_COLUMNS = [
     "crop_box",
     "top10_mass",
     "entropy",
+    "border_mass",
     "volume",
 ]
 #: optional columns of the contract (absent from runs written before they existed)
 OPTIONAL_DETAILS = ["layer_volumes"]
-ROLES = {"confident": "Most confident", "unsure": "Least confident", "misclassified": "Misclassified"}
+ROLES = {
+    "confident": "Most confident clips",
+    "unsure": "Least confident clips",
+    "misclassified": "Misclassified clips",
+    "wrong_reasons": "Right for the wrong reasons",
+}
+#: a correct clip is right for the wrong reasons when its tube's peak is off the box in more than this share of its
+#: boxed steps, or, without a box, when more than this share of its mass lies in the frame's border band
+MISS_LIMIT, BORDER_LIMIT = 0.5, 0.5
 
 
 def anchor(method: str, label: str) -> str:
@@ -94,9 +107,45 @@ def read_summary(run_dir: Path) -> pd.DataFrame:
     return frame
 
 
+def read_clip_pointing(folder: Path) -> pd.DataFrame:
+    """Per method and clip, the share of its boxed time steps whose peak missed the box (``pointing_miss``), from
+    the stats stage's per-step table (``stats/pointing.parquet``), read one part at a time: memory holds one part's
+    steps and one row per clip."""
+    columns = ["method", "clip_id", "hit"]
+    parts = [
+        fragment.to_table(columns=columns).group_by(["method", "clip_id"]).aggregate([("hit", "sum"), ("hit", "count")])
+        for fragment in ds.dataset(folder, format="parquet").get_fragments()
+    ]
+    if not parts:
+        return pd.DataFrame({"method": [], "clip_id": [], "pointing_miss": []}).astype({"pointing_miss": "float64"})
+    sums = pd.concat([p.to_pandas() for p in parts]).groupby(["method", "clip_id"], sort=False).sum()
+    return (1 - sums["hit_sum"] / sums["hit_count"]).rename("pointing_miss").reset_index()
+
+
+def wrong_reasons(summary: pd.DataFrame, per_class: int) -> pd.DataFrame:
+    """Per method and class, up to ``per_class`` clips predicted right whose tube misses the actor.
+
+    With a ground-truth box (``pointing_miss`` not null: the share of the clip's boxed steps whose peak is off the
+    box), a clip qualifies when that share is above ``MISS_LIMIT``; without one, when its ``border_mass`` (share
+    of the mass in the frame's outer band; a uniform tube has 43.75%) is above ``BORDER_LIMIT``. Clips with a box
+    rank first, by ``pointing_miss`` then ``border_mass``, both descending; clips without one follow, by
+    ``border_mass``. Clips without a label the model knows are never correct, so never picked."""
+    if "pointing_miss" not in summary:
+        summary = summary.assign(pointing_miss=np.nan)
+    correct = summary["model_label"].notna() & (summary["pred"] == summary["model_label"])
+    boxed = summary["pointing_miss"].notna()
+    off = np.where(boxed, summary["pointing_miss"] > MISS_LIMIT, summary["border_mass"] > BORDER_LIMIT)
+    picked = summary[correct & off].assign(boxed=boxed)
+    picked = picked.sort_values(
+        ["boxed", "pointing_miss", "border_mass", "clip_id"], ascending=[False, False, False, True], na_position="last"
+    )
+    return picked.groupby(["method", "label_name"], sort=True).head(per_class).drop(columns="boxed")
+
+
 def pick_gallery(summary: pd.DataFrame, per_class: int) -> pd.DataFrame:
-    """Per method and class, the ``per_class`` most and least confident clips and the ``per_class`` most
-    confident mistakes; ``role`` says which (a clip may hold two roles)."""
+    """Per method and class, the ``per_class`` most and least confident clips, the ``per_class`` most confident
+    mistakes and the first ``per_class`` clips right for the wrong reasons (:func:`wrong_reasons`); ``role`` says
+    which (a clip may hold several roles)."""
     ranked = summary.sort_values(["pred_prob", "clip_id"], ascending=[False, True])
     groups = ranked.groupby(["method", "label_name"], sort=True)
     confident = groups.head(per_class).assign(role="confident")
@@ -104,7 +153,8 @@ def pick_gallery(summary: pd.DataFrame, per_class: int) -> pd.DataFrame:
     unsure = unsure[~unsure["clip_id"].isin(confident["clip_id"])].iloc[::-1].assign(role="unsure")
     wrong = ranked[ranked["model_label"].notna() & (ranked["pred"] != ranked["model_label"])]
     wrong = wrong.groupby(["method", "label_name"], sort=True).head(per_class).assign(role="misclassified")
-    return pd.concat([confident, unsure, wrong], ignore_index=True)
+    reasons = wrong_reasons(summary, per_class).assign(role="wrong_reasons")
+    return pd.concat([confident, unsure, wrong, reasons], ignore_index=True)
 
 
 def _optional(path: Path) -> pd.DataFrame | None:
@@ -122,6 +172,7 @@ def _clip_item(row, role: str, renderer: ClipRenderer, true_row) -> dict:
         target=row.target_name,
         top10=float(row.top10_mass),
         entropy=float(row.entropy),
+        border=float(row.border_mass),
         correct=pd.isna(row.model_label) or int(row.pred) == int(row.model_label),
     )
     try:
@@ -227,8 +278,13 @@ def _build(cfg, run_dir: Path, out: Path) -> dict:
     failures = read_failures(run_dir)
     others = list(cfg.stats.compare_runs)
 
+    box_file = boxes_path(cfg, meta)
+    boxes = read_boxes(box_file) if box_file else None
+    steps = _optional(run.table("pointing_steps")) if boxes is not None else None
     with readable(tube_files(run_dir), REPAIR["tubes"]):
         summary = read_summary(run_dir)
+    if steps is not None and run.table("pointing").is_dir():
+        summary = summary.merge(read_clip_pointing(run.table("pointing")), on=["method", "clip_id"], how="left")
     gallery = pick_gallery(summary, int(cfg.report.clips_per_class))
     present = set(pq.read_schema(tube_files(run_dir)[0]).names)
     details = read_tubes(
@@ -237,11 +293,8 @@ def _build(cfg, run_dir: Path, out: Path) -> dict:
         upsample=True,
         filters=[("clip_id", "in", sorted(set(gallery["clip_id"])))],
     )
-    box_file = boxes_path(cfg, meta)
-    boxes = read_boxes(box_file) if box_file else None
     if boxes is not None:
         boxes = boxes[boxes["video_id"].isin(set(details["video_id"]))]
-    steps = _optional(run.table("pointing_steps")) if boxes is not None else None
     first = {(r.clip_id, r.method): r for r in details[details["target_rank"] == 0].itertuples()}
     by_target = {(r.clip_id, r.method, int(r.target)): r for r in details.itertuples()}
     featured = gallery[gallery["role"] == "confident"].groupby(["method", "label_name"]).head(1)
@@ -340,6 +393,9 @@ def _build(cfg, run_dir: Path, out: Path) -> dict:
                 c=record,
                 all=_records(overall[overall["method"] == record["method"]])[0],
                 roles=ROLES,
+                miss_limit=MISS_LIMIT,
+                border_limit=BORDER_LIMIT,
+                uniform_border=1 - (1 - 2 * BORDER) ** 2,
                 page=page,
                 faith_all=faith_all.get(record["method"]),
                 curves=f"assets/curves-{record['anchor']}-{record['method']}.png",
