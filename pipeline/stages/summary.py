@@ -19,7 +19,7 @@ def show(run_dir: Path, results: dict[str, StageResult], seconds: float, console
     run = RunDir(run_dir)
     overall_path = run.table("overall")
     table = Table(title=f"Saliency Tubes run: {run_dir}", show_header=True)
-    columns = ("method", "clips", "accuracy", "confidence", "top-10% mass", "pointing", "pointing (Li 2021)", "chance")
+    columns = ("method", "clips", "accuracy", "conf.", "top-10%", "pointing", "Li 2021", "chance")
     for column in columns:
         table.add_column(column, justify="right" if column != "method" else "left")
     if overall_path.is_file():
