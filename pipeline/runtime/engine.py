@@ -211,8 +211,10 @@ def plan(
     _remove_temporary(run, folder, share)
     parts = listing(folder)
     failed_parts = _failure_listing(run, work.stage)
+    aside: dict[str, list[int]] = {}  # why -> shards whose parts were set aside
     for stale in sorted(s for s in parts if s not in shards and (share is None or share.owns(s))):
-        set_aside(run, work.stage, stale, "belongs to no shard of the current index")
+        set_aside(run, work.stage, stale)
+        aside.setdefault("they belong to no shard of the current index", []).append(stale)
     todo, adopted = {}, 0
     for number, shard in mine.items():
         present = parts.get(number, {})
@@ -226,11 +228,16 @@ def plan(
                               bytes=sum(present.values()))  # fmt: skip
                 adopted += 1
                 continue
-            set_aside(run, work.stage, number, found.why or "made for other clips of this shard, or incomplete")
+            set_aside(run, work.stage, number)
+            why = found.why or f"they were made with other {work.stage} settings or for other clips, or are incomplete"
+            aside.setdefault(why, []).append(number)
         ledger.reopen(number)
         for old in failed_parts.get(number, []):  # the recompute writes its own (maybe per rank)
             old.unlink(missing_ok=True)
         todo[number] = shard
+    for why, numbers in aside.items():  # one line per reason, not one per shard of a 100,000-shard run
+        listed = ", ".join(map(str, numbers[:5])) + (f" ... ({len(numbers)} in all)" if len(numbers) > 5 else "")
+        log.warning("%s: the parts of shard(s) %s moved to %s: %s", work.stage, listed, run.stale(folder), why)
     return Plan(mine, todo, ledger, share, adopted)
 
 
@@ -256,15 +263,16 @@ def _remove_temporary(run: RunDir, folder: Path, share: Share | None) -> None:
                 path.unlink(missing_ok=True)
 
 
-def set_aside(run: RunDir, stage: str, shard: int, why: str) -> None:
-    """Move a shard's part files (and failure parts) to ``.stale/`` so readers never mix them in; nothing is deleted."""
+def set_aside(run: RunDir, stage: str, shard: int) -> None:
+    """Move a shard's part files (and failure parts) to ``.stale/`` so readers never mix them in; nothing is
+    deleted (the caller says why, once for every shard alike)."""
     for path in [*run.parts(stage, shard), *run.failure_parts(stage, shard)]:
         aside = run.stale(path.parent) / path.name
         aside.parent.mkdir(exist_ok=True)
         if aside.exists():  # set aside before: keep both
             aside = aside.with_name(f"{path.name}.{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}")
         os.replace(path, aside)
-        log.warning("%s: %s; moved to %s", path, why, aside)
+        log.debug("%s moved to %s", path, aside)
 
 
 def shards_of(index: pd.DataFrame, digest: Callable[[list, list], str]) -> dict[int, Shard]:
