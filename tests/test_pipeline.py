@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 
 import numpy as np
@@ -341,14 +342,22 @@ def test_bad_config_fails_before_work(cam_run, tmp_path):
         )
 
 
-def test_reindexing_into_fewer_shards_sets_old_parts_aside(cam_run):
+def test_reindexing_into_fewer_shards_sets_old_parts_aside(cam_run, caplog):
     root, _, overrides = cam_run
     run_dir = root / "outputs" / "resharded"
     base = overrides + ["run_name=resharded", "cluster.processes=false", "stage=[index,extract]"]
     run(make_cfg(root, base))
     assert len(list((run_dir / "tubes").glob("part-*.parquet"))) == 3
-    run(make_cfg(root, [*base, "index.clips_per_shard=8"]))
+    with caplog.at_level(logging.WARNING, logger="pipeline.runtime.engine"):
+        run(make_cfg(root, [*base, "index.clips_per_shard=8"]))
     assert [p.name for p in (run_dir / "tubes").glob("part-*.parquet")] == ["part-00000.parquet"]
+    moved = [r.getMessage() for r in caplog.records if "moved to" in r.getMessage()]
+    assert moved == [  # one line per reason, naming the shards
+        f"extract: the parts of shard(s) 1, 2 moved to {run_dir / 'tubes' / '.stale'}: they belong to no shard of "
+        "the current index",
+        f"extract: the parts of shard(s) 0 moved to {run_dir / 'tubes' / '.stale'}: they were made with other "
+        "extract settings or for other clips, or are incomplete",
+    ]
     # shards 1 and 2 are gone; shard 0 now holds other clips, so its old part is set aside before the recompute
     assert sorted(p.name for p in (run_dir / "tubes" / ".stale").iterdir()) == [
         "part-00000.parquet",

@@ -35,6 +35,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+import pipeline.settings  # noqa: F401  (registers the schema the configs are composed with)
 from pipeline.data.clip_index import build_clips
 from pipeline.data.clips import ClipDataset
 from pipeline.data.probing import probe_all
