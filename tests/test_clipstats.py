@@ -193,11 +193,11 @@ def sorted_top_sums(flat, top):
 @pytest.mark.parametrize(
     "case", ["smooth", "ties", "sparse", "few_positive", "sample_misleads", "zeros", "uniform", "one_voxel"]
 )
-def test_top_sums_by_selection_equal_the_sorted_sum(case):
+def test_top_and_xlogx_sums_equal_sorting_and_xlogy(case):
     """On the CPU the top tenth is found by selection among the values above a sampled threshold; it sums the same
     voxels as sorting does, in every branch (ties at the threshold, mass in fewer voxels than the top, a sample that
-    sees only the largest values)."""
-    from pipeline.explain.clipstats import _SAMPLE_STEP, _top_sums
+    sees only the largest values). The sums of x log x are xlogy's (0 log 0 = 0)."""
+    from pipeline.explain.clipstats import _SAMPLE_STEP, _top_and_xlogx_sums
 
     g = torch.Generator().manual_seed(0)
     native = torch.randn(3, 1, 4, 7, 7, generator=g)
@@ -215,7 +215,10 @@ def test_top_sums_by_selection_equal_the_sorted_sum(case):
     if case == "sample_misleads":  # every sampled voxel is among the largest, but they are a third of the top
         flat[:, ::_SAMPLE_STEP] = 1.0
     top = -(-flat.shape[1] // 10)
-    torch.testing.assert_close(_top_sums(flat, top).double(), sorted_top_sums(flat, top), rtol=1e-6, atol=0)
+    tops, xlogx = _top_and_xlogx_sums(flat, top)
+    torch.testing.assert_close(tops.double(), sorted_top_sums(flat, top), rtol=1e-6, atol=0)
+    expected = torch.special.xlogy(flat.double(), flat.double()).sum(1)
+    torch.testing.assert_close(xlogx.double(), expected, rtol=1e-6, atol=1e-6 * flat.sum(1).max().item())
 
 
 def previous_clip_statistics(tubes):

@@ -22,8 +22,8 @@ import torch
 BORDER = 0.125
 #: rows and columns of the coarse spatial density map
 DENSITY_GRID = 8
-#: every how many voxels the CPU's top-tenth selection samples its first threshold
-_SAMPLE_STEP = 31
+#: every how many voxels the CPU's top-tenth selection samples for its two thresholds
+_SAMPLE_STEP = 61
 _SMALLEST = float(np.finfo(np.float32).smallest_subnormal)  # the smallest positive float32
 _LOG_FLOOR = math.log(_SMALLEST) - 1  # below the log of every positive float32
 
@@ -51,46 +51,49 @@ def _frame_argmax(frames: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(frames.detach().numpy().argmax(2))
 
 
-def _xlogx_sums(flat: torch.Tensor) -> torch.Tensor:
-    """``(N,)`` sums of ``x log x`` over each row of the non-negative ``flat`` (``0 log 0 = 0``); on the CPU with
-    NumPy's log (2.7x torch's, which is slower still on zeros)."""
+def _top_and_xlogx_sums(flat: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(N,)`` sums of the ``top`` largest values and ``(N,)`` sums of ``x log x`` (``0 log 0 = 0``) of each row
+    of the non-negative ``flat``, the two statistics that need passes of their own. On the CPU one row (a clip)
+    at a time while it is in cache: :func:`_top_sum`, and NumPy's log (2.7x torch's, slower still on zeros)."""
     if flat.device.type != "cpu":
-        return torch.special.xlogy(flat, flat).sum(1)
-    values = flat.detach().numpy()
+        return flat.topk(top, dim=1).values.sum(1), torch.special.xlogy(flat, flat).sum(1)
+    tops, xlogx = [], []
     with np.errstate(divide="ignore"):
-        logs = np.log(values)
-    np.maximum(logs, _LOG_FLOOR, out=logs)  # log 0 = -inf -> a finite value below every float32's log: 0 * it = 0
-    return torch.linalg.vecdot(flat, torch.from_numpy(logs))
-
-
-def _top_sums(flat: torch.Tensor, top: int) -> torch.Tensor:
-    """``(N,)`` sums of the ``top`` largest values of each row of the non-negative ``flat``: ``topk``, or on the CPU
-    :func:`_top_sum` per row."""
-    if flat.device.type != "cpu":
-        return flat.topk(top, dim=1).values.sum(1)
-    return torch.tensor([_top_sum(row, top) for row in flat.detach().numpy()], dtype=torch.float32)
+        for values in flat.detach().numpy():
+            tops.append(_top_sum(values, top))
+            logs = np.log(values)
+            np.maximum(logs, _LOG_FLOOR, out=logs)  # log 0 = -inf -> below every float32's log, and 0 * it = 0
+            xlogx.append(np.dot(values, logs))
+    return torch.tensor(tops, dtype=torch.float32), torch.tensor(xlogx, dtype=torch.float32)
 
 
 def _top_sum(values: np.ndarray, top: int) -> float:
     """The sum of the ``top`` largest of the non-negative ``values``, exactly, selecting among a few of them.
 
-    A threshold ``lo`` from every ``_SAMPLE_STEP``-th value, at 1.1x the top's share, keeps the values ``>= lo``
-    (about 11 % of a tube). When at least ``top`` are kept, ``lo`` is at most the ``top``-th largest value ``v``:
-    the top is the kept values above ``v`` and as many copies of ``v`` as it takes (ties). Otherwise (the sample
-    misled, or the mass lies in few voxels) every voxel with mass is kept; no more than ``top`` of them, and the
-    top is all of them and zeros.
+    Every ``_SAMPLE_STEP``-th value gives two thresholds, ``lo`` and ``hi``, at 1.15x and 0.9x the top's share.
+    The values ``>= lo`` are kept (about 11.5 % of a tube): when at least ``top`` are, every value of the top is among
+    them. Otherwise (the sample misled, or the mass lies in few voxels) every voxel with mass is kept, and when they
+    are no more than ``top``, the top is all of them and zeros. The kept values above ``hi``, when fewer than
+    ``top``, are all in the top, and the rest of it is the largest of the kept values ``<= hi`` (about a quarter of
+    the top to select among): those above the ``need``-th largest ``v`` and as many copies of ``v`` as it takes.
     """
-    sample = torch.from_numpy(values[::_SAMPLE_STEP])
-    rank = min(sample.numel(), math.ceil(1.1 * top / _SAMPLE_STEP))
-    lo = max(float(sample.kthvalue(sample.numel() - rank + 1).values), _SMALLEST)
-    kept = values[values >= lo]
+    sample = values[::_SAMPLE_STEP]
+    ranks = [sample.size - min(sample.size, max(1, math.ceil(share * top / _SAMPLE_STEP))) for share in (1.15, 0.9)]
+    lo, hi = np.partition(sample, ranks)[ranks]
+    kept = values[values >= max(lo, _SMALLEST)]
     if kept.size < top:
         kept = values[values > 0]
     if kept.size <= top:
         return float(kept.sum())
-    v = kept.dtype.type(torch.from_numpy(kept).kthvalue(kept.size - top + 1).values)
-    above = kept[kept > v]
-    return float(above.sum() + (top - above.size) * v)
+    above = kept[kept > hi]
+    if above.size >= top:  # hi is too low: the whole top lies above it
+        above, rest = above[:0], above
+    else:
+        rest = kept[kept <= hi]
+    need = top - above.size
+    v = rest.dtype.type(torch.from_numpy(rest).kthvalue(rest.size - need + 1).values)
+    larger = rest[rest > v]
+    return float(above.sum() + larger.sum() + (need - larger.size) * v)
 
 
 def clip_statistics(tubes: torch.Tensor, crop_boxes: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -137,9 +140,10 @@ def clip_statistics(tubes: torch.Tensor, crop_boxes: torch.Tensor) -> dict[str, 
     centroid_y = torch.where(empty, torch.full_like(centroid_y, (h - 1) / 2), centroid_y)
     centroid_x = torch.where(empty, torch.full_like(centroid_x, (w - 1) / 2), centroid_x)
 
-    top10 = _top_sums(flat, max(1, -(-t * h * w // 10))) / safe  # ceil(N / 10) in integers: 0.1 * N can round past
+    top, xlogx = _top_and_xlogx_sums(flat, max(1, -(-t * h * w // 10)))  # ceil(N / 10): 0.1 * N can round past
+    top10 = top / safe
     # -sum p log p with p = m / mass is log(mass) - sum m log m / mass; at most 0 for one voxel but for rounding
-    entropy = (torch.log(safe) - _xlogx_sums(flat) / safe).clamp(min=0) / max(math.log(t * h * w), 1e-12)
+    entropy = (torch.log(safe) - xlogx / safe).clamp(min=0) / max(math.log(t * h * w), 1e-12)
     top10 = torch.where(empty, torch.zeros_like(top10), top10)
     entropy = torch.where(empty, torch.ones_like(entropy), entropy)
 
