@@ -186,17 +186,90 @@ def test_density_sums_mass_over_time_per_cell():
     assert scalar(empty, "border_mass") == pytest.approx(1 - 36 / 64)  # no mass: taken as uniform
 
 
-def test_top10_share_by_selection_equals_the_sorted_sum():
-    """On the CPU the top tenth is found by selection; it sums the same voxels as sorting does (ties included)."""
-    from pipeline.explain.clipstats import _top_share
+def sorted_top_sums(flat, top):
+    return flat.double().sort(dim=1, descending=True).values[:, :top].sum(1)
 
-    torch.manual_seed(0)
-    tubes = torch.rand(4, 6, 10, 10)
-    tubes[1] = tubes[1].round(decimals=1)  # many ties at the threshold
-    p = tubes.reshape(4, -1) / tubes.reshape(4, -1).sum(1, keepdim=True)
-    top = -(-p.shape[1] // 10)
-    by_sort = p.sort(dim=1, descending=True).values[:, :top].sum(1)
-    assert torch.allclose(_top_share(p, top), by_sort, rtol=1e-6, atol=0)
+
+@pytest.mark.parametrize(
+    "case", ["smooth", "ties", "sparse", "few_positive", "sample_misleads", "zeros", "uniform", "one_voxel"]
+)
+def test_top_and_xlogx_sums_equal_sorting_and_xlogy(case):
+    """On the CPU the top tenth is found by selection among the values above a sampled threshold; it sums the same
+    voxels as sorting does, in every branch (ties at the threshold, mass in fewer voxels than the top, a sample that
+    sees only the largest values). The sums of x log x are xlogy's (0 log 0 = 0)."""
+    from pipeline.explain.clipstats import _SAMPLE_STEP, _top_and_xlogx_sums
+
+    g = torch.Generator().manual_seed(0)
+    native = torch.randn(3, 1, 4, 7, 7, generator=g)
+    smooth = torch.nn.functional.interpolate(native, size=(8, 56, 56), mode="trilinear").reshape(3, -1)
+    flat = {
+        "smooth": smooth.clamp(min=0),
+        "ties": torch.rand(3, 6000, generator=g).round(decimals=1),
+        "sparse": (smooth - 1.2).clamp(min=0),  # a few percent of the voxels hold mass
+        "few_positive": (smooth - 0.75).clamp(min=0),  # about as many voxels with mass as the top
+        "sample_misleads": torch.full((3, 6200), 1e-3),
+        "zeros": torch.zeros(3, 500),
+        "uniform": torch.ones(3, 777),
+        "one_voxel": torch.zeros(3, 999).index_fill_(1, torch.tensor([5]), 2.0),
+    }[case]
+    if case == "sample_misleads":  # every sampled voxel is among the largest, but they are a third of the top
+        flat[:, ::_SAMPLE_STEP] = 1.0
+    top = -(-flat.shape[1] // 10)
+    tops, xlogx = _top_and_xlogx_sums(flat, top)
+    torch.testing.assert_close(tops.double(), sorted_top_sums(flat, top), rtol=1e-6, atol=0)
+    expected = torch.special.xlogy(flat.double(), flat.double()).sum(1)
+    torch.testing.assert_close(xlogx.double(), expected, rtol=1e-6, atol=1e-6 * flat.sum(1).max().item())
+
+
+def previous_clip_statistics(tubes):
+    """The straightforward formulas the statistics were first written with (distribution p = mass / its sum)."""
+    n, t, h, w = tubes.shape
+    flat = tubes.reshape(n, -1)
+    mass_map = tubes.clamp(min=0)
+    mass = mass_map.reshape(n, -1).sum(1)
+    p = mass_map.reshape(n, -1) / mass[:, None]
+    p3 = p.reshape(n, t, h, w)
+    peak = flat.argmax(1)
+    top = -(-t * h * w // 10)
+    spatial = p3.sum(1)
+    ys, xs = (torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w
+    inner = ((ys > 0.125) & (ys < 0.875))[:, None] & ((xs > 0.125) & (xs < 0.875))[None, :]
+    cells = (torch.arange(h) * 8 // h)[:, None] * 8 + (torch.arange(w) * 8 // w)[None, :]
+    return dict(
+        mass=mass,
+        peak_t=(peak // (h * w)).int(),
+        peak_y=(peak % (h * w) // w).float(),
+        peak_x=(peak % w).float(),
+        centroid_t=(p3.sum((2, 3)) * torch.arange(t)).sum(1),
+        centroid_y=(p3.sum((1, 3)) * torch.arange(h)).sum(1),
+        centroid_x=(p3.sum((1, 2)) * torch.arange(w)).sum(1),
+        top10_mass=p.sort(dim=1, descending=True).values[:, :top].sum(1),
+        entropy=-(p * torch.log(p.clamp(min=1e-30))).sum(1) / math.log(t * h * w),
+        temporal_profile=p3.sum((2, 3)),
+        frame_peak_x=(tubes.reshape(n, t, -1).argmax(2) % w).float() + 0.5,  # box (0, 0, w, h): source = input
+        frame_peak_y=(tubes.reshape(n, t, -1).argmax(2) // w).float() + 0.5,
+        border_mass=(spatial * ~inner).sum((1, 2)),
+        density=torch.zeros(n, 64).index_add_(1, cells.flatten(), spatial.reshape(n, -1)),
+    )
+
+
+@pytest.mark.parametrize("shape", [(16, 7, 7), (2, 7, 7), (4, 4, 4)])
+def test_statistics_equal_the_straightforward_formulas(shape):
+    """Upsampled CAM-like tubes (a third of the voxels negative; one tube with many ties): every statistic is the
+    previous formulas' to float32 rounding, positions exactly."""
+    from pipeline.explain.upsample import upsample
+
+    g = torch.Generator().manual_seed(0)
+    tubes = upsample(torch.randn(4, *shape, generator=g) + 0.4, (16, 112, 112))
+    tubes[3] = tubes[3].round(decimals=1)
+    got = clip_statistics(tubes, torch.tensor([[0.0, 0.0, 112.0, 112.0]] * 4))
+    expected = previous_clip_statistics(tubes)
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        if name.startswith("peak") or name.startswith("frame_peak"):
+            assert torch.equal(got[name], value), name
+        else:
+            torch.testing.assert_close(got[name], value.float(), rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_the_statistics_are_the_declared_ones():

@@ -334,7 +334,8 @@ def test_gpu_loaders_pin_uint8_frames_and_prefetch_eight_batches(tmp_path, synth
 
 def test_local_workers_keep_glibc_memory_thresholds():
     """Dask's nanny would start every worker with MALLOC_TRIM_THRESHOLD_ set (1.5x the CPU per clip); the
-    project's local workers start without it, as the driver does."""
+    project's local workers start without it, as the driver does, and without Dask's statistical profiler (a
+    callback 100 times a second on the worker's event loop)."""
     from omegaconf import OmegaConf
 
     settings = OmegaConf.create(
@@ -347,6 +348,8 @@ def test_local_workers_keep_glibc_memory_thresholds():
     )
     with cluster.open_client(settings) as client:
         environ = next(iter(client.run(lambda: dict(os.environ)).values()))
+        profiling = client.run(lambda dask_worker: "profile" in dask_worker.periodic_callbacks)
+    assert profiling and not any(profiling.values())
     assert "MALLOC_TRIM_THRESHOLD_" not in environ
     assert environ.get("OMP_NUM_THREADS") == "1"  # the nanny's other settings still reach the worker
 

@@ -277,3 +277,15 @@ def test_random_weights_are_the_same_network_in_every_thread(tmp_path):
     with ThreadPoolExecutor(4) as pool:  # seeded builds among builds that load weights (whose init draws too)
         built = list(pool.map(lambda i: build_model(trained if i % 2 else cfg).state_dict(), range(40)))
     assert all(torch.equal(weights[k], reference[k]) for weights in built for k in reference)
+
+
+def test_normalise_is_the_plain_formula_to_the_bit():
+    """Normalise divides in place; the stored tubes depend on its bits being those of (x - mean) / std."""
+    from pipeline.models.inputs import Normalise
+
+    mean, std = [0.43, 0.40, 0.37], [0.23, 0.22, 0.21]
+    video = torch.rand(2, 3, 4, 9, 9, generator=torch.Generator().manual_seed(0))
+    expected = (video - torch.tensor(mean).view(1, 3, 1, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1, 1)
+    before = video.clone()
+    assert torch.equal(Normalise(mean, std)(video), expected)
+    assert torch.equal(video, before)  # the clip itself is left alone

@@ -253,7 +253,7 @@ def test_read_tubes_upsampled(run_dir):
         reference = F.interpolate(
             torch.from_numpy(expected[clip_id])[None, None], size=sizes[clip_id], mode="trilinear", align_corners=False
         )[0, 0].numpy()
-        np.testing.assert_allclose(volume, reference, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(volume, reference, rtol=0, atol=1e-6 * np.abs(reference).max())  # float32 rounding
 
 
 def test_read_tubes_column_subset(run_dir):

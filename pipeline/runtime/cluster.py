@@ -391,6 +391,9 @@ def open_client(cfg, lazy: bool = False):
         {
             "distributed.worker.daemon": False,
             "distributed.admin.system-monitor.gil.enabled": False,
+            # Dask's statistical profiler samples the task's stack 100 times a second on the worker's event loop:
+            # half of a local worker's CPU outside its task, for a dashboard page a batch run has no use for
+            "distributed.worker.profile.enabled": False,
             MALLOC_TRIM_SETTING: None,  # local workers start with glibc's own thresholds (see undo_malloc_trim)
         }
     ):
