@@ -6,7 +6,8 @@ from torch.utils.data import DataLoader
 
 from helpers.layouts import barcode_frames, write_frame_folder
 from pipeline.data.clips import ClipDataset, collate_clips
-from pipeline.data.video import ResizeCrop, write_video
+from pipeline.data.resize import ResizeCrop
+from pipeline.data.video import write_video
 
 
 def test_dataloader_workers_decode_the_same_clips(tmp_path):

@@ -18,13 +18,15 @@ import torch
 from helpers.config import make_cfg
 from pipeline.__main__ import run
 from pipeline.data.clips import ClipDataset, collate_clips, transform_batch
-from pipeline.data.video import ResizeCrop
+from pipeline.data.resize import ResizeCrop
 from pipeline.errors import ConfigError, StageFailed
 from pipeline.models import DemoNet3D
 from pipeline.runtime import cluster, local
 from pipeline.runtime.builders import make_trainer
+from pipeline.runtime.job import GPU
 from pipeline.runtime.progress import ShardProgress
 from pipeline.runtime.resolve import loader_workers, prefetch_factor, resize_on_device, torch_threads
+from pipeline.runtime.slurm import slurm_cluster
 from pipeline.stages import extract
 from pipeline.store import read_failures, read_index, read_tubes
 from pipeline.store.ledger import read_ledger
@@ -49,7 +51,7 @@ def test_slurm_config_renders_a_job_script(tmp_path):
     )
     cluster.validate(cfg.cluster)
     settings = {k: v for k, v in dict(cfg.cluster).items() if k not in ("_target_", "jobs", "adapt_min", "adapt_max")}
-    with cluster.slurm_cluster(**settings) as slurm:  # no job is submitted: no SLURM needed
+    with slurm_cluster(**settings) as slurm:  # no job is submitted: no SLURM needed
         script = slurm.job_script()
     lines = script.splitlines()
     assert lines[0].startswith("#!")
@@ -289,10 +291,10 @@ def test_one_worker_per_gpu_each_offering_one():
 
     with local.local(gpus=2, processes=False, dashboard_address=None) as gpus, Client(gpus) as client:
         workers = client.scheduler_info()["workers"]
-        assert sorted(w["resources"][cluster.GPU] for w in workers.values()) == [1, 1]
+        assert sorted(w["resources"][GPU] for w in workers.values()) == [1, 1]
         assert all(w["nthreads"] == 1 for w in workers.values())
         devices = {
-            addr: client.submit(cluster.worker_gpu, 2, workers=[addr], resources={cluster.GPU: 1}, pure=False).result()
+            addr: client.submit(cluster.worker_gpu, 2, workers=[addr], resources={GPU: 1}, pure=False).result()
             for addr in workers
         }
         assert sorted(devices.values()) == [0, 1]
@@ -340,7 +342,7 @@ def test_local_workers_keep_glibc_memory_thresholds():
 
     settings = OmegaConf.create(
         {
-            "_target_": "pipeline.runtime.cluster.local",
+            "_target_": "pipeline.runtime.local.local",
             "n_workers": 1,
             "dashboard_address": None,
             "start_method": "spawn",
@@ -388,11 +390,11 @@ def test_slurm_workers_retire_before_the_walltime(tmp_path):
     """The job script starts its workers with Dask's --lifetime: the walltime less a tenth (1 to 15 minutes),
     staggered by a third of that margin, so that each is gone before SLURM kills its job."""
     settings = dict(walltime="02:00:00", cores=2, memory="4GB")
-    with cluster.slurm_cluster(**settings) as slurm:
+    with slurm_cluster(**settings) as slurm:
         script = slurm.job_script()
     assert "--lifetime 6480s --lifetime-stagger 240s" in script  # 7200 s - 720 s, 720 / 3
     assert "export DASK_DISTRIBUTED__WORKER__DAEMON=False" in script
-    with cluster.slurm_cluster(**settings, worker_lifetime=None) as slurm:
+    with slurm_cluster(**settings, worker_lifetime=None) as slurm:
         assert "--lifetime" not in slurm.job_script()
     with pytest.raises(ConfigError, match=r"cluster.worker_lifetime \(3h\) plus cluster.lifetime_stagger"):
         cluster.validate(

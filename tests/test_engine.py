@@ -13,7 +13,7 @@ import pytest
 from helpers.config import make_cfg, small_run
 from pipeline.__main__ import run
 from pipeline.errors import ConfigError
-from pipeline.runtime.engine import Share, claim, parse_share
+from pipeline.runtime.planning import Share, claim, parse_share
 from pipeline.store import RunDir, read_failures, read_index, read_tubes
 from pipeline.store.ledger import read_ledger
 

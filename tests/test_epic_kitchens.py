@@ -18,7 +18,8 @@ from helpers.layouts import (
 from pipeline.data.clips import ClipDataset
 from pipeline.data.datasets.base import DatasetError
 from pipeline.data.datasets.epic_kitchens import Epic55, Epic100
-from pipeline.data.video import ResizeCrop, read_frames
+from pipeline.data.resize import ResizeCrop
+from pipeline.data.video import read_frames
 from pipeline.store import read_failures
 
 

@@ -14,7 +14,8 @@ from scipy.stats import spearmanr
 from helpers.config import make_cfg, small_run
 from helpers.oracles import li2021_by_hand
 from pipeline.__main__ import run
-from pipeline.data.video import ResizeCrop, read_frames
+from pipeline.data.resize import ResizeCrop
+from pipeline.data.video import read_frames
 from pipeline.models import DemoNet3D, load_checkpoint
 from pipeline.store import read_tubes
 

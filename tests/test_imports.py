@@ -84,3 +84,18 @@ def test_leaves_import_nothing_of_the_project():
     graph = import_graph()
     assert graph["pipeline.runtime.job"] == set() and graph["pipeline.runtime.tasks"] == set()
     assert "pipeline.runtime.module" not in graph["pipeline.runtime.writer"]
+
+
+def test_imports_point_down():
+    """``explain/``, ``store/`` and ``tables/`` know nothing of how they are run or shown; a stage never imports
+    another stage (only the record every stage returns, ``stages.result``)."""
+    upward = []
+    for name, targets in import_graph().items():
+        layer = name.partition(".")[2].partition(".")[0]
+        for target in targets:
+            above = target.partition(".")[2].partition(".")[0] in ("runtime", "stages", "report", "bench")
+            if (layer in ("explain", "store", "tables") and above) or (
+                layer == "stages" and target.startswith("pipeline.stages.") and target != "pipeline.stages.result"
+            ):
+                upward.append(f"{name} -> {target}")
+    assert upward == []

@@ -9,7 +9,8 @@ from helpers.layouts import barcode_frames, read_barcode, run_index, write_frame
 from pipeline.data.clips import ClipDataset, collate_clips
 from pipeline.data.datasets.base import DatasetError
 from pipeline.data.datasets.manifest import Manifest
-from pipeline.data.video import ResizeCrop, read_frames, write_video
+from pipeline.data.resize import ResizeCrop
+from pipeline.data.video import read_frames, write_video
 from pipeline.stages import summary
 from pipeline.store import read_failures
 

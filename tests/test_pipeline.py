@@ -14,7 +14,8 @@ from omegaconf import OmegaConf
 
 from helpers.config import make_cfg, small_run
 from pipeline.__main__ import run
-from pipeline.data.video import ResizeCrop, read_frames
+from pipeline.data.resize import ResizeCrop
+from pipeline.data.video import read_frames
 from pipeline.errors import ConfigError
 from pipeline.explain.upsample import upsample
 from pipeline.models import DemoNet3D, load_checkpoint

@@ -267,6 +267,7 @@ def test_without_boxes_nothing_is_drawn(fused):
     stats.run(cfg, run_dir)
     report.run(cfg, run_dir)
     assert not (run_dir / "stats" / "pointing_steps.parquet").exists()
+    assert not (run_dir / "stats" / "pointing.parquet").exists()  # no table outlives the boxes it came from
     for page in (run_dir / "report").glob("c-*.html"):
         html = page.read_text()
         assert "Pointing game per time step" not in html and "peak on the box" not in html

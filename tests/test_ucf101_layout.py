@@ -6,7 +6,8 @@ import pytest
 
 from helpers.layouts import UCF_CLASSES, UCF_VIDEOS, make_ucf101, read_barcode, run_index
 from pipeline.data.clips import ClipDataset
-from pipeline.data.video import ResizeCrop, probe, read_frames
+from pipeline.data.resize import ResizeCrop
+from pipeline.data.video import probe, read_frames
 from pipeline.store import read_failures
 
 

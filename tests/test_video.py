@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data.video import ResizeCrop, VideoError, frame_file, probe, read_frames, source_to_input, write_video
+from pipeline.data.resize import ResizeCrop, source_to_input
+from pipeline.data.video import VideoError, frame_file, probe, read_frames, write_video
 
 NUM_FRAMES = 12
 HEIGHT, WIDTH = 48, 64
@@ -210,7 +211,7 @@ def _triangle_weights(n_in: int, n_out: int) -> np.ndarray:
 def test_resize_matches_triangle_filter_by_hand(height, width, short_side):
     """Frames are resized as uint8: within one level of the exact antialiased resize rounded, on the CPU's
     integer kernel and on the float kernel other devices use."""
-    from pipeline.data.video import _resize_float, _resize_integer
+    from pipeline.data.resize import _resize_float, _resize_integer
 
     frames = np.random.default_rng(3).integers(0, 256, size=(2, height, width, 3), dtype=np.uint8)
     transform = ResizeCrop(short_side, (short_side, short_side))

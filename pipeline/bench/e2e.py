@@ -41,7 +41,7 @@ import torch
 from pipeline.data.clip_index import assign_shards
 from pipeline.data.clips import ClipDataset, collate_clips
 from pipeline.data.datasets.synthetic import SyntheticSpec, generate
-from pipeline.data.video import ResizeCrop
+from pipeline.data.resize import ResizeCrop
 from pipeline.models import DemoNet3D
 from pipeline.store import INDEX_SCHEMA, write_table_atomic
 from pipeline.store.run_dir import RunDir

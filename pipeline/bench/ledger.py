@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.runtime.engine import Published, ShardWork, plan, shards_of
+from pipeline.runtime.planning import Published, ShardWork, plan, shards_of
 from pipeline.store.provenance import rows_digest
 from pipeline.store.run_dir import RunDir
 

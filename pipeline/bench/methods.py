@@ -1,5 +1,5 @@
-"""Benchmark of the CAM family: speed against forward-only and against the peers, stored bytes, peak memory,
-and the extract stage end to end against the loop a user writes today.
+"""Benchmark of the CAM family: speed against forward-only and against the peers, stored bytes and peak memory
+(the extract stage end to end against the loop a user writes is :mod:`pipeline.bench.e2e`).
 
 Every figure comes from the same clips in one process (peak memory: one fresh process per measurement, so
 that each high-water mark is its own). The peers get their target classes computed beforehand (not timed),
@@ -27,14 +27,12 @@ import numpy as np
 import torch
 
 import pipeline.settings  # noqa: F401  (registers the settings schema Hydra composes with)
-from pipeline.bench._user_loop import user_loop
 from pipeline.explain.explainer import TubeExplainer
 from pipeline.explain.fusion import Combiner
 from pipeline.explain.methods import CAM, GradCAM, GradCAMPlusPlus, LayerCAM, ScoreCAM, XGradCAM
 from pipeline.explain.upsample import upsample
 from pipeline.models import DemoNet3D
 from pipeline.store import dequantise, quantise
-from pipeline.store.run_dir import RunDir
 
 #: model label -> (builder, explained layer, classifier, fusion layers, clip shape (3, T, H, W))
 MODELS = {
@@ -282,59 +280,6 @@ def storage(label: str, batch: int) -> dict:
     )
 
 
-def _user_loop(rows, cfg, out_dir: Path) -> float:
-    """The loop a user writes today (:func:`pipeline.bench._user_loop.user_loop`) on ``cfg.model``."""
-    from pipeline.models import build_model
-
-    net = build_model(cfg.model)
-    i = cfg.model.input
-    return user_loop(
-        net, net.get_submodule(cfg.model.layer), rows, int(i.short_side), tuple(i.size), i.mean, i.std, out_dir
-    )
-
-
-def end_to_end(out_dir: Path, quick: bool) -> list[dict]:
-    """clips/s of this project's extract stage (Dask, Lightning, batched gradcam, Parquet) against the user's
-    loop, on the same clips of the synthetic dataset with r3d_18 (random weights, 16 x 112 x 112)."""
-    import shutil
-
-    from hydra import compose, initialize_config_dir
-
-    from pipeline.__main__ import run as run_stages
-    from pipeline.store import read_index
-
-    conf = str(Path(__file__).resolve().parents[2] / "conf")
-    root = Path.cwd()
-    overrides = [
-        f"paths.root={root}",
-        "run_name=bench-methods-e2e",
-        "model=r3d_18",
-        "method=gradcam",
-        "extract.batch_size=8",
-    ]
-    with initialize_config_dir(config_dir=conf, version_base="1.3"):
-        cfg = compose("config", overrides=[*overrides, "stage=index"])
-    run_dir = Path(cfg.paths.run_dir)
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_stages(cfg)
-    rows, _ = read_index(run_dir)
-    rows = rows.head(8 if quick else 24)
-    clips = len(rows)
-    user_seconds = _user_loop(rows, cfg, out_dir / "user-loop")
-    with initialize_config_dir(config_dir=conf, version_base="1.3"):
-        cfg = compose("config", overrides=[*overrides, "stage=extract"])
-    import pyarrow.parquet as pq  # the same clips: keep only them in the index
-
-    pq.write_table(pq.read_table(RunDir(run_dir).index).slice(0, clips), RunDir(run_dir).index)
-    started = time.perf_counter()
-    run_stages(cfg)
-    ours = time.perf_counter() - started
-    return [
-        dict(what="user loop: PyAV per clip + pytorch-grad-cam + np.save", clips=clips, seconds=user_seconds),
-        dict(what="this project: stage=extract (Dask + Lightning, gradcam, Parquet)", clips=clips, seconds=ours),
-    ]
-
-
 def run(out_dir: Path, quick: bool) -> str:
     repeats = 1 if quick else 2
     batch = 2 if quick else 8
@@ -351,10 +296,7 @@ def run(out_dir: Path, quick: bool) -> str:
         ):
             peaks.append(_peak_in_subprocess(label, what, batch))
     stores = [storage(label, batch) for label in MODELS]
-    e2e = end_to_end(out_dir, quick)
-    (out_dir / "methods.json").write_text(
-        json.dumps(dict(speed=speed_rows, peak=peaks, storage=stores, end_to_end=e2e), indent=1)
-    )
+    (out_dir / "methods.json").write_text(json.dumps(dict(speed=speed_rows, peak=peaks, storage=stores), indent=1))
 
     lines = [
         f"## Saliency methods (`methods`)\n\nBatch {batch}, random weights, r3d_18 at 16x112x112, demo model at 8x64x64; {repeats} rounds, each "
@@ -382,15 +324,6 @@ def run(out_dir: Path, quick: bool) -> str:
         f"| {s['model']} | {'x'.join(map(str, s['native']))} | {s['tube_bytes']} | {s['volume_bytes']} | 1/{s['ratio']:.0f} | {s['error']:.1e} |"
         for s in stores
     ]
-    user, ours = e2e
-    lines += [
-        "",
-        f"End to end, {user['clips']} clips of the synthetic dataset, r3d_18 (16x112x112), gradcam, predicted class:",
-        "",
-    ]
-    lines += ["| what | s | clips/s |", "|---|---:|---:|"]
-    lines += [f"| {r['what']} | {r['seconds']:.1f} | {r['clips'] / r['seconds']:.2f} |" for r in e2e]
-    lines += ["", f"Speed-up of the extract stage over the user's loop: {user['seconds'] / ours['seconds']:.1f}x.\n"]
     return "\n".join(lines)
 
 

@@ -7,7 +7,7 @@ and on the demo's own set a tiny VideoMAE (HF ``VideoMAEForVideoClassification``
 8 token grid), each once by ``stage=train``'s code and cached under ``<out>/quality/``. For every method the
 test clips' tubes (predicted class) are scored by
 
-- the pointing game of ``stage=stats`` (:func:`pipeline.stages.stats.pointing_rows`), both definitions: this
+- the pointing game of ``stage=stats`` (:func:`pipeline.tables.pointing.pointing_rows`), both definitions: this
   project's (does each time step's peak fall in the disc's box, over all boxed steps) and Li et al.'s (the box
   grown by 7/112 of the view, the mean of the classes' scores);
 - deletion and insertion AUC under both ``evaluate.protocol`` options (:mod:`pipeline.explain.protocols`), each
@@ -39,8 +39,8 @@ import pipeline.settings  # noqa: F401  (registers the schema the configs are co
 from pipeline.data.clip_index import build_clips
 from pipeline.data.clips import ClipDataset
 from pipeline.data.probing import probe_all
+from pipeline.data.resize import ResizeCrop
 from pipeline.data.sampling import CenterSampler
-from pipeline.data.video import ResizeCrop
 from pipeline.explain.clipstats import clip_statistics
 from pipeline.explain.protocols import Li2021, Project
 from pipeline.explain.upsample import upsample
@@ -49,8 +49,8 @@ from pipeline.models.adapters import adapt
 from pipeline.models.inputs import Normalise
 from pipeline.runtime.builders import make_explainer
 from pipeline.stages import train
-from pipeline.stages.stats import pointing_rows
 from pipeline.store import read_boxes
+from pipeline.tables.pointing import pointing_rows
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 #: the coarse set: distractors move like actors of other classes, 16 x 64 x 64 clips

@@ -8,7 +8,8 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.data.video import ResizeCrop, VideoError, read_frames
+from pipeline.data.resize import ResizeCrop
+from pipeline.data.video import VideoError, read_frames
 
 
 class ClipDataset(Dataset):
@@ -19,7 +20,7 @@ class ClipDataset(Dataset):
 
     Args:
         rows: the clips.
-        transform: the resize / crop to model input; its :meth:`~pipeline.data.video.ResizeCrop.crop_box` is
+        transform: the resize / crop to model input; its :meth:`~pipeline.data.resize.ResizeCrop.crop_box` is
             always computed here.
         raw: hand the decoded uint8 ``(T, H, W, 3)`` frames (item ``frames``) instead of the transformed clip,
             for the transform to run on the model's device: a quarter of the bytes to pin and copy.

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from pipeline.data.clips import ClipDataset, collate_clips
-from pipeline.data.video import ResizeCrop
+from pipeline.data.resize import ResizeCrop
 from pipeline.explain.explainer import TubeExplainer
 from pipeline.explain.fusion import explainer_options
 from pipeline.models import build_model

@@ -6,7 +6,7 @@ import pytorch_lightning as pl
 import torch
 
 from pipeline.data.clips import ClipBatch, transform_batch
-from pipeline.data.video import ResizeCrop
+from pipeline.data.resize import ResizeCrop
 from pipeline.errors import ConfigError
 from pipeline.explain.clipstats import clip_statistics
 from pipeline.explain.explainer import TubeExplainer

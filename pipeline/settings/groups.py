@@ -246,7 +246,7 @@ class UniformSampler(SamplerSettings):
 
 @dataclass
 class LocalCluster:
-    _target_: str = "pipeline.runtime.cluster.local"
+    _target_: str = "pipeline.runtime.local.local"
     n_workers: Any = setting(
         "auto",
         "worker processes: auto = one per CPU core (at most one per 2 GiB) | a number",
@@ -267,7 +267,7 @@ class LocalCluster:
 
 @dataclass
 class SlurmCluster:
-    _target_: str = "pipeline.runtime.cluster.slurm"
+    _target_: str = "pipeline.runtime.slurm.slurm"
     queue: str | None = setting(None, "the partition")
     account: str | None = setting(None, "the account charged")
     walltime: str = setting("04:00:00", "per job (SLURM's -t); the workers retire before it, see worker_lifetime")

@@ -34,10 +34,11 @@ from pipeline.explain.upsample import upsample
 from pipeline.models.inputs import Normalise
 from pipeline.runtime.builders import build_explainer, clip_loader
 from pipeline.runtime.cluster import is_local, offers_gpus, worker_gpu
-from pipeline.runtime.engine import Published, ShardWork, attempts, left_message, plan, run_plan, shards_of
+from pipeline.runtime.engine import attempts, left_message, run_plan
 from pipeline.runtime.inprocess import in_process_setting, in_this_process
 from pipeline.runtime.job import GPU, ShardResult
 from pipeline.runtime.local import driver_threads, local_workers
+from pipeline.runtime.planning import Published, ShardWork, plan, shards_of
 from pipeline.runtime.resolve import task_config, torch_threads
 from pipeline.runtime.tasks import Task
 from pipeline.stages.result import StageResult

@@ -25,22 +25,11 @@ from tqdm import tqdm
 
 from pipeline.errors import ConfigError, Interrupted
 from pipeline.runtime.cluster import offers_gpus, open_client, uses_ddp
-from pipeline.runtime.engine import (
-    Plan,
-    Published,
-    ShardWork,
-    Share,
-    claim,
-    left_message,
-    listing,
-    parse_share,
-    plan,
-    run_plan,
-    shards_of,
-)
+from pipeline.runtime.engine import left_message, run_plan
 from pipeline.runtime.inprocess import in_this_process, wants_in_process
 from pipeline.runtime.job import GPU, TARGET_MODES, ShardJob, ShardResult
 from pipeline.runtime.lock import POLICIES, run_lock
+from pipeline.runtime.planning import Plan, Published, ShardWork, Share, claim, listing, parse_share, plan, shards_of
 from pipeline.runtime.progress import ShardProgress
 from pipeline.runtime.resolve import task_config
 from pipeline.runtime.tasks import Task

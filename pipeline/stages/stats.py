@@ -5,23 +5,18 @@
 ``stats.compare_runs`` ``stats/agreement.parquet`` (per clip) and ``stats/agreement_per_class.parquet``.
 
 Per-clip statistics come with each tube; this stage only aggregates them with dask.dataframe over all part
-files, never loading a volume (memory does not grow with the dataset). Aggregates use each clip's first target (``target_rank == 0``). List statistics (the temporal
-profile, the coarse spatial density map) are averaged element-wise; the distributions of concentration, entropy
-and border mass are kept as histograms (``top10_mass_hist`` ...: share of clips in each tenth of [0, 1]).
-
-Agreement between methods: ``stats.compare_runs`` names other runs over the same index (e.g. ``[gradcam]``); for
-each clip and target in both, the Spearman correlation of the two tubes (at the layer's resolution, or the
-input's when the layers differ), read part file by part file.
-
-Pointing game: per clip time step whose frame has a box, a hit when the tube's peak (in source pixels) lies in the
-box grown by ``stats.pointing_tolerance`` pixels; chance: the share of the model's view the box covers.
+files, never loading a volume (memory does not grow with the dataset). Aggregates use each clip's first target
+(``target_rank == 0``). List statistics (the temporal profile, the coarse spatial density map) are averaged
+element-wise; the distributions of concentration, entropy and border mass are kept as histograms
+(``top10_mass_hist`` ...: share of clips in each tenth of [0, 1]). The pointing game
+(:mod:`pipeline.tables.pointing`) and the agreement between runs (:mod:`pipeline.tables.agreement`) are computed
+beside them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -31,33 +26,27 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
-from pipeline.errors import ConfigError, MissingInput, StageFailed
-from pipeline.explain.clipstats import peak_in_box
-from pipeline.explain.faithfulness import spearman
-from pipeline.explain.upsample import upsample
+from pipeline.errors import ConfigError, StageFailed
 from pipeline.stages.result import StageResult
 from pipeline.store import (
-    ALL_LABEL,
-    ALL_NAME,
     REPAIR,
     UNLABELLED,
     UNLABELLED_NAME,
     boxes_path,
-    decode_column,
     read_boxes,
     read_failures,
     read_index,
     readable,
-    replace_folder,
     require_tubes,
-    tube_files,
     write_table_atomic,
 )
 from pipeline.store.provenance import check_tubes_made_by
 from pipeline.store.run_dir import RunDir
 from pipeline.store.schema import CLIP_STATISTICS
+from pipeline.tables.agreement import agreement
+from pipeline.tables.grouping import GROUP, GROUPINGS, grouped
+from pipeline.tables.pointing import pointing_all, write_pointing
 
 log = logging.getLogger(__name__)
 
@@ -90,23 +79,6 @@ COLUMNS = [
     *LIST_STATS,
     *SCALAR_STATS,
 ]
-GROUP = ["method", "label", "label_name"]
-#: Li et al.'s pointing tolerance: 7 px at a 112 px input, as a share of the model's view
-LI2021_TOLERANCE = 7 / 112
-POINTING_SCHEMA = pa.schema(
-    [
-        ("method", pa.string()),
-        ("label", pa.int64()),
-        ("label_name", pa.string()),
-        ("split", pa.string()),
-        ("clip_id", pa.string()),
-        ("frame", pa.int64()),
-        ("step", pa.int64()),
-        ("hit", pa.float64()),
-        ("hit_li2021", pa.float64()),
-        ("chance", pa.float64()),
-    ]
-)
 
 
 def _prepare(part: pd.DataFrame, lengths: dict[str, int]) -> pd.DataFrame:
@@ -131,68 +103,13 @@ def _prepare(part: pd.DataFrame, lengths: dict[str, int]) -> pd.DataFrame:
     return pd.concat([out, pd.DataFrame(expanded, index=out.index)], axis=1)
 
 
-def pointing_rows(part: pd.DataFrame, boxes: pd.DataFrame, tolerance: float) -> pd.DataFrame:
-    """One row per clip time step that has a ground-truth box: hit (0/1) and the chance of a random hit."""
-    part = part[part["target_rank"] == 0]
-    crop = np.stack(part["crop_box"].to_numpy()) if len(part) else np.zeros((0, 4))
-    keep = ["method", "label", "label_name", "split", "clip_id", "video_id"]
-    steps = part[[*keep, "frame_indices", "frame_peak_x", "frame_peak_y"]].assign(
-        label=part["label"].fillna(UNLABELLED).astype("int64"),
-        label_name=part["label_name"].fillna(UNLABELLED_NAME).astype(object),
-        split=part["split"].fillna("(none)").astype(object),
-        cx0=crop[:, 0],
-        cy0=crop[:, 1],
-        cx1=crop[:, 2],
-        cy1=crop[:, 3],
-    )
-    steps = steps.explode(["frame_indices", "frame_peak_x", "frame_peak_y"], ignore_index=True)
-    steps["step"] = steps.groupby(["method", "clip_id"], sort=False).cumcount()  # the clip's time step
-    steps = steps.rename(columns={"frame_indices": "frame", "frame_peak_x": "px", "frame_peak_y": "py"})
-    steps = steps.astype({"frame": "int64", "step": "int64", "px": "float64", "py": "float64", "video_id": object})
-    merged = steps.merge(boxes, on=["video_id", "frame"], how="inner")
-    x0, y0 = merged["x0"] - tolerance, merged["y0"] - tolerance
-    x1, y1 = merged["x1"] + tolerance, merged["y1"] + tolerance
-    hit = peak_in_box(merged["px"], merged["py"], merged["x0"], merged["y0"], merged["x1"], merged["y1"], tolerance)
-    # Li et al. (WACV 2021): the box grown by 7 px at a 112 px input, scaled with the input (7/112 of the model's
-    # view on each axis, here in source pixels), bounds included
-    tol_x, tol_y = (
-        LI2021_TOLERANCE * (merged["cx1"] - merged["cx0"]),
-        LI2021_TOLERANCE * (merged["cy1"] - merged["cy0"]),
-    )
-    hit_li = (
-        (merged["px"] >= merged["x0"] - tol_x)
-        & (merged["px"] <= merged["x1"] + tol_x)
-        & (merged["py"] >= merged["y0"] - tol_y)
-        & (merged["py"] <= merged["y1"] + tol_y)
-    )
-    inter_w = (np.minimum(x1, merged["cx1"]) - np.maximum(x0, merged["cx0"])).clip(lower=0)
-    inter_h = (np.minimum(y1, merged["cy1"]) - np.maximum(y0, merged["cy0"])).clip(lower=0)
-    chance = inter_w * inter_h / ((merged["cx1"] - merged["cx0"]) * (merged["cy1"] - merged["cy0"]))
-    return merged[["method", "label", "label_name", "split", "clip_id", "frame", "step"]].assign(
-        hit=hit.astype("float64"), hit_li2021=hit_li.astype("float64"), chance=chance.astype("float64")
-    )
-
-
-#: the four groupings of every table: per class, over all classes, and both per split
-GROUPINGS = {
-    "per_class": (GROUP, False),
-    "overall": (GROUP, True),
-    "per_split": (["split", *GROUP], False),
-    "split_totals": (["split", *GROUP], True),
-}
-
-
-def _grouped(frame: dd.DataFrame, keys: list[str], everyone: bool):
-    return (frame.assign(label=ALL_LABEL, label_name=ALL_NAME) if everyone else frame).groupby(keys, dropna=False)
-
-
 def aggregate_all(prepared: dd.DataFrame) -> dict[str, pd.DataFrame]:
     """Every grouping of :data:`GROUPINGS` in one Dask computation, so the part files are read once."""
     columns = [c for c in prepared.columns if c not in GROUP + ["split"]]
     lazy = {}
     for name, (keys, everyone) in GROUPINGS.items():
-        grouped = _grouped(prepared, keys, everyone)
-        lazy[name] = (grouped[columns].mean(), grouped["target_prob"].count())
+        groups = grouped(prepared, keys, everyone)
+        lazy[name] = (groups[columns].mean(), groups["target_prob"].count())
     computed = dask.compute(lazy)[0]
     tables = {}
     for name, (means, counts) in computed.items():
@@ -213,137 +130,6 @@ def aggregate_all(prepared: dd.DataFrame) -> dict[str, pd.DataFrame]:
                 expanded += cols
         tables[name] = table.drop(columns=expanded).assign(**lists)
     return tables
-
-
-#: the pointing game per clip time step, per class and over all classes (``stats/pointing_steps.parquet``)
-STEP_GROUPINGS = {"per_step": ([*GROUP, "step"], False), "step_totals": ([*GROUP, "step"], True)}
-
-
-def pointing_all(steps: dd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Pointing game and chance for every grouping of :data:`GROUPINGS` and :data:`STEP_GROUPINGS`, in one Dask
-    computation: ``pointing_game`` (this project's: hits over all boxed frames, ``stats.pointing_tolerance``) and
-    ``pointing_game_li2021`` (Li et al.: 7/112 of the view's tolerance; over several classes, the mean of the
-    per-class accuracies)."""
-    lazy = {
-        name: _grouped(steps, keys, everyone).agg({"hit": ["count", "mean"], "hit_li2021": "mean", "chance": "mean"})
-        for name, (keys, everyone) in {**GROUPINGS, **STEP_GROUPINGS}.items()
-    }
-    tables = {}
-    for name, agg in dask.compute(lazy)[0].items():
-        agg.columns = ["pointing_frames", "pointing_game", "pointing_game_li2021", "pointing_chance"]
-        tables[name] = agg.reset_index()
-    for total, per_class, keys in (
-        ("overall", "per_class", ["method"]),
-        ("split_totals", "per_split", ["split", "method"]),
-        ("step_totals", "per_step", ["method", "step"]),
-    ):
-        means = tables[per_class].groupby(keys)["pointing_game_li2021"].mean()
-        table = tables[total].drop(columns="pointing_game_li2021")
-        tables[total] = table.merge(means.reset_index(), on=keys, how="left")
-    return tables
-
-
-def write_pointing(tubes: dd.DataFrame, boxes: pd.DataFrame, tolerance: float, out: Path) -> dd.DataFrame:
-    """Write the per-time-step pointing rows to the folder ``out`` (replaced whole) and return them lazily."""
-    rows = tubes.map_partitions(pointing_rows, boxes, tolerance, meta=pointing_rows(tubes._meta, boxes, 0.0))
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    rows.to_parquet(tmp, write_index=False, compression="zstd", schema=POINTING_SCHEMA)
-    replace_folder(tmp, out)
-    return dd.read_parquet(out)
-
-
-def tube_agreement(part_file: Path, other_dir: Path, other_run: str) -> pd.DataFrame:
-    """Spearman correlation of each first-target tube of ``part_file`` with the other run's tube of the same
-    clip and target class (the other run's part file of the same name, else all of its files)."""
-    columns = [
-        "clip_id",
-        "label",
-        "label_name",
-        "method",
-        "target",
-        "input_size",
-        "volume",
-        "volume_shape",
-        "volume_codec",
-        "volume_scale",
-    ]
-    mine = pq.read_table(part_file, columns=columns, filters=[("target_rank", "=", 0)]).to_pandas()
-    empty = pd.DataFrame(
-        {
-            "clip_id": pd.Series(dtype=object),
-            "label": pd.Series(dtype="int64"),
-            "label_name": pd.Series(dtype=object),
-            "method": pd.Series(dtype=object),
-            "other_run": pd.Series(dtype=object),
-            "other_method": pd.Series(dtype=object),
-            "target": pd.Series(dtype="int64"),
-            "spearman": pd.Series(dtype="float64"),
-        }
-    )
-    if mine.empty:
-        return empty
-    same = RunDir(other_dir).tubes / part_file.name
-    sources = [same] if same.is_file() else tube_files(other_dir)
-    wanted = [("clip_id", "in", mine["clip_id"].tolist())]
-    theirs = (
-        pq.ParquetDataset(sources, filters=wanted)
-        .read(columns=[c for c in columns if c not in ("label", "label_name")])
-        .to_pandas()
-    )
-    if same.is_file() and not set(mine["clip_id"]) <= set(theirs["clip_id"]):  # sharded differently: look everywhere
-        theirs = (
-            pq.ParquetDataset(tube_files(other_dir), filters=wanted)
-            .read(columns=[c for c in columns if c not in ("label", "label_name")])
-            .to_pandas()
-        )
-    pairs = mine.merge(theirs, on=["clip_id", "target"], suffixes=("", "_other"))
-    if pairs.empty:
-        return empty
-    a = decode_column(pairs)
-    b = decode_column(
-        pd.DataFrame({c: pairs[f"{c}_other"] for c in ("volume", "volume_shape", "volume_codec", "volume_scale")})
-    )
-    rho = np.empty(len(pairs))
-    for i, (va, vb, size) in enumerate(zip(a, b, pairs["input_size"])):
-        ta, tb = torch.from_numpy(va)[None], torch.from_numpy(vb)[None]
-        if ta.shape != tb.shape:  # different layers: compare at the clip's input size
-            size = tuple(int(s) for s in size)
-            ta, tb = upsample(ta, size), upsample(tb, size)
-        rho[i] = float(spearman(ta, tb)[0])
-    return pd.DataFrame(
-        dict(
-            clip_id=pairs["clip_id"],
-            label=pairs["label"].fillna(UNLABELLED).astype("int64"),
-            label_name=pairs["label_name"].fillna(UNLABELLED_NAME).astype(object),
-            method=pairs["method"],
-            other_run=other_run,
-            other_method=pairs["method_other"],
-            target=pairs["target"].astype("int64"),
-            spearman=rho,
-        )
-    )
-
-
-def agreement(run_dir: Path, others: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per-clip and per-class agreement of this run's tubes with each of the ``others`` runs."""
-    frames = []
-    for name in others:
-        other_dir = run_dir.parent / str(name)
-        if not tube_files(other_dir):
-            raise MissingInput(
-                f"stats.compare_runs: {RunDir(other_dir).tubes} has no tube files; extract run {name!r} first"
-            )
-        frames += dask.compute(*[dask.delayed(tube_agreement)(f, other_dir, str(name)) for f in tube_files(run_dir)])
-    clips = pd.concat(frames, ignore_index=True)
-    keys = ["method", "other_run", "other_method", "label", "label_name"]
-    both = pd.concat([clips, clips.assign(label=ALL_LABEL, label_name=ALL_NAME)], ignore_index=True)
-    per_class = (
-        both.groupby(keys, dropna=False)
-        .agg(clips=("spearman", "count"), spearman=("spearman", "mean"), spearman_median=("spearman", "median"))
-        .reset_index()
-    )
-    return clips, per_class
 
 
 def _list_lengths(files: list[Path]) -> dict[str, int]:
@@ -410,8 +196,9 @@ def _aggregate(cfg, run_dir: Path, files: list[Path]) -> dict:
             pa.Table.from_pandas(per_step.sort_values([*GROUP, "step"]), preserve_index=False),
             run.table("pointing_steps"),
         )
-    else:  # a table of an earlier run with boxes must not outlive them
+    else:  # the tables of an earlier run with boxes must not outlive them
         run.table("pointing_steps").unlink(missing_ok=True)
+        shutil.rmtree(run.table("pointing"), ignore_errors=True)
     per_class, overall = tables["per_class"], tables["overall"]
     per_split = pd.concat([tables["per_split"], tables["split_totals"]], ignore_index=True)
 

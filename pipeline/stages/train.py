@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from pipeline.data.clip_index import build_clips
 from pipeline.data.clips import ClipDataset
 from pipeline.data.probing import probe_all
+from pipeline.data.resize import ResizeCrop
 from pipeline.data.sampling import CenterSampler, UniformSampler
-from pipeline.data.video import ResizeCrop
 from pipeline.models.adapters import adapt
 from pipeline.models.inputs import Normalise
 from pipeline.runtime.builders import quiet_lightning
