@@ -191,12 +191,12 @@ def sorted_top_sums(flat, top):
 
 
 @pytest.mark.parametrize(
-    "case", ["smooth", "ties", "sparse", "few_positive", "sample_misleads", "zeros", "uniform", "one_voxel"]
+    "case", ["smooth", "ties", "sparse", "few_positive", "sample_misleads", "zeros", "uniform", "one_voxel", "tiny"]
 )
 def test_top_and_xlogx_sums_equal_sorting_and_xlogy(case):
     """On the CPU the top tenth is found by selection among the values above a sampled threshold; it sums the same
     voxels as sorting does, in every branch (ties at the threshold, mass in fewer voxels than the top, a sample that
-    sees only the largest values). The sums of x log x are xlogy's (0 log 0 = 0)."""
+    sees only the largest values). The sums of x log x are xlogy's (0 log 0 = 0), subnormal masses included."""
     from pipeline.explain.clipstats import _SAMPLE_STEP, _top_and_xlogx_sums
 
     g = torch.Generator().manual_seed(0)
@@ -211,6 +211,8 @@ def test_top_and_xlogx_sums_equal_sorting_and_xlogy(case):
         "zeros": torch.zeros(3, 500),
         "uniform": torch.ones(3, 777),
         "one_voxel": torch.zeros(3, 999).index_fill_(1, torch.tensor([5]), 2.0),
+        # subnormals and values below 1e-30 beside ordinary ones: x log x is taken of m + the smallest float32
+        "tiny": torch.rand(3, 4000, generator=g) * torch.tensor([1.0, 1e-30, 1e-40, 0.0]).repeat(1000),
     }[case]
     if case == "sample_misleads":  # every sampled voxel is among the largest, but they are a third of the top
         flat[:, ::_SAMPLE_STEP] = 1.0

@@ -21,7 +21,7 @@ from pipeline.data.clips import ClipDataset, collate_clips, transform_batch
 from pipeline.data.resize import ResizeCrop
 from pipeline.errors import ConfigError, StageFailed
 from pipeline.models import DemoNet3D
-from pipeline.runtime import cluster, local
+from pipeline.runtime import cluster, local, progress
 from pipeline.runtime.builders import make_trainer
 from pipeline.runtime.job import GPU
 from pipeline.runtime.progress import ShardProgress
@@ -125,6 +125,7 @@ def test_inside_a_slurm_allocation_a_task_uses_one_device(pipeline_overrides, tm
     ).items():
         monkeypatch.setenv(key, value)
     seen = []
+    monkeypatch.setattr(progress, "EVERY", 0.0)  # every batch (the default sends at most two events a second)
     monkeypatch.setattr(
         ShardProgress,
         "on_event",

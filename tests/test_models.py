@@ -280,7 +280,7 @@ def test_random_weights_are_the_same_network_in_every_thread(tmp_path):
 
 
 def test_normalise_is_the_plain_formula_to_the_bit():
-    """Normalise divides in place; the stored tubes depend on its bits being those of (x - mean) / std."""
+    """Normalise, into a new tensor or in place, gives the bits of (x - mean) / std that the stored tubes depend on."""
     from pipeline.models.inputs import Normalise
 
     mean, std = [0.43, 0.40, 0.37], [0.23, 0.22, 0.21]
@@ -289,3 +289,5 @@ def test_normalise_is_the_plain_formula_to_the_bit():
     before = video.clone()
     assert torch.equal(Normalise(mean, std)(video), expected)
     assert torch.equal(video, before)  # the clip itself is left alone
+    out = Normalise(mean, std)(video, in_place=True)  # the extract stage's: into the batch's own clips
+    assert out.data_ptr() == video.data_ptr() and torch.equal(out, expected)

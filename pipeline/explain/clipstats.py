@@ -25,7 +25,6 @@ DENSITY_GRID = 8
 #: every how many voxels the CPU's top-tenth selection samples for its two thresholds
 _SAMPLE_STEP = 61
 _SMALLEST = float(np.finfo(np.float32).smallest_subnormal)  # the smallest positive float32
-_LOG_FLOOR = math.log(_SMALLEST) - 1  # below the log of every positive float32
 
 
 def _bins(size: int, bins: int, device) -> torch.Tensor:
@@ -58,12 +57,14 @@ def _top_and_xlogx_sums(flat: torch.Tensor, top: int) -> tuple[torch.Tensor, tor
     if flat.device.type != "cpu":
         return flat.topk(top, dim=1).values.sum(1), torch.special.xlogy(flat, flat).sum(1)
     tops, xlogx = [], []
-    with np.errstate(divide="ignore"):
-        for values in flat.detach().numpy():
-            tops.append(_top_sum(values, top))
-            logs = np.log(values)
-            np.maximum(logs, _LOG_FLOOR, out=logs)  # log 0 = -inf -> below every float32's log, and 0 * it = 0
-            xlogx.append(np.dot(values, logs))
+    logs = np.empty(flat.shape[1], dtype=np.float32)  # one buffer for every clip: no pages faulted in per clip
+    for values in flat.detach().numpy():
+        tops.append(_top_sum(values, top))
+        # log(m + the smallest float32): 0 log 0 = 0 without a pass of its own; the sum is unchanged, since the
+        # addition moves only values below 1e-30 (whose m log m are below 1e-28)
+        np.add(values, _SMALLEST, out=logs)
+        np.log(logs, out=logs)
+        xlogx.append(np.dot(values, logs))
     return torch.tensor(tops, dtype=torch.float32), torch.tensor(xlogx, dtype=torch.float32)
 
 

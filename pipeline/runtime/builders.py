@@ -82,29 +82,43 @@ def clip_loader(cfg, rows: pd.DataFrame, batch_size: int, raw: bool = False) -> 
 
 
 def make_trainer(cfg, callbacks: list, inference_mode: bool):
-    """The Lightning Trainer of one task: one device (the worker's GPU, or the CPU), one process.
+    """The Lightning Trainer of one task: one device (the worker's GPU, or the CPU), one process, ``callbacks``.
 
     The cluster environment is fixed to a single process, so that inside a SLURM allocation Lightning never
     reads SLURM's task variables as a multi-process world to join. Lightning is imported here, by the tasks:
     a driver that only checks the model and hands shards to Dask workers never pays for it.
-    """
-    import pytorch_lightning as pl
-    from pytorch_lightning.plugins.environments import LightningEnvironment
 
+    Built once per thread and reused for every shard with the same trainer settings, with its callbacks set anew:
+    building one costs about 6 ms (Lightning looks through every installed package's entry points for callbacks
+    of its own), 2% of a 32-clip shard of small clips. :func:`forget_trainer` drops it after a failed run.
+    """
     accelerator = str(cfg.trainer.accelerator)
     devices = 1 if accelerator == "cpu" else [worker_gpu(torch.cuda.device_count())]
-    return pl.Trainer(
-        accelerator=accelerator,
-        devices=devices,
-        precision=cfg.trainer.precision,
-        plugins=[LightningEnvironment()],
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        inference_mode=inference_mode,
-    )
+    key = (accelerator, str(devices), str(cfg.trainer.precision), bool(inference_mode))
+    if getattr(_cache, "trainer_key", None) != key:
+        import pytorch_lightning as pl
+        from pytorch_lightning.plugins.environments import LightningEnvironment
+
+        _cache.trainer = pl.Trainer(
+            accelerator=accelerator,
+            devices=devices,
+            precision=cfg.trainer.precision,
+            plugins=[LightningEnvironment()],
+            callbacks=[],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            inference_mode=inference_mode,
+        )
+        _cache.trainer_key, _cache.trainer_callbacks = key, list(_cache.trainer.callbacks)  # Lightning's own
+    _cache.trainer.callbacks = [*callbacks, *_cache.trainer_callbacks]
+    return _cache.trainer
+
+
+def forget_trainer() -> None:
+    """Build the next :func:`make_trainer` of this thread afresh (after a run that raised: its state is unknown)."""
+    _cache.trainer_key = None
 
 
 #: Lightning's warning on any machine with SLURM installed (every login and compute node): each ``fit`` /

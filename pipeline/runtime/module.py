@@ -63,7 +63,7 @@ class TubeModule(pl.LightningModule):
             video = transform_batch(batch, self.transform)
             if video is None:
                 return Prediction(positions=batch.positions, failures=batch.failures)
-            x = self.normalise(video)
+            x = self.normalise(video, in_place=True)  # nothing reads the batch's [0, 1] clips after this
         explanation = self.explainer(x, self._selector(batch.positions))
         n, k = explanation.targets.shape
         stored, scale = quantise(explanation.tubes, self.codec)

@@ -1,24 +1,38 @@
-"""Per-batch progress of extract shards: sent by each task as a Dask event, shown by the driver as one bar."""
+"""Progress of extract shards: sent by each task as Dask events (at most two a second), shown by the driver as one bar."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 from dask.distributed import get_worker
 from tqdm import tqdm
 
+#: seconds between two progress events of one task: a 32-clip shard of small clips takes a third of a second, and an
+#: event per batch (dozens a second over the workers) cost the driver, the scheduler and the workers' event loops CPU
+#: that the workers' tasks could use; the end of a shard is reported by its result, at once
+EVERY = 0.5
+
 
 def reporter(topic: str | None, shard: int) -> Callable[[int], None] | None:
-    """What a task calls after each batch with the clips of ``shard`` done so far: a Dask event on ``topic``
-    (None outside a Dask worker, or without a topic)."""
+    """What a task calls after each batch with the clips of ``shard`` done so far: a Dask event on ``topic`` at most
+    every :data:`EVERY` seconds (None outside a Dask worker, or without a topic)."""
     if topic is None:
         return None
     try:
         worker = get_worker()
     except ValueError:
         return None
-    return lambda done: worker.log_event(topic, dict(shard=int(shard), done=int(done)))
+    last = [time.monotonic()]
+
+    def report(done: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= EVERY:
+            last[0] = now
+            worker.log_event(topic, dict(shard=int(shard), done=int(done)))
+
+    return report
 
 
 class ShardProgress:

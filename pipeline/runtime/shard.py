@@ -11,6 +11,9 @@ console shows one line per failed shard. Per-batch progress goes to the driver a
 from __future__ import annotations
 
 import copy
+import hashlib
+import pickle
+import threading
 from dataclasses import replace
 
 import pandas as pd
@@ -23,6 +26,7 @@ from pipeline.runtime.builders import (
     build_explainer,
     clip_loader,
     clip_transform,
+    forget_trainer,
     make_trainer,
     quiet_lightning,
 )
@@ -43,13 +47,27 @@ def run_shard(cfg_dict: dict, job: ShardJob) -> ShardResult:
 
     Per-clip problems become failure rows. With ``extract.fail_fast`` the first failed clip ends the task at once.
     """
-    # a config of its own, as a worker gets by unpickling: in the driver (execution=driver or auto) every task is handed
-    # the same dict, and configs built on shared values failed at random ("'NoneType' object has no attribute
-    # '_invalidate_flags_cache'" reading model.input.std)
-    cfg = OmegaConf.create(copy.deepcopy(cfg_dict))
+    cfg = task_config(cfg_dict)
     tries = 1 + (0 if cfg.extract.fail_fast else int(cfg.extract.retries))
     path = RunDir(job.run_dir).shard_log("extract", job.shard)
     return attempts(lambda slog: _explain_shard(cfg, job, slog), job.shard, len(job.rows), path, tries)
+
+
+_configs = threading.local()
+
+
+def task_config(cfg_dict: dict):
+    """The task's config, built once per thread and reused while the settings stay the same (building one costs
+    4-6 ms, about 2% of a 32-clip shard of small clips).
+
+    Per thread, from a copy of the dict: in the driver (``execution=driver`` or ``auto``) every task is handed the
+    same dict, and configs built on shared values failed at random ("'NoneType' object has no attribute
+    '_invalidate_flags_cache'" reading model.input.std).
+    """
+    key = hashlib.sha1(pickle.dumps(cfg_dict)).digest()
+    if getattr(_configs, "key", None) != key:
+        _configs.cfg, _configs.key = OmegaConf.create(copy.deepcopy(cfg_dict)), key
+    return _configs.cfg
 
 
 def _explain_shard(cfg, job: ShardJob, slog) -> ShardResult:
@@ -63,6 +81,7 @@ def _explain_shard(cfg, job: ShardJob, slog) -> ShardResult:
             trainer.predict(module, loader, return_predictions=False)
         except BaseException:
             writer.abort()
+            forget_trainer()
             raise
     else:  # every clip was dropped before the loop: publish an empty part with the failures
         writer.on_predict_end(None, None)
