@@ -28,6 +28,9 @@ class TubeModule(pl.LightningModule):
         codec: the store codec; tubes are encoded here and statistics computed on the decoded tube.
         labels: ``(num_clips,)`` true labels of the shard's clips (-1 = unknown), needed for ``target=label``.
         transform: the resize / crop of batches that carry raw uint8 ``frames`` (resized on the device).
+        batches_owned: the batches' clips are this module's to overwrite (a DataLoader that builds every batch
+            afresh, as the extract stage's does): they are normalised in place, with no clip-sized tensor
+            allocated. False for batches that may be handed over again.
     """
 
     def __init__(
@@ -40,6 +43,7 @@ class TubeModule(pl.LightningModule):
         codec: str = "float16",
         labels: torch.Tensor | None = None,
         transform: ResizeCrop | None = None,
+        batches_owned: bool = False,
     ):
         super().__init__()
         if target not in TARGET_MODES:
@@ -48,7 +52,7 @@ class TubeModule(pl.LightningModule):
         self.normalise = Normalise(mean, std)
         self.target, self.k, self.codec = target, (int(k) if target == "topk" else 1), codec
         self.labels = labels
-        self.transform = transform
+        self.transform, self.batches_owned = transform, batches_owned
 
     def _selector(self, positions: torch.Tensor):
         if self.target == "pred":
@@ -63,7 +67,8 @@ class TubeModule(pl.LightningModule):
             video = transform_batch(batch, self.transform)
             if video is None:
                 return Prediction(positions=batch.positions, failures=batch.failures)
-            x = self.normalise(video, in_place=True)  # nothing reads the batch's [0, 1] clips after this
+            # a batch resized here is always new; the [0, 1] clips are not read after this
+            x = self.normalise(video, in_place=self.batches_owned or video is not batch.video)
         explanation = self.explainer(x, self._selector(batch.positions))
         n, k = explanation.targets.shape
         stored, scale = quantise(explanation.tubes, self.codec)

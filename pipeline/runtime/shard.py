@@ -122,6 +122,7 @@ def shard_job(cfg, job: ShardJob, *, progress=None, log=None) -> tuple[TubeModul
         codec=cfg.store.codec,
         labels=labels,
         transform=clip_transform(cfg),
+        batches_owned=True,  # clip_loader builds every batch afresh
     )
     loader = clip_loader(cfg, rows, int(cfg.extract.batch_size), raw=resize_on_device(cfg))
     writer = TubeWriter(
