@@ -5,7 +5,7 @@ every shard; Lightning's ``Trainer.predict`` runs the batches (DataLoader worker
 and :class:`~pipeline.runtime.writer.TubeWriter` streams rows to a temporary file that is renamed into place at
 the end. A failing attempt is retried ``extract.retries`` times in the task; every attempt's traceback goes to
 the shard's log (``outputs/<run>/logs/shard-NNNNN.log``) and the driver gets one :class:`ShardResult`, so the
-console shows one line per failed shard. Per-batch progress goes to the driver as Dask events.
+console shows one line per failed shard. Progress goes to the driver as Dask events, at most twice a second per task.
 """
 
 from __future__ import annotations
