@@ -286,6 +286,37 @@ def test_lightning_ddp_ranks_write_disjoint_parts(pipeline_overrides, tmp_path):
     assert again.returncode == 0 and "3 already done, 0 to run" in again.stdout + again.stderr
 
 
+def test_a_thread_reuses_its_trainer_and_config_while_the_settings_stay(pipeline_overrides, tmp_path):
+    """Every shard of a worker thread gets the same Trainer, with that shard's callbacks only, and the same config
+    object while the settings dict is unchanged; other settings, another thread or a failed run get new ones."""
+    import threading
+
+    from pytorch_lightning.callbacks import Callback
+
+    from pipeline.runtime.builders import forget_trainer
+    from pipeline.runtime.shard import task_config
+
+    cfg = make_cfg(tmp_path, pipeline_overrides)
+    first, second = Callback(), Callback()
+    a = make_trainer(cfg, [first], inference_mode=True)
+    b = make_trainer(cfg, [second], inference_mode=True)
+    assert a is b and second in b.callbacks and first not in b.callbacks
+    gradients = make_trainer(cfg, [], inference_mode=False)
+    assert gradients is not a
+    forget_trainer()  # after a run that raised
+    assert make_trainer(cfg, [], inference_mode=False) is not gradients
+    elsewhere = []
+    thread = threading.Thread(target=lambda: elsewhere.append(make_trainer(cfg, [], inference_mode=False)))
+    thread.start()
+    thread.join()
+    assert elsewhere[0] is not make_trainer(cfg, [], inference_mode=False)
+
+    settings = {"extract": {"batch_size": 2}, "model": {"layer": "features"}}
+    built = task_config(settings)
+    assert task_config({"extract": {"batch_size": 2}, "model": {"layer": "features"}}) is built
+    assert task_config({"extract": {"batch_size": 4}, "model": {"layer": "features"}}).extract.batch_size == 4
+
+
 def test_one_worker_per_gpu_each_offering_one():
     """cluster.gpus=2: two workers, each offering GPU=1, and each task learns its worker's device."""
     from dask.distributed import Client
