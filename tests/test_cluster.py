@@ -294,7 +294,7 @@ def test_a_thread_reuses_its_trainer_and_config_while_the_settings_stay(pipeline
     from pytorch_lightning.callbacks import Callback
 
     from pipeline.runtime.builders import forget_trainer
-    from pipeline.runtime.shard import task_config
+    from pipeline.runtime.resolve import config_of_task
 
     cfg = make_cfg(tmp_path, pipeline_overrides)
     first, second = Callback(), Callback()
@@ -312,9 +312,9 @@ def test_a_thread_reuses_its_trainer_and_config_while_the_settings_stay(pipeline
     assert elsewhere[0] is not make_trainer(cfg, [], inference_mode=False)
 
     settings = {"extract": {"batch_size": 2}, "model": {"layer": "features"}}
-    built = task_config(settings)
-    assert task_config({"extract": {"batch_size": 2}, "model": {"layer": "features"}}) is built
-    assert task_config({"extract": {"batch_size": 4}, "model": {"layer": "features"}}).extract.batch_size == 4
+    built = config_of_task(settings)
+    assert config_of_task({"extract": {"batch_size": 2}, "model": {"layer": "features"}}) is built
+    assert config_of_task({"extract": {"batch_size": 4}, "model": {"layer": "features"}}).extract.batch_size == 4
 
 
 def test_one_worker_per_gpu_each_offering_one():

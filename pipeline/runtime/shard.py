@@ -10,15 +10,10 @@ console shows one line per failed shard. Progress goes to the driver as Dask eve
 
 from __future__ import annotations
 
-import copy
-import hashlib
-import pickle
-import threading
 from dataclasses import replace
 
 import pandas as pd
 import torch
-from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from pipeline.models.classes import model_labels
@@ -35,7 +30,7 @@ from pipeline.runtime.job import ShardJob, ShardResult, StopShard
 from pipeline.runtime.memory import undo_malloc_trim
 from pipeline.runtime.module import TubeModule
 from pipeline.runtime.progress import reporter
-from pipeline.runtime.resolve import resize_on_device, torch_threads
+from pipeline.runtime.resolve import config_of_task, resize_on_device, torch_threads
 from pipeline.runtime.writer import TubeWriter
 from pipeline.store import Failure
 from pipeline.store.run_dir import RunDir
@@ -47,27 +42,10 @@ def run_shard(cfg_dict: dict, job: ShardJob) -> ShardResult:
 
     Per-clip problems become failure rows. With ``extract.fail_fast`` the first failed clip ends the task at once.
     """
-    cfg = task_config(cfg_dict)
+    cfg = config_of_task(cfg_dict)
     tries = 1 + (0 if cfg.extract.fail_fast else int(cfg.extract.retries))
     path = RunDir(job.run_dir).shard_log("extract", job.shard)
     return attempts(lambda slog: _explain_shard(cfg, job, slog), job.shard, len(job.rows), path, tries)
-
-
-_configs = threading.local()
-
-
-def task_config(cfg_dict: dict):
-    """The task's config, built once per thread and reused while the settings stay the same (building one costs
-    4-6 ms, about 2% of a 32-clip shard of small clips).
-
-    Per thread, from a copy of the dict: in the driver (``execution=driver`` or ``auto``) every task is handed the
-    same dict, and configs built on shared values failed at random ("'NoneType' object has no attribute
-    '_invalidate_flags_cache'" reading model.input.std).
-    """
-    key = hashlib.sha1(pickle.dumps(cfg_dict)).digest()
-    if getattr(_configs, "key", None) != key:
-        _configs.cfg, _configs.key = OmegaConf.create(copy.deepcopy(cfg_dict)), key
-    return _configs.cfg
 
 
 def _explain_shard(cfg, job: ShardJob, slog) -> ShardResult:

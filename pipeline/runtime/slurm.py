@@ -162,7 +162,8 @@ def import_jobqueue():
     Importing it installs a SIGINT handler (``sys.exit``), which Python allows only on the main thread: on any
     other thread the import raises ``ValueError: signal only works in main thread``. On the main thread the
     handler would replace the command's own (which stops the stage and closes the cluster), so it is put back.
-    :meth:`LazyClient.start_soon` imports it here, on the main thread, before starting the cluster on its own.
+    :meth:`pipeline.runtime.cluster.LazyClient.start_soon` imports it here, on the main thread, before starting the
+    cluster on its own.
     """
     import sys
 

@@ -15,7 +15,6 @@ on the device, and a finished shard is not recomputed.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from pipeline.runtime.inprocess import in_process_setting, in_this_process
 from pipeline.runtime.job import GPU, ShardResult
 from pipeline.runtime.local import driver_threads, local_workers
 from pipeline.runtime.planning import Published, ShardWork, plan, shards_of
-from pipeline.runtime.resolve import task_config, torch_threads
+from pipeline.runtime.resolve import config_of_task, task_config, torch_threads
 from pipeline.runtime.tasks import Task
 from pipeline.stages.result import StageResult
 from pipeline.store import (
@@ -217,7 +216,7 @@ def evaluate_task(
 ) -> ShardResult:
     """The evaluate task of one shard, up to ``1 + evaluate.retries`` attempts, each logged in the shard's log
     (:func:`pipeline.runtime.engine.attempts`)."""
-    cfg = OmegaConf.create(copy.deepcopy(cfg_dict))
+    cfg = config_of_task(cfg_dict)
     path = RunDir(run_dir).shard_log("evaluate", shard)
     work = lambda slog: evaluate_shard(cfg, RunDir(run_dir), shard, rows, boxes, settings_hash)
     return attempts(work, shard, len(rows), path, 1 + int(cfg.evaluate.retries))
