@@ -203,6 +203,8 @@ def test_slurm_adaptive_stage_all_with_workers_retiring(slurm, pipeline_override
     run_dir = tmp_path / "outputs" / "adaptive"
     check_every_clip_once(run_dir, console)
     assert (run_dir / "stats" / "per_class.parquet").is_file() and (run_dir / "report" / "index.html").is_file()
-    script = " ".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
-    print(f"\nslurm adaptive, stage=all: {time.monotonic() - started:.1f} s, {len(list(tmp_path.glob('slurm-*.out')))} jobs, "
+    job_logs = list((run_dir / "logs").glob("dask-worker-*.out"))  # cluster.log_directory's default
+    assert job_logs and not list(tmp_path.glob("*.out")), "the SLURM jobs' output belongs in the run's logs/"
+    script = " ".join(p.read_text() for p in job_logs)
+    print(f"\nslurm adaptive, stage=all: {time.monotonic() - started:.1f} s, {len(job_logs)} jobs, "
           f"{script.count('worker-lifetime-reached')} worker(s) retired at their lifetime")  # fmt: skip

@@ -1,8 +1,9 @@
 """The loop a user writes today, the baseline of the end-to-end benchmarks: PyAV per clip, resize and crop,
 pytorch-grad-cam's Grad-CAM, one ``np.save`` per clip, one process.
 
-``python -m pipeline.bench._user_loop SETTINGS_JSON`` (index, out_dir, net, num_classes, checkpoint, layer,
-short_side, size, mean, std) runs it as a whole process (so that its imports are timed too); :func:`user_loop` is the loop itself. It reads only
+``python -m pipeline.bench._user_loop SETTINGS_JSON`` (index, out_dir, net, net_args, checkpoint, layer,
+short_side, size, mean, std) runs it as a whole process (so that its imports are timed too); :func:`user_loop` is
+the loop itself. It reads only
 ``source`` and ``frame_indices`` of an index file (what a user would list themselves) and imports nothing of
 this project but the model class it is given. For a network that pools its last layer into a linear head,
 Grad-CAM's map is CAM's (the gradient is the classifier row over the number of positions), so the same loop is
@@ -57,7 +58,7 @@ def main(argv: list[str]) -> None:
     from hydra.utils import get_class
 
     s = json.loads(argv[0])
-    net = get_class(s["net"])(num_classes=int(s["num_classes"])).eval()
+    net = get_class(s["net"])(**s["net_args"]).eval()
     net.load_state_dict(torch.load(s["checkpoint"], weights_only=True))
     rows = pq.read_table(s["index"], columns=["source", "frame_indices"]).to_pydict()
     layer = net.get_submodule(s["layer"])

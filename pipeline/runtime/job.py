@@ -7,9 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import pandas as pd
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # pandas costs the command line 0.3 s before it can start the cluster
+    import pandas as pd
     import torch
 
 #: ``target.mode``: which class each clip's tube explains (predicted, labelled, or the k best)

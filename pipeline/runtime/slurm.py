@@ -59,7 +59,7 @@ def slurm_cluster(
             With 0, one CPU worker per job.
         job_extra_directives: more ``#SBATCH`` lines, e.g. ``["--constraint=a100", "--qos=low"]``.
         job_script_prologue: shell lines run before the worker starts (``module load``, ``source venv``).
-        log_directory: where SLURM writes the jobs' stdout/stderr.
+        log_directory: where SLURM writes the jobs' stdout/stderr (None: the current folder).
         local_directory: worker scratch space (node-local disk).
         interface: network interface of the workers and scheduler (e.g. ``ib0``).
         python: the worker's Python; default this one.

@@ -289,7 +289,9 @@ class SlurmCluster:
     job_script_prologue: list[str] = setting(
         [], 'shell lines before the worker starts, e.g. ["source ~/venv/bin/activate"]'
     )
-    log_directory: str | None = setting(None, "the jobs' log folder")
+    log_directory: str | None = setting(
+        "${paths.run_dir}/logs", "the jobs' own output, dask-worker-<job>.out / .err (null: where the command runs)"
+    )
     local_directory: str | None = setting(None, "node-local scratch for the workers")
     interface: str | None = setting(None, "network interface, e.g. ib0")
     python: str | None = setting(None, "the workers' Python (default: this one)")
