@@ -170,6 +170,37 @@ def _restore_full_error() -> None:
         os.environ[_FULL_ERROR] = _USERS_FULL_ERROR
 
 
+class _Console:
+    """The command's stdout or stderr, outliving its reader: when the pipe it writes to closes (``... | head``, a
+    terminal gone), the run goes on and what it would have printed is dropped (its file descriptor then points at
+    ``/dev/null``). A progress bar whose write fails would otherwise keep tqdm's lock, which tqdm releases only
+    after a write that returns, and the next update of the bar would wait for it for ever."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._drop()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._drop()
+
+    def _drop(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m pipeline``: Hydra composes the command against the schema; what it refuses while composing (a
     misspelt key, a wrong type, an unknown option) is printed as one line (exit 2) before any work.
@@ -178,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     them: it is set while Hydra composes, and the command gets the user's own value back (:func:`hydra_entry`).
     An old ``+key=value`` for a key the schema now has is taken as ``key=value``.
     """
+    sys.stdout, sys.stderr = _Console(sys.stdout), _Console(sys.stderr)
     sys.argv[1:] = _plain_overrides(sys.argv[1:] if argv is None else argv)
     os.environ[_FULL_ERROR] = "1"
     try:

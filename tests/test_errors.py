@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pipeline.store import read_index, read_tubes
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -112,3 +114,22 @@ def test_a_wrapped_instantiation_error_reads_as_one_line():
         assert one_line(err) == "/data/val.csv: file not found"
     bare = InstantiationException("Error in call to target 'x.Y':\nTypeError('bad')\nfull_key: model.net")
     assert one_line(bare) == "Error in call to target 'x.Y': TypeError('bad') (full_key: model.net)"
+
+
+def test_the_work_goes_on_when_the_console_is_gone(pipeline_overrides, tmp_path):
+    """A console that closes (``... | head -1``, a terminal gone) costs only what the command would have printed:
+    the run finishes and exits 0. (When a progress bar's write failed, tqdm kept its lock, and the next update of
+    the bar, from the thread that follows the shards' events, waited for it for ever.)"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
+    overrides = [*pipeline_overrides, "execution=cluster", "run_name=headless", "stage=[index,extract]"]
+    command = [sys.executable, "-m", "pipeline", f"paths.root={tmp_path}", *overrides]
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout.readline()  # the first line, as `| head -1` reads it; then the reader is gone
+        proc.stdout.close()
+        assert proc.wait(timeout=240) == 0
+    finally:
+        proc.kill()
+    run_dir = tmp_path / "outputs" / "headless"
+    index, _ = read_index(run_dir)
+    assert sorted(read_tubes(run_dir, columns=["clip_id"])["clip_id"]) == sorted(index["clip_id"])
