@@ -53,7 +53,7 @@ MEAN, STD = [0.43216, 0.394666, 0.37645], [0.22803, 0.22145, 0.216989]
 LAYER = "features.block3"
 NET = "pipeline.models.DemoNet3D"
 #: the network's arguments: a mid-size 3D CNN (blocks of 48, 96 and 192 channels), whose forward is most of the
-#: bound (about 87% of it here), as the issue's targets for throughput assume; the demo's width 16 is a quarter of it
+#: bound (86% of it here), as the issue's targets for throughput assume; the demo's width 16 is a quarter of it
 NET_ARGS = {"num_classes": 4, "width": 48}
 
 
