@@ -209,7 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     them: it is set while Hydra composes, and the command gets the user's own value back (:func:`hydra_entry`).
     An old ``+key=value`` for a key the schema now has is taken as ``key=value``.
     """
-    sys.stdout, sys.stderr = _Console(sys.stdout), _Console(sys.stderr)
+    if sys.stdout is not None and sys.stderr is not None:  # both are None under pythonw
+        sys.stdout, sys.stderr = _Console(sys.stdout), _Console(sys.stderr)
     sys.argv[1:] = _plain_overrides(sys.argv[1:] if argv is None else argv)
     os.environ[_FULL_ERROR] = "1"
     try:

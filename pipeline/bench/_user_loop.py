@@ -3,11 +3,10 @@ pytorch-grad-cam's Grad-CAM, one ``np.save`` per clip, one process.
 
 ``python -m pipeline.bench._user_loop SETTINGS_JSON`` (index, out_dir, net, net_args, checkpoint, layer,
 short_side, size, mean, std) runs it as a whole process (so that its imports are timed too); :func:`user_loop` is
-the loop itself. It reads only
-``source`` and ``frame_indices`` of an index file (what a user would list themselves) and imports nothing of
-this project but the model class it is given. For a network that pools its last layer into a linear head,
-Grad-CAM's map is CAM's (the gradient is the classifier row over the number of positions), so the same loop is
-the baseline of ``method=cam`` too.
+the loop itself. It reads only ``source`` and ``frame_indices`` of an index file (what a user would list
+themselves) and imports nothing of this project but the model class it is given. For a network that pools its
+last layer into a linear head, Grad-CAM's map is CAM's (the gradient is the classifier row over the number of
+positions), so the same loop is the baseline of ``method=cam`` too.
 """
 
 from __future__ import annotations
