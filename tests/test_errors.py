@@ -13,10 +13,14 @@ from pipeline.store import read_index, read_tubes
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+def _command(args: list[str], tmp_path: Path) -> dict:
+    """How the tests start the command line: its arguments, folder and environment (``subprocess`` keywords)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
-    command = [sys.executable, "-m", "pipeline", f"paths.root={tmp_path}", *args]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    return dict(args=[sys.executable, "-m", "pipeline", f"paths.root={tmp_path}", *args], cwd=REPO, env=env)
+
+
+def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(**_command(args, tmp_path), capture_output=True, text=True, timeout=300)
 
 
 def test_a_bad_setting_is_one_line_without_traceback(tmp_path):
@@ -120,10 +124,10 @@ def test_the_work_goes_on_when_the_console_is_gone(pipeline_overrides, tmp_path)
     """A console that closes (``... | head -1``, a terminal gone) costs only what the command would have printed:
     the run finishes and exits 0. (When a progress bar's write failed, tqdm kept its lock, and the next update of
     the bar, from the thread that follows the shards' events, waited for it for ever.)"""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
     overrides = [*pipeline_overrides, "execution=cluster", "run_name=headless", "stage=[index,extract]"]
-    command = [sys.executable, "-m", "pipeline", f"paths.root={tmp_path}", *overrides]
-    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        **_command(overrides, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         assert proc.stdout.readline()  # the first line, as `| head -1` reads it; then the reader is gone
         proc.stdout.close()

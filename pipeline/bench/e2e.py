@@ -288,8 +288,9 @@ def run(out_dir: Path, quick: bool) -> str:
             "",
             f"Synthetic UCF-101-layout videos, a random DemoNet3D of width {NET_ARGS['width']} given as "
             f"`model.net._target_`, 16x64x64 clips, batch {BATCH}, default cluster, {figures['cores']} cores. "
-            "*project*: `python -m pipeline stage=extract` timed as a whole process (imports, cluster, model, Parquet); *loop*: PyAV + pytorch-grad-cam + "
-            "`np.save` per clip, one process, also whole; *bound*: PyAV decode + forward in batches of "
+            "*project*: `python -m pipeline stage=extract` timed as a whole process (imports, cluster, model, "
+            "Parquet); *loop*: PyAV + pytorch-grad-cam + `np.save` per clip, one process, also whole; *bound*: PyAV "
+            "decode + forward in batches of "
             f"{BATCH} on one thread, times the cores (forward {min(shares.values()):.0%}-{max(shares.values()):.0%} "
             "of it).",
             "",
