@@ -7,6 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+import pipeline.runtime.cluster as cluster
 import pipeline.runtime.shard as shard_task
 from helpers.config import make_cfg
 from pipeline.__main__ import run
@@ -114,9 +115,10 @@ def test_an_extract_on_workers_starts_its_cluster_before_its_checks(indexed, tmp
     assert events == ["checks"] and not cluster_pays_off(on_workers, run_dir)
 
 
-def test_a_cluster_that_fails_to_start_in_the_background_fails_where_it_is_used(tmp_path):
+def test_a_cluster_that_fails_to_start_in_the_background_fails_where_it_is_used(tmp_path, monkeypatch):
     """An early start's error (an address nobody listens at) is raised by the client's first use, as a cluster
     started on first use would raise it."""
+    monkeypatch.setattr(cluster, "CONNECT_SECONDS", 2)  # not the 30 s a real scheduler is given to answer
     settings = OmegaConf.create(
         {"_target_": "pipeline.runtime.cluster.address", "address": "tcp://127.0.0.1:9"}  # discard port: closed
     )

@@ -14,7 +14,11 @@ Setup: the synthetic dataset in UCF-101 layout (every split), a mid-size 3D CNN 
   average pooling into a linear head), so it is the baseline of both methods;
 - **bound**: the same clips (at most 320 of them, spread evenly) decoded by the project's PyAV reader and run
   through the model's forward in batches of 8 on one thread, in this process; clips/s times the cores:
-  what the machine does with no explanation, no storage and no coordination at all.
+  what the machine does with no explanation, no storage and no coordination at all. It is measured right before
+  the first run of a set and after every run, and each run is set against the mean of the two that bracket it, so
+  that a shared machine slowing down (or speeding up) between the runs moves both sides of the ratio;
+- **the machine's own scaling**: the bound in as many processes as cores at once over the bound in one, twice,
+  alternating: what "times the cores" takes for granted, and the most two workers can give over one.
 """
 
 from __future__ import annotations
@@ -172,6 +176,32 @@ def bound(frame: pd.DataFrame, checkpoint: Path, limit: int) -> dict:
     )
 
 
+def side_by_side(index: Path, checkpoint: Path, limit: int, processes: int) -> float:
+    """Clips/s of :func:`bound` run by ``processes`` processes at once over the clips of ``index``, summed: with
+    ``processes=1`` and ``cores()``, what the cores give together against one alone (the machine's own scaling,
+    which no pipeline can beat)."""
+    code = "import sys, json; from pipeline.bench.e2e import _bound_of; print(json.dumps(_bound_of(*sys.argv[1:])))"
+    args = [sys.executable, "-c", code, str(index), str(checkpoint), str(limit)]
+    procs = [subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, text=True) for _ in range(processes)]
+    outputs = [proc.communicate()[0] for proc in procs]
+    if any(proc.returncode for proc in procs):
+        raise RuntimeError(f"the bound in {processes} processes failed")
+    return sum(json.loads(out.splitlines()[-1])["per_core"] for out in outputs)
+
+
+def _bound_of(index: str, checkpoint: str, limit: str) -> dict:
+    return bound(pd.read_parquet(index), Path(checkpoint), int(limit))
+
+
+def machine_scaling(index: Path, checkpoint: Path, limit: int, repeats: int = 2) -> list[float]:
+    """``cores()`` processes of the bound side by side over one alone, ``repeats`` times, alternating."""
+    ratios = []
+    for _ in range(repeats):
+        alone = side_by_side(index, checkpoint, limit, 1)
+        ratios.append(side_by_side(index, checkpoint, limit, cores()) / alone)
+    return ratios
+
+
 def prepare(root: Path, quick: bool) -> tuple[Path, Path, pd.DataFrame, bytes]:
     """The dataset, a random checkpoint and the full index (built by the project's own index stage)."""
     spec = SyntheticSpec(groups=2, clips_per_group=3) if quick else SyntheticSpec()
@@ -190,12 +220,14 @@ def measure(out_dir: Path, quick: bool) -> dict:
     root = Path(out_dir).resolve() / "e2e"
     data, checkpoint, full, meta = prepare(root, quick)
     sizes = (20, 80) if quick else (100, len(full))
-    figures = dict(cores=cores(), runs=[], loops={}, bounds={})
+    figures = dict(cores=cores(), runs=[], loops={})
+    limit = 64 if quick else 320
     for size in sizes:
         frame = full.iloc[np.linspace(0, len(full) - 1, size).round().astype(int)] if size < len(full) else full
-        figures["bounds"][size] = bound(frame, checkpoint, 64 if quick else 320)
         loop_index = root / f"loop-{size}.parquet"
         pq.write_table(pa.Table.from_pandas(frame[["source", "frame_indices"]], preserve_index=False), loop_index)
+        if size == sizes[-1]:
+            figures["machine_scaling"] = machine_scaling(loop_index, checkpoint, limit)
         settings = dict(
             index=str(loop_index),
             out_dir=str(root / f"loop-{size}"),
@@ -213,20 +245,21 @@ def measure(out_dir: Path, quick: bool) -> dict:
             [sys.executable, "-m", "pipeline.bench._user_loop", json.dumps(settings)], "user loop"
         )
         figures["loops"][size] = dict(seconds=seconds, clips_per_s=size / seconds, cpu_ms_per_clip=1000 * cpu / size)
-        print(f"  loop {size}: {seconds:.1f} s, {cpu:.1f} CPU s; bound {figures['bounds'][size]}", flush=True)
+        before = bound(frame, checkpoint, limit)  # right before the set's first run
+        print(f"  loop {size}: {seconds:.1f} s, {cpu:.1f} CPU s; bound {before}", flush=True)
         for method in ("cam", "gradcam"):
             for workers in (1, 2):
-                project_run(figures, root, data, checkpoint, meta, frame, method, workers)
-    # the largest set REPEAT times under new clip ids: where the start-up weighs less. Its loop and bound are the
-    # largest set's (the loop, minutes more, runs at a constant rate once started; the bound is per clip)
+                before = project_run(figures, root, data, checkpoint, meta, frame, method, workers, before, limit)
+    # the largest set REPEAT times under new clip ids: where the start-up weighs less. Its loop is the largest
+    # set's (the loop, minutes more, runs at a constant rate once started); its bound, per clip, is measured on
+    # the largest set's clips, as before
     size = REPEAT * len(frame)
     big = pd.concat(
         [frame.assign(clip_id=frame["clip_id"].astype(str) + f"#{r}") for r in range(REPEAT)], ignore_index=True
     )
-    figures["bounds"][size] = figures["bounds"][len(frame)]
     figures["loops"][size] = dict(figures["loops"][len(frame)], reused=True)
     for workers in (1, 2):
-        project_run(figures, root, data, checkpoint, meta, big, "cam", workers)
+        before = project_run(figures, root, data, checkpoint, meta, big, "cam", workers, before, limit, frame)
     return figures
 
 
@@ -234,13 +267,18 @@ def measure(out_dir: Path, quick: bool) -> dict:
 REPEAT = 4
 
 
-def project_run(figures, root, data, checkpoint, meta, frame, method: str, workers: int) -> None:
-    """One run of the extract stage as a whole process over ``frame``; its row goes into ``figures``."""
+def project_run(
+    figures, root, data, checkpoint, meta, frame, method: str, workers: int, before: dict, limit: int, bound_frame=None
+) -> dict:
+    """One run of the extract stage as a whole process over ``frame``, then the bound again (over ``bound_frame``,
+    by default ``frame``); its row, with the mean of ``before`` and that bound, goes into ``figures``. Returns the
+    bound measured after it, the next run's ``before``."""
     size = len(frame)
     name = f"e2e-{size}-{method}-{workers}w"
     write_index(frame, meta, root / "outputs" / name)
     args = [*overrides(root, data, checkpoint, name), f"method={method}", f"cluster.n_workers={workers}"]
     seconds, cpu, output = timed_process([sys.executable, "-m", "pipeline", "stage=extract", *args], name)
+    after = bound(frame if bound_frame is None else bound_frame, checkpoint, limit)
     stage = re.search(r"stage extract done in ([\d.]+) s", output)
     figures["runs"].append(
         dict(
@@ -251,26 +289,30 @@ def project_run(figures, root, data, checkpoint, meta, frame, method: str, worke
             stage_s=float(stage.group(1)) if stage else None,
             clips_per_s=size / seconds,
             cpu_ms_per_clip=1000 * cpu / size,
+            bound={key: (before[key] + after[key]) / 2 for key in before},
+            bound_before_after=[before["clips_per_s"], after["clips_per_s"]],
         )
     )
-    print(f"  {name}: {seconds:.1f} s, {cpu:.1f} CPU s", flush=True)
+    print(f"  {name}: {seconds:.1f} s, {cpu:.1f} CPU s; bound after {after['clips_per_s']:.1f} clips/s", flush=True)
     (root / "e2e.json").write_text(json.dumps(figures, indent=1))  # so far: a long run can be read early
+    return after
 
 
 def table(figures: dict) -> list[str]:
-    """The Markdown rows: each run against the loop and the bound of its size."""
+    """The Markdown rows: each run against the loop of its size and the bound measured around it."""
     lines = [
-        "| clips | method | workers | project s | clips/s | x loop | of bound | loop clips/s | bound clips/s "
-        "| CPU ms/clip: project / loop / bound |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| clips | method | workers | project s | clips/s | x loop | of bound | loop clips/s "
+        "| bound clips/s: before / after | CPU ms/clip: project / loop / bound |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in figures["runs"]:
-        loop, limit = figures["loops"][r["clips"]], figures["bounds"][r["clips"]]
+        loop, limit = figures["loops"][r["clips"]], r["bound"]
         clips = f"{r['clips']}{' *' if loop.get('reused') else ''}"
+        before, after = r["bound_before_after"]
         lines.append(
             f"| {clips} | {r['method']} | {r['workers']} | {r['seconds']:.1f} | {r['clips_per_s']:.1f} "
             f"| {r['clips_per_s'] / loop['clips_per_s']:.2f} | {r['clips_per_s'] / limit['clips_per_s']:.2f} "
-            f"| {loop['clips_per_s']:.1f} | {limit['clips_per_s']:.1f} "
+            f"| {loop['clips_per_s']:.1f} | {before:.1f} / {after:.1f} "
             f"| {r['cpu_ms_per_clip']:.0f} / {loop['cpu_ms_per_clip']:.0f} / {limit['cpu_ms_per_clip']:.0f} |"
         )
     return lines
@@ -281,7 +323,7 @@ def run(out_dir: Path, quick: bool) -> str:
     runs = {(r["clips"], r["method"], r["workers"]): r["clips_per_s"] for r in figures["runs"]}
     both = sorted({(r["clips"], r["method"]) for r in figures["runs"] if r["workers"] == 2})
     scaling = ", ".join(f"{c} clips {m} {runs[(c, m, 2)] / runs[(c, m, 1)]:.2f}x" for c, m in both)
-    shares = {size: b["forward_s"] / (b["decode_s"] + b["forward_s"]) for size, b in figures["bounds"].items()}
+    shares = [r["bound"]["forward_s"] / (r["bound"]["decode_s"] + r["bound"]["forward_s"]) for r in figures["runs"]]
     return "\n".join(
         [
             "## End to end (`e2e`)",
@@ -291,14 +333,16 @@ def run(out_dir: Path, quick: bool) -> str:
             "*project*: `python -m pipeline stage=extract` timed as a whole process (imports, cluster, model, "
             "Parquet); *loop*: PyAV + pytorch-grad-cam + `np.save` per clip, one process, also whole; *bound*: PyAV "
             "decode + forward in batches of "
-            f"{BATCH} on one thread, times the cores (forward {min(shares.values()):.0%}-{max(shares.values()):.0%} "
-            "of it).",
+            f"{BATCH} on one thread, times the cores (forward {min(shares):.0%}-{max(shares):.0%} of it), measured "
+            "before and after each run; *of bound* is over their mean.",
             "",
             *table(figures),
             "",
-            f"\\* the largest set {REPEAT} times under new clip ids; its loop and bound figures are the largest set's.",
+            f"\\* the largest set {REPEAT} times under new clip ids; its loop figures are the largest set's, its bound "
+            "is measured on the largest set's clips.",
             "",
-            f"2 workers / 1 worker: {scaling}.",
+            f"2 workers / 1 worker: {scaling}. This machine's own scaling: {cores()} processes of the bound side by "
+            f"side give {' and '.join(f'{r:.2f}x' for r in figures['machine_scaling'])} one alone (two tries).",
             "",
         ]
     )
