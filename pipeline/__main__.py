@@ -9,13 +9,19 @@ its allowed values is one line, exit 2, before any work); then the resolved conf
 
 from __future__ import annotations
 
+import sys
+
+from pipeline.runtime import forkserver
+
+if __name__ == "__main__":  # before the imports below: the workers' forkserver imports torch meanwhile
+    forkserver.start_early(sys.argv[1:])
+
 import atexit
 import contextlib
 import importlib
 import logging
 import os
 import signal
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -82,6 +88,8 @@ def run(cfg: DictConfig) -> dict:
         for check in ("check_settings", "validate"):  # every stage's settings, then its model and inputs
             if check == "validate" and on_dask and names[0] == "extract" and cluster_pays_off(cfg, cfg.paths.run_dir):
                 client.start_soon()
+            if check == "validate":
+                forkserver.release()  # the server started early, unless the cluster above claimed it
             for i, name in enumerate(names):
                 if hasattr(stage(name), check):
                     getattr(stage(name), check)(cfg, upstream=tuple(names[:i]))

@@ -92,9 +92,9 @@ def test_leaving_runs_the_exit_handlers_and_flushes_then_exits_with_the_status()
 
 
 def test_the_forkserver_leaves_without_unloading_its_modules():
-    """A process that imported pipeline.runtime.forkserver (only the workers' forkserver does) ends at its exit
+    """A process that imported pipeline.runtime.server_exit (only the workers' forkserver does) ends at its exit
     handlers: those registered before it, and the interpreter's teardown, are skipped."""
-    script = "import atexit\natexit.register(print, 'torn down')\nimport pipeline.runtime.forkserver\nprint('bye')\n"
+    script = "import atexit\natexit.register(print, 'torn down')\nimport pipeline.runtime.server_exit\nprint('bye')\n"
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout == "bye\n", (done.stdout, done.stderr)
 

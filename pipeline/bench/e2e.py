@@ -334,7 +334,7 @@ def run(out_dir: Path, quick: bool) -> str:
             "Parquet); *loop*: PyAV + pytorch-grad-cam + `np.save` per clip, one process, also whole; *bound*: PyAV "
             "decode + forward in batches of "
             f"{BATCH} on one thread, times the cores (forward {min(shares):.0%}-{max(shares):.0%} of it), measured "
-            "before and after each run; *of bound* is over their mean.",
+            "right before each set's first run and after every run; *of bound* is over the mean of the two around a run.",
             "",
             *table(figures),
             "",
@@ -342,7 +342,8 @@ def run(out_dir: Path, quick: bool) -> str:
             "is measured on the largest set's clips.",
             "",
             f"2 workers / 1 worker: {scaling}. This machine's own scaling: {cores()} processes of the bound side by "
-            f"side give {' and '.join(f'{r:.2f}x' for r in figures['machine_scaling'])} one alone (two tries).",
+            f"side give {' and '.join(f'{r:.2f}x' for r in figures['machine_scaling'])} one alone "
+            f"({len(figures['machine_scaling'])} tries, alternating).",
             "",
         ]
     )

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-import signal
 import threading
 
 import dask
@@ -25,7 +24,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from pipeline.errors import ConfigError, UserError
-from pipeline.runtime.local import close_workers, local, worker_start
+from pipeline.runtime import forkserver
+from pipeline.runtime.forkserver import children_ignore_sigint
+from pipeline.runtime.local import close_workers, local
 from pipeline.runtime.memory import MALLOC_TRIM_SETTING
 from pipeline.runtime.slurm import import_jobqueue, lifetime_args, slurm, slurm_cluster
 
@@ -145,10 +146,7 @@ class LazyClient:
         if fn is local and settings.get("processes", True):
             if settings.get("start_method", "forkserver") != "forkserver":
                 return
-            from multiprocessing import forkserver
-
-            with children_ignore_sigint(), worker_start("forkserver"):
-                forkserver.ensure_running()  # returns at once; the server imports WORKER_PRELOAD meanwhile
+            forkserver.start()  # returns at once (or claims the server the command line started early)
 
         def start():
             try:
@@ -185,22 +183,6 @@ class LazyClient:
         if self._stack is not None:
             self._stack.close()
             self._stack = None
-
-
-@contextlib.contextmanager
-def children_ignore_sigint():
-    """Processes started in the block (local Dask workers) ignore SIGINT: Ctrl-C reaches the terminal's whole
-    process group, and only the driver should act on it (it stops the stage and closes the cluster, which ends
-    the workers) instead of every worker printing its own KeyboardInterrupt. An ignored signal stays ignored
-    across ``exec``; the driver's own handler is restored at the end of the block."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager

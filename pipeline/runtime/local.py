@@ -13,6 +13,7 @@ import psutil
 from dask.distributed import Client, LocalCluster
 
 from pipeline.errors import ConfigError
+from pipeline.runtime import forkserver
 from pipeline.runtime.job import GPU
 
 #: ``cluster.n_workers=auto`` gives every worker at least this much of the machine's memory (a worker holds
@@ -63,23 +64,16 @@ def local(
         )
 
 
-#: what the forkserver imports once, so that every worker forked from it starts with them imported
-WORKER_PRELOAD = ("torch", "pytorch_lightning", "pipeline.runtime.shard", "pipeline.runtime.forkserver")
-
-
 @contextlib.contextmanager
 def worker_start(method: str):
-    """Worker processes started meanwhile by ``method``. With ``forkserver``, one server process imports
-    :data:`WORKER_PRELOAD` once (torch, Lightning and what it pulls in cost seconds of CPU) and every worker
-    forks from it, instead of each spawned worker importing them again; the server is a fresh process (no
-    threads of this one), so forking it is safe."""
+    """Worker processes started meanwhile by ``method``. With ``forkserver``, every worker forks from one server
+    process that imported torch and Lightning once (:mod:`pipeline.runtime.forkserver`); the server is a fresh
+    process (no threads of this one), so forking it is safe."""
     if method not in ("forkserver", "spawn"):
         raise ConfigError(f"cluster.start_method must be forkserver or spawn, got {method!r}")
     with dask.config.set({"distributed.worker.multiprocessing-method": method}):
         if method == "forkserver":
-            from distributed.utils import get_mp_context
-
-            get_mp_context().set_forkserver_preload(["distributed", "numpy", "pandas", *WORKER_PRELOAD])
+            forkserver.start()
         yield
 
 
