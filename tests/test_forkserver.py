@@ -1,0 +1,94 @@
+"""The workers' forkserver the command line starts at its first line: which commands start it, and that one
+the settings do not claim is gone before the command goes on, or exits."""
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pipeline.runtime.forkserver import likely_wanted
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("args", "wanted"),
+    [
+        (["stage=extract"], True),
+        (["stage=[extract,stats]", "cluster=local", "run_name=a"], True),
+        (["stage=extract", "stage=stats"], False),  # the last value wins, as in Hydra
+        (["stage=all"], False),  # its first stage, index, starts the cluster when it needs one
+        (["run_name=a"], False),
+        (["stage=extract", "cluster=slurm"], False),
+        (["stage=extract", "--cfg", "job"], False),
+        (["-m", "stage=extract"], False),
+    ],
+)
+def test_the_commands_that_start_the_forkserver_early(args, wanted):
+    assert likely_wanted(args) is wanted
+
+
+def _forkservers(tag: str) -> list[psutil.Process]:
+    """The forkservers started by a command whose environment carries ``tag``."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if (
+                "multiprocessing.forkserver" in " ".join(proc.info["cmdline"] or [])
+                and proc.environ().get("TAG") == tag
+            ):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def _start(args: list[str], tmp_path: Path, tag: str) -> subprocess.Popen:
+    env = {**os.environ, "TAG": tag, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", f"paths.root={tmp_path}", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_a_command_refused_by_its_settings_leaves_no_forkserver(tmp_path):
+    tag = uuid.uuid4().hex
+    proc = _start(["stage=extract", "store.codec=float8"], tmp_path, tag)
+    seen = False
+    while proc.poll() is None:
+        seen = seen or bool(_forkservers(tag))
+        time.sleep(0.05)
+    assert proc.returncode == 2, proc.stdout.read()
+    assert seen, "the command line did not start the forkserver early"
+    assert _forkservers(tag) == []
+
+
+def test_a_run_in_this_process_stops_the_forkserver_before_its_shards(pipeline_overrides, tmp_path):
+    """A small extract runs in the driver (``execution=auto``): the forkserver started early is killed once that is
+    known, not left importing torch beside the shards."""
+    index = subprocess.run(
+        [sys.executable, "-m", "pipeline", f"paths.root={tmp_path}", *pipeline_overrides, "stage=index"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert index.returncode == 0, index.stdout + index.stderr
+    tag = uuid.uuid4().hex
+    proc = _start([*pipeline_overrides, "stage=extract"], tmp_path, tag)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "run in this process" in line:
+            assert _forkservers(tag) == [], "".join(lines)
+    assert proc.wait(timeout=300) == 0, "".join(lines)
+    assert any("run in this process" in line for line in lines), "".join(lines)
