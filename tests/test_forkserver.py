@@ -25,6 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
         (["stage=all"], False),  # its first stage, index, starts the cluster when it needs one
         (["run_name=a"], False),
         (["stage=extract", "cluster=slurm"], False),
+        (["stage=extract", "execution=driver"], False),
+        (["stage=extract", "trainer.strategy=ddp_spawn"], False),
+        (["stage=extract", "execution=cluster", "trainer.strategy=auto"], True),
         (["stage=extract", "--cfg", "job"], False),
         (["-m", "stage=extract"], False),
     ],

@@ -66,13 +66,19 @@ def start() -> None:
 
 def likely_wanted(args: list[str]) -> bool:
     """Whether a command line (``key=value`` overrides) most likely starts with an extract on local workers: its
-    first stage is ``extract`` on the default (local) cluster and no Hydra option (``--cfg``, ``--help``, ``-m``)
-    makes it another kind of command. The settings then decide (:func:`release`)."""
+    first stage is ``extract`` on the default (local) cluster, not in the driver (``execution=driver``) nor as one
+    DDP job (``trainer.strategy=ddp...``), and no Hydra option (``--cfg``, ``--help``, ``-m``) makes it another
+    kind of command. The settings then decide (:func:`release`)."""
     if any(arg.startswith("-") for arg in args):
         return False
     values = dict(arg.lstrip("+").split("=", 1) for arg in args if "=" in arg)
     first = values.get("stage", "").strip("[] ").split(",")[0].strip()
-    return first == "extract" and values.get("cluster", "local") == "local"
+    return (
+        first == "extract"
+        and values.get("cluster", "local") == "local"
+        and values.get("execution") != "driver"
+        and not values.get("trainer.strategy", "").startswith("ddp")
+    )
 
 
 def start_early(args: list[str]) -> None:
