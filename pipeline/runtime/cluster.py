@@ -25,7 +25,6 @@ from omegaconf.errors import MissingMandatoryValue
 
 from pipeline.errors import ConfigError, UserError
 from pipeline.runtime import forkserver
-from pipeline.runtime.forkserver import children_ignore_sigint
 from pipeline.runtime.local import close_workers, local
 from pipeline.runtime.memory import MALLOC_TRIM_SETTING
 from pipeline.runtime.slurm import import_jobqueue, lifetime_args, slurm, slurm_cluster
@@ -221,7 +220,7 @@ def open_client(cfg, lazy: bool = False):
             MALLOC_TRIM_SETTING: None,  # local workers start with glibc's own thresholds (see undo_malloc_trim)
         }
     ):
-        with children_ignore_sigint():
+        with forkserver.children_ignore_sigint():
             made = fn(**settings)
         cluster = None if isinstance(made, str) else made
         client = connect(made)
