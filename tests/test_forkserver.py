@@ -2,6 +2,7 @@
 the settings do not claim is gone before the command goes on, or exits."""
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -11,7 +12,11 @@ from pathlib import Path
 import psutil
 import pytest
 
+from helpers.config import make_cfg
+from pipeline.__main__ import run
 from pipeline.runtime.forkserver import likely_wanted
+from pipeline.runtime.inprocess import EARLY_MAX_CLIPS
+from pipeline.store.readers import read_index
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,3 +100,24 @@ def test_a_run_in_this_process_stops_the_forkserver_before_its_shards(pipeline_o
             assert _forkservers(tag) == [], "".join(lines)
     assert proc.wait(timeout=300) == 0, "".join(lines)
     assert any("run in this process" in line for line in lines), "".join(lines)
+
+
+def test_a_command_line_extract_of_a_few_dozen_clips_runs_on_the_workers_it_started_early(pipeline_overrides, tmp_path):
+    """``execution=auto`` keeps up to 256 CPU clips in the driver, except from a command line that started the
+    forkserver early: there the workers' imports were made meanwhile, and more than ``EARLY_MAX_CLIPS`` clips go
+    to the cluster. The command is stopped once it said where its shards run (Ctrl-C: nothing is lost)."""
+    overrides = [*pipeline_overrides, "dataset.split=all", "sampler=uniform", "sampler.num_clips=2"]
+    run(make_cfg(tmp_path, [*overrides, "stage=index"]))
+    clips = len(read_index(tmp_path / "outputs" / "demo")[0])
+    assert EARLY_MAX_CLIPS < clips <= 256
+    proc = _start([*overrides, "stage=extract"], tmp_path, uuid.uuid4().hex)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "Dask cluster:" in line or "run in this process" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    lines += proc.stdout.readlines()
+    assert proc.wait(timeout=120) in (0, 130), "".join(lines)
+    assert any("Dask cluster: 1 local worker(s)" in line for line in lines), "".join(lines)
+    assert not any("run in this process" in line for line in lines), "".join(lines)

@@ -89,6 +89,12 @@ def start_early(args: list[str]) -> None:
         _ensure_running()
 
 
+def started_early() -> bool:
+    """Whether :func:`start_early` started the server and it has not been released: the workers' imports are
+    under way, or done, before the cluster is even asked for (``execution=auto`` then counts them as paid)."""
+    return _state["early"]
+
+
 def release() -> None:
     """Stop the server :func:`start_early` started when the cluster did not claim it (the settings chose another
     cluster, the driver's own threads, DDP, or failed): it is killed mid-import, at once."""

@@ -178,7 +178,8 @@ class Settings:
     execution: str = setting(
         "auto",
         "where probing, extract and evaluate run: auto (in this process when a cluster cannot pay off: <= 1,000 "
-        "videos to probe, <= 256 CPU clips to extract, evaluate on threads when no cluster is up) | driver "
+        "videos to probe, <= 256 CPU clips to extract (16 from a stage=extract command line), evaluate on threads "
+        "when no cluster is up) | driver "
         "(always in this process) | cluster (always on the Dask cluster)",
         choices=EXECUTIONS,
     )
