@@ -35,6 +35,9 @@ REPO = Path(__file__).resolve().parents[1]
         (["stage=extract", "execution=cluster", "trainer.strategy=auto"], True),
         (["stage=extract", "--cfg", "job"], False),
         (["-m", "stage=extract"], False),
+        (["--config-dir", "/my/conf", "--config-name=mine", "stage=extract"], True),  # where the config comes from
+        (["-cn", "stage=all", "stage=extract"], True),  # "stage=all" is -cn's value here, not an override
+        (["-cd", "/my/conf", "--info", "stage=extract"], False),
     ],
 )
 def test_the_commands_that_start_the_forkserver_early(args, wanted):

@@ -64,14 +64,26 @@ def start() -> None:
     _ensure_running()
 
 
+#: Hydra's options that say where the config comes from, not what kind of command it is (each takes a value)
+CONFIG_OPTIONS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn")
+
+
 def likely_wanted(args: list[str]) -> bool:
     """Whether a command line (``key=value`` overrides) most likely starts with an extract on local workers: its
     first stage is ``extract`` on the default (local) cluster, not in the driver (``execution=driver``) nor as one
-    DDP job (``trainer.strategy=ddp...``), and no Hydra option (``--cfg``, ``--help``, ``-m``) makes it another
-    kind of command. The settings then decide (:func:`release`)."""
-    if any(arg.startswith("-") for arg in args):
-        return False
-    values = dict(arg.lstrip("+").split("=", 1) for arg in args if "=" in arg)
+    DDP job (``trainer.strategy=ddp...``), and no Hydra option but :data:`CONFIG_OPTIONS` (``--cfg``, ``--help``,
+    ``-m``) makes it another kind of command. The settings then decide (:func:`release`)."""
+    overrides, value_next = [], False
+    for arg in args:
+        if value_next:
+            value_next = False
+        elif arg.split("=", 1)[0] in CONFIG_OPTIONS:
+            value_next = "=" not in arg
+        elif arg.startswith("-"):
+            return False
+        else:
+            overrides.append(arg)
+    values = dict(arg.lstrip("+").split("=", 1) for arg in overrides if "=" in arg)
     first = values.get("stage", "").strip("[] ").split(",")[0].strip()
     return (
         first == "extract"
