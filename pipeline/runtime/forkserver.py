@@ -71,8 +71,8 @@ CONFIG_OPTIONS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name"
 def likely_wanted(args: list[str]) -> bool:
     """Whether a command line (``key=value`` overrides) most likely starts with an extract on local workers: its
     first stage is ``extract`` on the default (local) cluster, not in the driver (``execution=driver``) nor as one
-    DDP job (``trainer.strategy=ddp...``), and no Hydra option but :data:`CONFIG_OPTIONS` (``--cfg``, ``--help``,
-    ``-m``) makes it another kind of command. The settings then decide (:func:`release`)."""
+    DDP job (``trainer.strategy=ddp...``), and no Hydra option other than :data:`CONFIG_OPTIONS` (such as
+    ``--cfg``, ``--help`` or ``-m``) makes it another kind of command. The settings then decide (:func:`release`)."""
     overrides, value_next = [], False
     for arg in args:
         if value_next:
