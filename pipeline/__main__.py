@@ -86,9 +86,9 @@ def run(cfg: DictConfig) -> dict:
     on_dask = bool(NEEDS_CLUSTER & set(names)) and not (names == ["extract"] and uses_ddp(cfg))
     with open_client(cfg.cluster, lazy=True) if on_dask else contextlib.nullcontext() as client:
         for check in ("check_settings", "validate"):  # every stage's settings, then its model and inputs
-            if check == "validate" and on_dask and names[0] == "extract" and cluster_pays_off(cfg, cfg.paths.run_dir):
-                client.start_soon()
             if check == "validate":
+                if on_dask and names[0] == "extract" and cluster_pays_off(cfg, cfg.paths.run_dir):
+                    client.start_soon()
                 forkserver.release()  # the server started early, unless the cluster above claimed it
             for i, name in enumerate(names):
                 if hasattr(stage(name), check):

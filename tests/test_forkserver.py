@@ -1,10 +1,8 @@
 """The workers' forkserver the command line starts at its first line: which commands start it, and that one
 the settings do not claim is gone before the command goes on, or exits."""
 
-import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -13,9 +11,10 @@ import psutil
 import pytest
 
 from helpers.config import make_cfg
+from helpers.deploy import pipeline
 from pipeline.__main__ import run
 from pipeline.runtime.forkserver import likely_wanted
-from pipeline.runtime.inprocess import EARLY_MAX_CLIPS
+from pipeline.runtime.inprocess import AUTO_MAX_CLIPS, EARLY_MAX_CLIPS
 from pipeline.store.readers import read_index
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,21 +58,15 @@ def _forkservers(tag: str) -> list[psutil.Process]:
     return found
 
 
-def _start(args: list[str], tmp_path: Path, tag: str) -> subprocess.Popen:
-    env = {**os.environ, "TAG": tag, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipeline", f"paths.root={tmp_path}", *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+def _start(args: list[str], tmp_path: Path, tag: str, monkeypatch) -> subprocess.Popen:
+    """``python -m pipeline ARGS`` under ``tmp_path``, its environment (and its forkserver's) carrying ``tag``."""
+    monkeypatch.setenv("TAG", tag)
+    return pipeline([f"paths.root={tmp_path}", *args], REPO)
 
 
-def test_a_command_refused_by_its_settings_leaves_no_forkserver(tmp_path):
+def test_a_command_refused_by_its_settings_leaves_no_forkserver(tmp_path, monkeypatch):
     tag = uuid.uuid4().hex
-    proc = _start(["stage=extract", "store.codec=float8"], tmp_path, tag)
+    proc = _start(["stage=extract", "store.codec=float8"], tmp_path, tag, monkeypatch)
     seen = False
     while proc.poll() is None:
         seen = seen or bool(_forkservers(tag))
@@ -83,19 +76,12 @@ def test_a_command_refused_by_its_settings_leaves_no_forkserver(tmp_path):
     assert _forkservers(tag) == []
 
 
-def test_a_run_in_this_process_stops_the_forkserver_before_its_shards(pipeline_overrides, tmp_path):
+def test_a_run_in_this_process_stops_the_forkserver_before_its_shards(pipeline_overrides, tmp_path, monkeypatch):
     """A small extract runs in the driver (``execution=auto``): the forkserver started early is killed once that is
     known, not left importing torch beside the shards."""
-    index = subprocess.run(
-        [sys.executable, "-m", "pipeline", f"paths.root={tmp_path}", *pipeline_overrides, "stage=index"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert index.returncode == 0, index.stdout + index.stderr
+    run(make_cfg(tmp_path, [*pipeline_overrides, "stage=index"]))
     tag = uuid.uuid4().hex
-    proc = _start([*pipeline_overrides, "stage=extract"], tmp_path, tag)
+    proc = _start([*pipeline_overrides, "stage=extract"], tmp_path, tag, monkeypatch)
     lines = []
     for line in proc.stdout:
         lines.append(line)
@@ -105,15 +91,17 @@ def test_a_run_in_this_process_stops_the_forkserver_before_its_shards(pipeline_o
     assert any("run in this process" in line for line in lines), "".join(lines)
 
 
-def test_a_command_line_extract_of_a_few_dozen_clips_runs_on_the_workers_it_started_early(pipeline_overrides, tmp_path):
+def test_a_command_line_extract_of_a_few_dozen_clips_runs_on_the_workers_it_started_early(
+    pipeline_overrides, tmp_path, monkeypatch
+):
     """``execution=auto`` keeps up to 256 CPU clips in the driver, except from a command line that started the
     forkserver early: there the workers' imports were made meanwhile, and more than ``EARLY_MAX_CLIPS`` clips go
     to the cluster. The command is stopped once it said where its shards run (Ctrl-C: nothing is lost)."""
     overrides = [*pipeline_overrides, "dataset.split=all", "sampler=uniform", "sampler.num_clips=2"]
     run(make_cfg(tmp_path, [*overrides, "stage=index"]))
     clips = len(read_index(tmp_path / "outputs" / "demo")[0])
-    assert EARLY_MAX_CLIPS < clips <= 256
-    proc = _start([*overrides, "stage=extract"], tmp_path, uuid.uuid4().hex)
+    assert EARLY_MAX_CLIPS < clips <= AUTO_MAX_CLIPS
+    proc = _start([*overrides, "stage=extract"], tmp_path, uuid.uuid4().hex, monkeypatch)
     lines = []
     for line in proc.stdout:
         lines.append(line)
