@@ -63,7 +63,7 @@ all: install ## index, extract, stats and report in one go
 
 SBATCH ?= --array=0-3
 slurm-array: install ## a SLURM job array, no scheduler: index, extract shares (SBATCH="--array=0-31%8 -p gpu ..."), stats + report
-	$(PY) -m pipeline.runtime.slurm_array --sbatch "$(SBATCH)" $(ARGS)
+	$(PY) -m pipeline.runtime.slurm_array --sbatch="$(SBATCH)" $(ARGS)
 
 slurm-up: ## a one-node SLURM on this machine (munge, slurmctld, slurmd) for the tests marked slurm
 	tests/cluster/slurm-up.sh
